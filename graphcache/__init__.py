@@ -1,0 +1,1 @@
+"""graphcache: compile feature caching into Diffusion Transformers."""

@@ -1,0 +1,61 @@
+"""Capture: trace a model with torch.fx, propagate shapes, and annotate its residual structure.
+
+The whole forward is traced inline (torch.nn layers are the only leaves), so the passes can see
+inside attention: ToCa's attention-map pass finds the SDPA node and its q/k/v without knowing how
+a model lays out its qkv projection. Shapes come from fake tensors: no real compute, no memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._subclasses import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import GraphcacheError
+from .passes.annotate_blocks import AnnotateBlocksPass
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """(x, t, y) for a class-conditional diffusion model exposing in_channels/input_size."""
+    try:
+        c, s = model.in_channels, model.input_size
+    except AttributeError:
+        raise GraphcacheError(
+            f"{type(model).__name__} has no in_channels/input_size attributes: pass example_inputs"
+        ) from None
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    return (
+        torch.zeros(batch, c, s, s, device=device, dtype=dtype),
+        torch.zeros(batch, dtype=torch.long, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
+    )
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs) -> None:
+    """Record `tensor_meta` on every node, computing on fake tensors only."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+        ShapeProp(gm).propagate(*fake)
+
+
+def capture(model: torch.nn.Module, inputs=None) -> fx.GraphModule:
+    """Trace `model`, record shapes for `inputs` (default: `example_inputs(model)`), find its blocks.
+
+    The returned GraphModule shares the model's parameters and carries `gm.meta["graphcache"]`.
+    """
+    model.eval()
+    try:
+        graph = fx.Tracer().trace(model)
+    except Exception as e:  # fx raises many types; the user needs one line
+        raise GraphcacheError(f"cannot trace {type(model).__name__} with torch.fx: {e}".splitlines()[0]) from e
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    inputs = inputs if inputs is not None else example_inputs(model)
+    try:
+        propagate_shapes(gm, inputs)
+    except Exception as e:
+        raise GraphcacheError(f"cannot run {type(model).__name__} on example inputs: {e}".splitlines()[0]) from e
+    AnnotateBlocksPass()(gm)
+    return gm

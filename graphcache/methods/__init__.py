@@ -1,0 +1,17 @@
+"""The caching methods: one short declarative file each; `get_method(name)` looks them up."""
+
+from ..errors import GraphcacheError
+from . import fora, none
+from .base import Method, Option
+
+METHODS: dict[str, Method] = {m.name: m for m in (none.METHOD, fora.METHOD)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise GraphcacheError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "Method", "Option", "get_method"]

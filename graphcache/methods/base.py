@@ -1,0 +1,62 @@
+"""What a caching method is: options with defaults, a schedule, and the passes of each variant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import GraphcacheError
+from ..passes.base import Pass
+from ..schedule import Schedule, StepPlan
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    help: str
+    type: type = int
+    choices: tuple | None = None
+    minimum: float | None = None
+
+    def parse(self, value):
+        """Coerce a value (possibly a CLI string) and validate it."""
+        try:
+            if self.type is bool and isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("1", "true", "yes")
+            else:
+                value = self.type(value)
+        except (TypeError, ValueError):
+            raise GraphcacheError(f"option {self.name}={value!r} is not a valid {self.type.__name__}") from None
+        if self.choices and value not in self.choices:
+            raise GraphcacheError(f"option {self.name}={value!r}: choose one of {', '.join(map(str, self.choices))}")
+        if self.minimum is not None and value < self.minimum:
+            raise GraphcacheError(f"option {self.name}={value!r} must be >= {self.minimum}")
+        return value
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    options: tuple[Option, ...]
+    # (num_steps, depth, options) -> per-step plans in sampling order
+    plan: Callable[[int, int, dict], list[StepPlan]]
+    # (plan of a step, options) -> the passes that turn the captured graph into that step's variant
+    passes: Callable[[StepPlan, dict], list[Pass]]
+
+    def resolve_options(self, given: dict) -> dict:
+        known = {o.name: o for o in self.options}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            valid = ", ".join(known) or "none"
+            raise GraphcacheError(f"method {self.name} has no option {unknown[0]!r} (its options: {valid})")
+        return {name: o.parse(given[name]) if name in given else o.default for name, o in known.items()}
+
+    def schedule(self, num_steps: int, depth: int, options: dict | None = None) -> Schedule:
+        if not 1 <= num_steps <= 1000:
+            raise GraphcacheError(f"num_steps must be between 1 and 1000, got {num_steps}")
+        options = self.resolve_options(options or {})
+        return Schedule(self.name, options, num_steps, depth, self.plan(num_steps, depth, options))

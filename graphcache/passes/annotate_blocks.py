@@ -1,0 +1,225 @@
+"""AnnotateBlocksPass: find the residual stream, its blocks and their branches from the graph alone.
+
+A residual add is an add whose one operand (the stream) is an ancestor of the other (the branch's
+contribution). The residual stream is the longest chain of such adds, each consuming the previous
+one. On each add, a multiply whose one factor depends on the stream and the other does not splits
+the contribution into the gate and the ungated branch output — the cut point every method caches.
+Nothing here knows DiT's module names: blocks come from the module that owns each residual add
+(or, for a model written in one flat forward, from where token-mixing branches start), and a
+branch is attention when its work mixes tokens (SDPA, softmax, multi-head attention).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ir
+from ..errors import GraphcacheError
+from .base import Pass, PassResult
+
+_IDENTITY_METHODS = {"contiguous", "clone"}
+_IDENTITY_MODULES = (nn.Dropout, nn.Identity)
+_SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
+
+
+class AnnotateBlocksPass(Pass):
+    """Writes `gm.meta["graphcache"]` (an ir.Structure) and tags the nodes it classifies."""
+
+    def requires(self, gm):
+        missing = [n.name for n in gm.graph.nodes if n.op == "call_function" and "tensor_meta" not in n.meta]
+        if len(missing) == len([n for n in gm.graph.nodes if n.op == "call_function"]) and missing:
+            raise GraphcacheError("AnnotateBlocksPass needs shapes: run shape propagation first (graphcache.capture does)")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        dg = ir.to_digraph(graph)
+        by_name = ir.nodes_by_name(graph)
+        ancestors = _AncestorCache(dg)
+        modules = dict(gm.named_modules())
+
+        residuals = {}  # add node -> (stream operand, contribution)
+        for node in graph.nodes:
+            split = _split_residual(node, ancestors)
+            if split:
+                residuals[node] = split
+        chain = _longest_chain(graph, residuals, modules)
+        if not chain:
+            raise GraphcacheError(_no_stream_message(graph))
+        output = next(n for n in graph.nodes if n.op == "output")
+        if chain[-1].name not in ancestors(output.name):
+            raise GraphcacheError(f"the residual stream ending at node '{chain[-1].name}' does not reach the output")
+        shape = ir.tensor_shape(chain[0])
+        if shape is None or len(shape) != 3:
+            raise GraphcacheError(
+                f"the residual stream at node '{chain[0].name}' has shape {tuple(shape or ())}; "
+                "graphcache expects (batch, tokens, channels)"
+            )
+
+        branches = []
+        for add in chain:
+            stream, contribution = residuals[add]
+            gate, out = _split_gate(contribution, stream, ancestors)
+            between = ancestors(out.name) & nx.descendants(dg, stream.name)
+            work = [n.name for n in graph.nodes if n.name in between] + [out.name]
+            branches.append(
+                ir.Branch(
+                    block=-1,
+                    index=-1,
+                    kind=_classify(work, stream, by_name, modules, ancestors),
+                    stream_in=stream.name,
+                    branch_out=out.name,
+                    gate=gate.name if gate is not None else None,
+                    residual_add=add.name,
+                    module=ir.module_path(out),
+                    work=work,
+                )
+            )
+        blocks = _group_blocks(branches, [ir.module_path(a) for a in chain])
+        structure = ir.Structure(
+            blocks=blocks,
+            stream_start=branches[0].stream_in,
+            stream_end=chain[-1].name,
+            input_names=[n.name for n in graph.nodes if n.op == "placeholder"],
+        )
+        for block in blocks:
+            for br in block.branches:
+                info = dict(block=block.index, branch=br.name, kind=br.kind)
+                for name in br.work:
+                    ir.tag(by_name[name], role="work", **info)
+                ir.tag(by_name[br.stream_in], role="stream_in", **info)
+                ir.tag(by_name[br.branch_out], role="branch_out", **info)
+                ir.tag(by_name[br.residual_add], role="residual_add", **info)
+                if br.gate:
+                    ir.tag(by_name[br.gate], role="gate", **info)
+                self.counters[f"branch.{br.kind}"] += 1
+            self.counters["block"] += 1
+        gm.meta[ir.META_KEY] = structure
+        return PassResult(gm, True)
+
+
+class _AncestorCache:
+    def __init__(self, dg):
+        self.dg, self.cache = dg, {}
+
+    def __call__(self, name: str) -> set[str]:
+        if name not in self.cache:
+            self.cache[name] = nx.ancestors(self.dg, name)
+        return self.cache[name]
+
+
+def _split_residual(node: fx.Node, ancestors) -> tuple[fx.Node, fx.Node] | None:
+    if not ir.is_add(node) or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    shape = ir.tensor_shape(node)
+    if shape is None or len(shape) < 3 or ir.tensor_shape(a) != shape:
+        return None
+    if a.name in ancestors(b.name):
+        return a, b
+    if b.name in ancestors(a.name) and ir.tensor_shape(b) == shape:
+        return b, a
+    return None
+
+
+def _strip_identity(node: fx.Node, modules) -> fx.Node:
+    """Follow the stream back through ops that pass it on unchanged (dropout, contiguous, …)."""
+    while True:
+        if node.op == "call_method" and node.target in _IDENTITY_METHODS:
+            node = node.args[0]
+        elif node.op == "call_module" and isinstance(modules.get(node.target), _IDENTITY_MODULES):
+            node = node.args[0]
+        else:
+            return node
+
+
+def _longest_chain(graph, residuals, modules) -> list[fx.Node]:
+    best: dict[fx.Node, list[fx.Node]] = {}
+    for node in graph.nodes:  # topological order
+        if node in residuals:
+            prev = _strip_identity(residuals[node][0], modules)
+            best[node] = best.get(prev, []) + [node]
+    return max(best.values(), key=len, default=[])
+
+
+def _split_gate(contribution: fx.Node, stream: fx.Node, ancestors):
+    """contribution = gate * out with only `out` depending on the stream; else no gate."""
+    if ir.is_mul(contribution) and len(contribution.args) == 2:
+        a, b = contribution.args
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            a_dep = stream.name in ancestors(a.name) or a is stream
+            b_dep = stream.name in ancestors(b.name) or b is stream
+            if a_dep != b_dep:
+                return (b, a) if a_dep else (a, b)
+    return None, contribution
+
+
+def _classify(work, stream, by_name, modules, ancestors) -> str:
+    for name in work:
+        node = by_name[name]
+        keys = None
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            keys = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+        elif node.op == "call_module" and isinstance(modules.get(node.target), nn.MultiheadAttention):
+            keys = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+        elif (node.op == "call_function" and node.target in _SOFTMAX) or (
+            node.op == "call_method" and node.target == "softmax"
+        ):
+            return ir.ATTENTION
+        if keys is not None:
+            from_stream = isinstance(keys, fx.Node) and (keys is stream or stream.name in ancestors(keys.name))
+            return ir.ATTENTION if from_stream else ir.CROSS_ATTENTION
+    return ir.MLP
+
+
+def _group_blocks(branches: list[ir.Branch], owners: list[str]) -> list[ir.Block]:
+    """Consecutive residual adds owned by the same module form a block; adds written at the top
+    level of a flat forward are grouped so that each self-attention branch starts a new block."""
+    groups: list[list[int]] = []
+    for i, (br, owner) in enumerate(zip(branches, owners)):
+        new = not groups or (owner != owners[groups[-1][-1]] if owner else br.kind == ir.ATTENTION)
+        if new:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    blocks = []
+    for b, members in enumerate(groups):
+        counts: dict[str, int] = {}
+        for j, i in enumerate(members):
+            br = branches[i]
+            br.block, br.index = b, j
+            counts[br.kind] = counts.get(br.kind, 0) + 1
+            br.name = f"b{b}_{br.kind}" + (str(counts[br.kind] - 1) if counts[br.kind] > 1 else "")
+        blocks.append(
+            ir.Block(
+                index=b,
+                stream_in=branches[members[0]].stream_in,
+                stream_out=branches[members[-1]].residual_add,
+                module=owners[members[0]],
+                branches=[branches[i] for i in members],
+            )
+        )
+    return blocks
+
+
+def _no_stream_message(graph: fx.Graph) -> str:
+    """Walk back from the output along the main data path and name where discovery stopped."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    node = output.args[0] if isinstance(output.args[0], fx.Node) else None
+    last = output
+    while node is not None:
+        last = node
+        inputs = [n for n in node.all_input_nodes if ir.tensor_shape(n) is not None]
+        if not inputs:
+            break
+        node = max(inputs, key=lambda n: ir.tensor_shape(n).numel())
+    return (
+        "no residual stream found: no add of the form x + f(x) with a (batch, tokens, channels) "
+        f"stream; discovery stopped at node '{last.name}' ({last.op} {getattr(last.target, '__name__', last.target)})"
+        " walking back from the output"
+    )

@@ -1,0 +1,65 @@
+"""Pass infrastructure: a pass rewrites a GraphModule in place and says what it did.
+
+Modelled on onnx_ir's pass infra and Inductor's counters: `call(gm)` returns
+`PassResult(gm, modified)`, `requires`/`ensures` check pre- and post-conditions, and every rewrite
+bumps a named counter that tests assert exactly. A pass that finds a match it must not rewrite
+records why in `declined` instead of failing silently.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+
+@dataclass
+class PassResult:
+    gm: fx.GraphModule
+    modified: bool
+
+
+class PassError(Exception):
+    """A pass's pre- or post-condition does not hold."""
+
+
+@dataclass
+class Declined:
+    target: str  # what the pass looked at (a branch, a node)
+    reason: str
+
+
+class Pass:
+    """Base class. Subclasses implement `call`; counters and declines are reset on every run."""
+
+    def __init__(self):
+        self.counters: Counter[str] = Counter()
+        self.declined: list[Declined] = []
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        """Raise PassError if the pass cannot run on this graph."""
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        """Raise PassError if the pass left the graph in a state it promises not to."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        raise NotImplementedError
+
+    def decline(self, target: str, reason: str) -> None:
+        self.declined.append(Declined(target, reason))
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        self.counters = Counter()
+        self.declined = []
+        self.requires(gm)
+        result = self.call(gm)
+        self.ensures(result.gm)
+        return result
+
+    def __repr__(self) -> str:
+        return self.name

@@ -1,0 +1,176 @@
+"""CachedModel: the captured model's variants, the cache they share, and the step counter.
+
+Each distinct step kind of the schedule gets one variant: a GraphModule over the same root module
+(weights are never copied), rewritten by the method's passes. At step i the runtime looks up the
+plan — host-side, from the index alone — and calls that variant with the original inputs plus the
+plan's per-step inputs (token counts, forecast distances).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import ir
+from .cache import CACHE_ATTR, CacheState, declared_slots
+from .capture import capture, propagate_shapes
+from .errors import GraphcacheError
+from .methods import get_method
+from .passes.manager import PassManager, PassPipelineError, PassRecord
+from .schedule import StepPlan
+
+_MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
+
+
+def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
+    """A fresh copy of the captured graph over the same root, with `cache` attached, ready for passes."""
+    graph = fx.Graph()
+    out = graph.graph_copy(captured.graph, {})
+    graph.output(out)
+    gm = fx.GraphModule(captured, graph, class_name=captured.__class__.__name__)
+    gm.meta[ir.META_KEY] = ir.structure_of(captured)
+    setattr(gm, CACHE_ATTR, cache)
+    return gm
+
+
+def extra_inputs(gm: fx.GraphModule, inputs: dict) -> dict:
+    """The subset of a plan's per-step inputs that this variant has placeholders for."""
+    names = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
+    return {k: v for k, v in inputs.items() if k in names}
+
+
+class CachedModel(nn.Module):
+    """An nn.Module with the wrapped model's forward signature that runs the cached variants."""
+
+    def __init__(self, model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None,
+                 dump_dir=None, dump=(), **options):
+        super().__init__()
+        self.model = model.eval()
+        self.method = get_method(method)
+        self.captured = capture(model, inputs)
+        self.structure = ir.structure_of(self.captured)
+        self.schedule = self.method.schedule(num_steps, self.structure.depth, options)
+        self.options = self.schedule.options
+        self.cache = CacheState()
+        self.variants: dict[tuple, fx.GraphModule] = {}
+        self.records: dict[tuple, list[PassRecord]] = {}
+        for plan in self.schedule.steps:
+            if plan.variant not in self.variants:
+                self._build(plan, dump_dir, dump)
+        self.step_index = 0
+        for attr in _MODEL_ATTRS:
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    def _build(self, plan: StepPlan, dump_dir, dump) -> None:
+        gm = new_variant(self.captured, self.cache)
+        label = "_".join(f"{k}{n}" for k, n in _runs(plan.kinds))
+        manager = PassManager(self.method.passes(plan, self.options),
+                              dump_dir=f"{dump_dir}/{label}" if dump_dir else None, dump=dump)
+        try:
+            self.records[plan.variant] = manager(gm)
+        except PassPipelineError as e:
+            raise GraphcacheError(f"{self.method.name}: building the variant {label} failed: {e}") from e
+        self.variants[plan.variant] = gm
+
+    def slots(self) -> dict:
+        slots = {}
+        for gm in self.variants.values():
+            slots.update(declared_slots(gm))
+        return slots
+
+    def _allocate(self, args, signature) -> None:
+        """Allocate every slot for these input shapes (shapes come from fake-tensor propagation)."""
+        slots = self.slots()
+        if slots:
+            propagate_shapes(self.captured, args)
+            nodes = ir.nodes_by_name(self.captured.graph)
+            specs = {name: s.resolve(nodes[s.like].meta["tensor_meta"]) for name, s in slots.items()}
+        else:
+            specs = {}
+        device = next(self.model.parameters()).device
+        self.cache.allocate(specs, device, signature)
+
+    def start_sampling(self, num_steps: int) -> None:
+        """Called by graphcache.sample before a run: checks the step count and resets the state."""
+        if num_steps != self.num_steps:
+            raise GraphcacheError(
+                f"this model was optimized for {self.num_steps} sampling steps, not {num_steps}: "
+                f"optimize it again with num_steps={num_steps}"
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sampling run: step 0 next, cache contents cleared."""
+        self.step_index = 0
+        for buf in self.cache.buffers():
+            buf.zero_()
+
+    def forward(self, *args):
+        signature = tuple((tuple(a.shape), a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor))
+        if signature != self.cache.signature:
+            if self.step_index != 0:
+                warnings.warn(
+                    "input shapes changed in the middle of a sampling run: the cache was dropped "
+                    "and the schedule restarts at its first (full) step",
+                    stacklevel=2,
+                )
+                self.step_index = 0
+            self._allocate(args, signature)
+        plan = self.schedule[self.step_index]
+        gm = self.variants[plan.variant]
+        out = gm(*args, **extra_inputs(gm, plan.inputs))
+        self.step_index = (self.step_index + 1) % self.num_steps
+        return out
+
+    def describe(self) -> dict:
+        """What capture found and, per variant, what each pass did (for `graphcache inspect`)."""
+        variants = []
+        for plan in self.schedule.steps:
+            if plan.variant in [v["key"] for v in variants]:
+                continue
+            steps = [p.index for p in self.schedule.steps if p.variant == plan.variant]
+            variants.append({
+                "key": plan.variant,
+                "kinds": ", ".join(f"{k}×{n}" for k, n in _runs(plan.kinds)),
+                "steps": steps,
+                "nodes": len(self.variants[plan.variant].graph.nodes),
+                "passes": [
+                    {"pass": r.name, "counters": r.counters,
+                     "declined": [f"{d.target}: {d.reason}" for d in r.declined]}
+                    for r in self.records[plan.variant]
+                ],
+            })
+        for v in variants:
+            del v["key"]
+        return {
+            "method": self.method.name,
+            "options": self.options,
+            "num_steps": self.num_steps,
+            "captured_nodes": len(self.captured.graph.nodes),
+            "blocks": self.structure.describe(),
+            "variants": variants,
+        }
+
+
+def _runs(kinds):
+    """Run-length encoding of per-block kinds: ("full", 1), ("partial", 27)."""
+    out = []
+    for k in kinds:
+        if out and out[-1][0] == k:
+            out[-1][1] += 1
+        else:
+            out.append([k, 1])
+    return [tuple(r) for r in out]
+
+
+def optimize(model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None, **options) -> CachedModel:
+    """Compile `method` into `model` for a `num_steps` sampling run. Options are the method's own."""
+    return CachedModel(model, method=method, num_steps=num_steps, inputs=inputs, **options)

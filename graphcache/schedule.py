@@ -1,0 +1,75 @@
+"""Schedules: the host-side plan of a sampling run, decided from the step index alone.
+
+A `Schedule` is a list of `StepPlan`s in sampling order. Each says what kind every block is at
+that step and, for partial blocks, how many tokens they compute. Deciding on the host from the
+step index costs no device sync; the runtime turns a plan into a variant key and its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+FULL, REUSE, PARTIAL, SKIP, FORECAST = "full", "reuse", "partial", "skip", "forecast"
+KINDS = (FULL, REUSE, PARTIAL, SKIP, FORECAST)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    index: int  # position in the sampling loop: 0 is the first model call
+    step: int  # the official "current step": num_steps-1 first, counting DOWN to 0
+    kinds: tuple[str, ...]  # one per block
+    tokens: tuple[int | None, ...] | None = None  # fresh-token count per block (partial blocks)
+    extra: tuple = ()  # method-specific parts of the variant key (hashable)
+    inputs: dict = field(default_factory=dict, compare=False)  # per-step scalars the graph reads
+
+    @property
+    def variant(self) -> tuple:
+        """Steps with equal keys run the same graph; token counts and scalars are its inputs."""
+        return (self.kinds, self.extra)
+
+    def to_json(self) -> dict:
+        d = {"index": self.index, "step": self.step, "kinds": list(self.kinds)}
+        if self.tokens is not None:
+            d["tokens"] = list(self.tokens)
+        return d
+
+
+@dataclass
+class Schedule:
+    method: str
+    options: dict
+    num_steps: int
+    depth: int
+    steps: list[StepPlan]
+
+    def __post_init__(self):
+        assert len(self.steps) == self.num_steps
+        for plan in self.steps:
+            assert len(plan.kinds) == self.depth and all(k in KINDS for k in plan.kinds), plan
+
+    def __getitem__(self, index: int) -> StepPlan:
+        return self.steps[index]
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def variants(self) -> list[tuple]:
+        return list(dict.fromkeys(p.variant for p in self.steps))
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "options": self.options,
+            "num_steps": self.num_steps,
+            "depth": self.depth,
+            "steps": [p.to_json() for p in self.steps],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2)
+
+
+def descending(num_steps: int):
+    """(index, step) pairs in sampling order; step counts down as in the official loops."""
+    return [(i, num_steps - 1 - i) for i in range(num_steps)]
