@@ -53,7 +53,8 @@ class Structure:
     blocks: list[Block]
     stream_start: str  # the stream entering block 0
     stream_end: str  # the stream leaving the last block
-    token_dim: int = 1  # axis of the stream that indexes tokens; axis 0 is the batch
+    num_tokens: int = 0  # stream shape (batch, num_tokens, hidden_size) at capture
+    hidden_size: int = 0
     input_names: list[str] = field(default_factory=list)
 
     @property

@@ -42,6 +42,20 @@ def extra_inputs(gm: fx.GraphModule, inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k in names}
 
 
+def tokens_input(block: int) -> str:
+    """Name of the graph input that carries a partial block's fresh-token count."""
+    return f"gc_tokens_b{block}"
+
+
+def step_inputs(plan: StepPlan) -> dict:
+    """Everything a variant may read for this step: the plan's scalars and its token counts."""
+    inputs = dict(plan.inputs)
+    for block, k in enumerate(plan.tokens or ()):
+        if k is not None:
+            inputs[tokens_input(block)] = k
+    return inputs
+
+
 class CachedModel(nn.Module):
     """An nn.Module with the wrapped model's forward signature that runs the cached variants."""
 
@@ -52,7 +66,7 @@ class CachedModel(nn.Module):
         self.method = get_method(method)
         self.captured = capture(model, inputs)
         self.structure = ir.structure_of(self.captured)
-        self.schedule = self.method.schedule(num_steps, self.structure.depth, options)
+        self.schedule = self.method.schedule(num_steps, self.structure.depth, options, self.structure.num_tokens)
         self.options = self.schedule.options
         self.cache = CacheState()
         self.variants: dict[tuple, fx.GraphModule] = {}
@@ -126,7 +140,7 @@ class CachedModel(nn.Module):
             self._allocate(args, signature)
         plan = self.schedule[self.step_index]
         gm = self.variants[plan.variant]
-        out = gm(*args, **extra_inputs(gm, plan.inputs))
+        out = gm(*args, **extra_inputs(gm, step_inputs(plan)))
         self.step_index = (self.step_index + 1) % self.num_steps
         return out
 

@@ -42,8 +42,8 @@ class Method:
     name: str
     summary: str
     options: tuple[Option, ...]
-    # (num_steps, depth, options) -> per-step plans in sampling order
-    plan: Callable[[int, int, dict], list[StepPlan]]
+    # (num_steps, depth, num_tokens, options) -> per-step plans in sampling order
+    plan: Callable[[int, int, int, dict], list[StepPlan]]
     # (plan of a step, options) -> the passes that turn the captured graph into that step's variant
     passes: Callable[[StepPlan, dict], list[Pass]]
 
@@ -55,8 +55,9 @@ class Method:
             raise GraphcacheError(f"method {self.name} has no option {unknown[0]!r} (its options: {valid})")
         return {name: o.parse(given[name]) if name in given else o.default for name, o in known.items()}
 
-    def schedule(self, num_steps: int, depth: int, options: dict | None = None) -> Schedule:
+    def schedule(self, num_steps: int, depth: int = 28, options: dict | None = None, num_tokens: int = 256) -> Schedule:
+        """The plan of a sampling run; depth and token count default to DiT-XL/2 at 256px."""
         if not 1 <= num_steps <= 1000:
             raise GraphcacheError(f"num_steps must be between 1 and 1000, got {num_steps}")
         options = self.resolve_options(options or {})
-        return Schedule(self.name, options, num_steps, depth, self.plan(num_steps, depth, options))
+        return Schedule(self.name, options, num_steps, depth, self.plan(num_steps, depth, num_tokens, options))

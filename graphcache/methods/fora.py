@@ -10,7 +10,7 @@ from ..schedule import FULL, REUSE, StepPlan, descending
 from .base import Method, Option
 
 
-def plan(num_steps, depth, options):
+def plan(num_steps, depth, num_tokens, options):
     n = options["interval"]
     return [
         StepPlan(i, s, ((FULL if i == 0 or s % n == 0 else REUSE),) * depth)

@@ -83,6 +83,8 @@ class AnnotateBlocksPass(Pass):
             blocks=blocks,
             stream_start=branches[0].stream_in,
             stream_end=chain[-1].name,
+            num_tokens=shape[1],
+            hidden_size=shape[2],
             input_names=[n.name for n in graph.nodes if n.op == "placeholder"],
         )
         for block in blocks:
