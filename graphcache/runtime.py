@@ -20,7 +20,7 @@ from .capture import capture, propagate_shapes
 from .errors import GraphcacheError
 from .methods import get_method
 from .passes.manager import PassManager, PassPipelineError, PassRecord
-from .schedule import StepPlan
+from .schedule import StepPlan, step_inputs
 
 _MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
 
@@ -40,20 +40,6 @@ def extra_inputs(gm: fx.GraphModule, inputs: dict) -> dict:
     """The subset of a plan's per-step inputs that this variant has placeholders for."""
     names = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
     return {k: v for k, v in inputs.items() if k in names}
-
-
-def tokens_input(block: int) -> str:
-    """Name of the graph input that carries a partial block's fresh-token count."""
-    return f"gc_tokens_b{block}"
-
-
-def step_inputs(plan: StepPlan) -> dict:
-    """Everything a variant may read for this step: the plan's scalars and its token counts."""
-    inputs = dict(plan.inputs)
-    for block, k in enumerate(plan.tokens or ()):
-        if k is not None:
-            inputs[tokens_input(block)] = k
-    return inputs
 
 
 class CachedModel(nn.Module):

@@ -70,6 +70,20 @@ class Schedule:
         return json.dumps(self.to_json(), indent=2)
 
 
+def tokens_input(block: int) -> str:
+    """Name of the graph input that carries a partial block's fresh-token count."""
+    return f"gc_tokens_b{block}"
+
+
+def step_inputs(plan: StepPlan) -> dict:
+    """Everything a variant may read at this step: the plan's scalars and its token counts."""
+    inputs = dict(plan.inputs)
+    for block, k in enumerate(plan.tokens or ()):
+        if k is not None:
+            inputs[tokens_input(block)] = k
+    return inputs
+
+
 def descending(num_steps: int):
     """(index, step) pairs in sampling order; step counts down as in the official loops."""
     return [(i, num_steps - 1 - i) for i in range(num_steps)]

@@ -1,10 +1,10 @@
 """The caching methods: one short declarative file each; `get_method(name)` looks them up."""
 
 from ..errors import GraphcacheError
-from . import fora, none
+from . import clusca, duca, fora, none, taylorseer, toca
 from .base import Method, Option
 
-METHODS: dict[str, Method] = {m.name: m for m in (none.METHOD, fora.METHOD)}
+METHODS: dict[str, Method] = {m.name: m for m in (none.METHOD, fora.METHOD, toca.METHOD, duca.METHOD, taylorseer.METHOD, clusca.METHOD)}
 
 
 def get_method(name: str) -> Method:

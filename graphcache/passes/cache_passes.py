@@ -10,22 +10,23 @@ from ..cache import CacheSlot, declare_slot, read_slot, write_slot
 from .base import Pass, PassError, PassResult
 
 
-def _selected(gm: fx.GraphModule, blocks) -> list[ir.Branch]:
+def _selected(gm: fx.GraphModule, blocks, kinds) -> list[ir.Branch]:
     structure = ir.structure_of(gm)
     wanted = set(range(structure.depth)) if blocks is None else set(blocks)
-    return [br for br in structure.branches if br.block in wanted]
+    return [br for br in structure.branches if br.block in wanted and (kinds is None or br.kind in kinds)]
 
 
 class InsertCacheWritePass(Pass):
     """After each selected branch's ungated output, write it to the branch's slot."""
 
-    def __init__(self, blocks=None):
+    def __init__(self, blocks=None, kinds=None):
+        """blocks: indices (None: all); kinds: branch kinds (None: all), e.g. (ir.ATTENTION,)."""
         super().__init__()
-        self.blocks = blocks
+        self.blocks, self.kinds = blocks, kinds
 
     def call(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
-        for br in _selected(gm, self.blocks):
+        for br in _selected(gm, self.blocks, self.kinds):
             out = nodes.get(br.branch_out)
             if out is None:
                 self.decline(br.name, "its output was already replaced (not computed in this variant)")
@@ -41,16 +42,20 @@ class ReplaceWithCacheReadPass(Pass):
     """Replace each selected branch's ungated output by a read of its slot; the gate, the residual
     add and everything downstream stay, so the cached output is scaled by the CURRENT gate."""
 
-    def __init__(self, blocks=None):
+    def __init__(self, blocks=None, kinds=None):
+        """blocks: indices (None: all); kinds: branch kinds (None: all), e.g. (ir.ATTENTION,)."""
         super().__init__()
-        self.blocks = blocks
+        self.blocks, self.kinds = blocks, kinds
 
     def call(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
-        for br in _selected(gm, self.blocks):
+        for br in _selected(gm, self.blocks, self.kinds):
             out = nodes.get(br.branch_out)
             if out is None:
                 self.decline(br.name, "its output is not in this graph")
+                continue
+            if not out.users:
+                self.decline(br.name, "its output was already replaced (nothing uses it any more)")
                 continue
             declare_slot(gm, CacheSlot(br.name, like=br.branch_out))
             with ir.insert_after(out):
@@ -61,7 +66,7 @@ class ReplaceWithCacheReadPass(Pass):
 
     def ensures(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
-        for br in _selected(gm, self.blocks):
+        for br in _selected(gm, self.blocks, self.kinds):
             out = nodes.get(br.branch_out)
             if out is not None and out.users:
                 raise PassError(f"branch {br.name} output {out.name} is still used after its cache read")

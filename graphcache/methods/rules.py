@@ -1,0 +1,169 @@
+"""The official ToCa / DuCa step decisions (METHODS.md §3.3, §3.4, §4.2) as pure functions.
+
+Everything here is decided on the host from the step index alone, so a whole sampling run can be
+planned before it starts. The arithmetic follows the official code's precision: the interval
+scheduler divides in float32 and rounds half-to-even (as `torch.round` does), and the fresh-ratio
+scheduler clamps in float32 and truncates `ratio * num_tokens` toward zero.
+
+Steps count DOWN (`s = num_steps-1` is the first model call), as in every Shenyi-Z DiT loop.
+
+Generalisations beyond DiT-XL/2 (documented choices, identical on DiT-XL/2):
+
+- The layer factor of the fresh-ratio scheduler divides by 27 in the official code, i.e. by
+  `depth - 1` of DiT-XL. Here it divides by `depth - 1` of the model being planned, so the factor
+  still runs from `1 + lw` at the first block to `1 - lw` at the last. With `depth == 1` the single
+  block gets `1 + lw`.
+- The ratio scheduler name `'ToCa'` is not a branch of ToCa's DiT `fresh_ratio_scheduler` (the
+  official ToCa raises on it, and it is ToCa's argparse default), while DuCa's scheduler of the same
+  name has exactly `ToCa-ddim50`'s constants. So `'ToCa'` is accepted only with `duca=True`, where it
+  means `ToCa-ddim50`; for ToCa it raises a GraphcacheError that names the valid choices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import GraphcacheError
+from ..schedule import FULL, PARTIAL, REUSE, SKIP, StepPlan, descending
+
+# name: (step weight sw, layer weight lw); the module factors are shared (mlp 2.5, attn 0.0)
+RATIO_SCHEDULERS = {
+    "ToCa-ddim50": (2.0, -0.2),
+    "ToCa-ddpm250": (0.4, 0.8),
+}
+DUCA_ALIASES = {"ToCa": "ToCa-ddim50"}  # DuCa's 'ToCa' scheduler == ToCa's 'ToCa-ddim50'
+MODULE_WEIGHT, MODULE_SCALE = 0.6, 2.5
+MODULE_FACTORS = {
+    "attn": 1 - (1 - MODULE_WEIGHT) * MODULE_SCALE,  # 0.0: attention is never partially computed
+    "mlp": 1 + MODULE_WEIGHT * MODULE_SCALE,  # 2.5
+}
+FORCE_WEIGHT = 0.4  # force_scheduler's w when fresh_ratio != 0
+
+
+def force_interval(step: int, num_steps: int, fresh_threshold: int, fresh_ratio: float) -> int:
+    """ToCa/DuCa `force_scheduler`: the interval T a full layer-0 block sets at descending step s.
+
+    T = round_half_even(float32(N) / float32(1 + w - 2*w*s/S)), w = 0.4 (0 in FORA mode, where
+    fresh_ratio == 0 and T = N); T = 2 in the sensitive window s in [int(0.2*S), int(0.4*S)).
+    """
+    w = FORCE_WEIGHT if fresh_ratio != 0 else 0.0
+    step_factor = np.float32(1 + w - 2 * w * step / num_steps)
+    t = int(np.round(np.float32(fresh_threshold) / step_factor))
+    if fresh_ratio != 0 and step in range(int(0.2 * num_steps), int(0.4 * num_steps)):
+        t = 2
+    return t
+
+
+def resolve_scheduler(scheduler: str, *, duca: bool = False) -> str:
+    """The canonical ratio-scheduler name, or a GraphcacheError naming the valid ones."""
+    if scheduler in RATIO_SCHEDULERS:
+        return scheduler
+    if duca and scheduler in DUCA_ALIASES:
+        return DUCA_ALIASES[scheduler]
+    valid = list(RATIO_SCHEDULERS) + (list(DUCA_ALIASES) if duca else [])
+    hint = (
+        " ('ToCa' is the official ToCa default but no branch of its DiT ratio scheduler; "
+        "DuCa's 'ToCa' equals 'ToCa-ddim50')"
+        if scheduler == "ToCa"
+        else ""
+    )
+    raise GraphcacheError(
+        f"unknown ratio scheduler {scheduler!r}; choose one of {', '.join(valid)}{hint}"
+    )
+
+
+def fresh_tokens(
+    scheduler: str,
+    fresh_ratio: float,
+    step: int,
+    num_steps: int,
+    layer: int,
+    depth: int,
+    module: str,
+    num_tokens: int,
+    *,
+    duca: bool = False,
+) -> int:
+    """ToCa/DuCa `fresh_ratio_scheduler` + top-k size: tokens recomputed by (step, layer, module).
+
+    ratio = fresh_ratio * layer_factor * step_factor * module_factor, clamped to [0, 1] in float32;
+    topk = int(ratio * num_tokens) (float32 product, truncated).
+    """
+    sw, lw = RATIO_SCHEDULERS[resolve_scheduler(scheduler, duca=duca)]
+    if module not in MODULE_FACTORS:
+        raise GraphcacheError(f"unknown module {module!r}; choose one of {', '.join(MODULE_FACTORS)}")
+    step_factor = 1 + sw - 2 * sw * step / num_steps
+    layer_factor = 1 + lw - (2 * lw * layer / (depth - 1) if depth > 1 else 0.0)
+    ratio = fresh_ratio * layer_factor * step_factor * MODULE_FACTORS[module]
+    ratio32 = np.clip(np.float32(ratio), np.float32(0.0), np.float32(1.0))
+    return int(np.float32(ratio32) * np.float32(num_tokens))
+
+
+def toca_plans(num_steps: int, depth: int, num_tokens: int, options: dict, *, duca: bool = False) -> list[StepPlan]:
+    """Per-step, per-block kinds of a ToCa (or, with duca=True, DuCa) sampling run.
+
+    options: `interval` (N = fresh_threshold), `fresh_ratio`, `ratio_scheduler`.
+
+    Each block decides BEFORE it runs, with the interval in force at that moment (§3.3):
+    full if it is the first step or s % T == 0; otherwise ToCa's partial block, or for DuCa
+    partial when (s % T) is odd and skip ('aggressive') when it is even (§4.2). A full block 0
+    reschedules T right after it runs, so blocks 1.. of the same step may already see a T that does
+    not divide s: the mixed step (block 0 full, the rest partial/skipped).
+    Partial blocks carry their MLP fresh-token count; every other block has tokens None.
+    """
+    n = int(options["interval"])
+    fresh_ratio = float(options["fresh_ratio"])
+    scheduler = resolve_scheduler(options["ratio_scheduler"], duca=duca)
+    if n < 1:
+        raise GraphcacheError(f"interval must be >= 1, got {n}")
+    cal_threshold = n
+    plans = []
+    for index, s in descending(num_steps):
+        first = s == num_steps - 1
+        kinds, tokens = [], []
+        for layer in range(depth):
+            interval = n if first else cal_threshold
+            residue = s % interval
+            if first or residue == 0:
+                kind = FULL
+                if layer == 0:  # force_init -> force_scheduler, after the block's attention
+                    cal_threshold = force_interval(s, num_steps, n, fresh_ratio)
+            elif not duca or residue % 2 == 1:
+                kind = PARTIAL
+            else:
+                kind = SKIP
+            kinds.append(kind)
+            tokens.append(
+                fresh_tokens(scheduler, fresh_ratio, s, num_steps, layer, depth, "mlp", num_tokens)
+                if kind == PARTIAL
+                else None
+            )
+        plans.append(StepPlan(index, s, tuple(kinds), tuple(tokens)))
+    return plans
+
+
+def _step_char(kinds: tuple[str, ...]) -> str:
+    rest = set(kinds[1:])
+    if all(k == FULL for k in kinds):
+        return "F"
+    if all(k == PARTIAL for k in kinds):
+        return "T"
+    if all(k == SKIP for k in kinds):
+        return "A"
+    if all(k == REUSE for k in kinds):
+        return "R"
+    if kinds[0] == FULL and rest == {PARTIAL}:
+        return "M"
+    if kinds[0] == FULL and rest == {SKIP}:
+        return "X"
+    return "?"
+
+
+def kinds_string(plans) -> str:
+    """One character per step, for tests and docs.
+
+    F all full; T all partial; M block 0 full and the rest partial (the mixed step of §3.3);
+    A all skipped (DuCa aggressive); X block 0 full and the rest skipped (DuCa's mixed step);
+    R all reuse; ? anything else.
+    """
+    return "".join(_step_char(p.kinds) for p in plans)

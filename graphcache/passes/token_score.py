@@ -1,0 +1,174 @@
+"""ToCa-family token scoring: what full steps record, how partial steps pick and merge tokens.
+
+Full blocks record, per block, the part of the score that only depends on the full step
+(METHODS.md §3.5, §4.3) and reset the staleness counters:
+
+- `attention`: s1 = normalize(column sums of the head-averaged attention map). The map is computed
+  explicitly (q·scale @ kᵀ, softmax, @ v) as the official code does whenever it needs it; SDPA
+  gives none. Only the (B, N) column sums are kept — the (B, N, N) map itself is never cached.
+- `kv-norm` (DuCa's V-caching): s1 = normalize(Σ_h (1 − ‖v_h‖)), from the values SDPA already has.
+- `random`: nothing to record; partial steps draw rand(B/2, N), shared by the cond/uncond halves.
+
+Partial blocks score = s1 + λ·staleness/N (+ the spatial bonus), take the top-k per batch row,
+update the staleness counters, and scatter the k fresh outputs into the cached branch output.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .. import ir
+from ..cache import CacheSlot, declare_slot, read_slot, write_slot
+from .base import Pass, PassResult
+from .token_select import SelectContext, TokenMerger, TokenSelector
+
+SCORES = ("attention", "kv-norm", "random")
+
+
+def score_slot(block: int) -> str:
+    return f"b{block}_score"
+
+
+def staleness_slot(block: int) -> str:
+    return f"b{block}_staleness"
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Attention written out as the official ToCa code does; also returns s1's ingredients:
+    the head-averaged map's column sums, L2-normalised over tokens."""
+    attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    received = attn.mean(dim=1).sum(dim=1)
+    return attn @ v, F.normalize(received, p=2, dim=1)
+
+
+def value_norm_score(v: torch.Tensor) -> torch.Tensor:
+    """V-caching score from (B, H, N, hd) values: normalize(Σ_h (1 − ‖v‖)) over tokens."""
+    return F.normalize((1 - v.norm(dim=-1)).sum(dim=1), p=2, dim=1)
+
+
+def spatial_bonus(score: torch.Tensor, bonus: float, grid: int) -> torch.Tensor:
+    """s4: on the square token grid cut into grid×grid cells, the best token of each cell gets
+    `bonus × cell max` added, spreading the fresh tokens over the image."""
+    b, n = score.shape
+    side = int(round(n**0.5))
+    cells = score.reshape(b, side // grid, grid, side // grid, grid).permute(0, 1, 3, 2, 4)
+    cells = cells.reshape(b, side // grid, side // grid, grid * grid)
+    best, where = cells.max(dim=-1, keepdim=True)
+    cells = cells + torch.zeros_like(cells).scatter(-1, where, bonus * best)
+    cells = cells.reshape(b, side // grid, side // grid, grid, grid).permute(0, 1, 3, 2, 4)
+    return cells.reshape(b, n)
+
+
+def toca_select(base: torch.Tensor | None, staleness: torch.Tensor, k: int, *, interval: int,
+                soft_fresh_weight: float, bonus: float, grid: int):
+    """Indices of the k highest-scoring tokens per row, and the updated staleness counters.
+    `base` None means the `random` score: one rand(B/2, N) draw shared by both CFG halves."""
+    if base is None:
+        b, n = staleness.shape
+        half = torch.rand(b // 2, n, device=staleness.device)
+        base = torch.cat([half, half]) if b % 2 == 0 else torch.rand(b, n, device=staleness.device)
+    score = base + soft_fresh_weight * staleness.float() / interval
+    if bonus:
+        score = spatial_bonus(score, bonus, grid)
+    idx = score.argsort(dim=-1, descending=True)[:, :k]
+    stale = (staleness + 1).scatter(1, idx, 0)
+    return idx, stale
+
+
+def _sdpa_node(gm: fx.GraphModule, branch: ir.Branch) -> fx.Node | None:
+    nodes = ir.nodes_by_name(gm.graph)
+    return next(
+        (nodes[n] for n in branch.work
+         if nodes[n].op == "call_function" and nodes[n].target is F.scaled_dot_product_attention),
+        None,
+    )
+
+
+class RecordTokenScorePass(Pass):
+    """In full blocks: record the block's full-step score part and zero its staleness counters."""
+
+    def __init__(self, blocks, score: str):
+        super().__init__()
+        self.blocks, self.score = list(blocks), score
+
+    def call(self, gm):
+        structure = ir.structure_of(gm)
+        for b in self.blocks:
+            mlp = structure.branch(b, ir.MLP)
+            if mlp is None:
+                self.decline(f"block {b}", "has no MLP branch to score tokens for")
+                continue
+            stream = mlp.stream_in
+            declare_slot(gm, CacheSlot(staleness_slot(b), like=stream, shape=lambda s: s[:2], dtype=torch.int32))
+            nodes = ir.nodes_by_name(gm.graph)
+            with ir.insert_after(nodes[stream]):
+                zero = gm.graph.call_function(torch.zeros_like, (read_slot(gm.graph, staleness_slot(b)),))
+                write_slot(gm.graph, staleness_slot(b), zero)
+            self.counters["staleness_reset"] += 1
+            if self.score == "random":
+                continue
+            attn = structure.branch(b, ir.ATTENTION)
+            sdpa = _sdpa_node(gm, attn) if attn else None
+            if sdpa is None or len(sdpa.args) < 3 or sdpa.kwargs:
+                self.decline(f"block {b}", "no plain scaled_dot_product_attention(q, k, v) in its attention branch")
+                continue
+            declare_slot(gm, CacheSlot(score_slot(b), like=stream, shape=lambda s: s[:2]))
+            q, k, v = sdpa.args[:3]
+            with ir.insert_after(sdpa):
+                if self.score == "attention":
+                    both = gm.graph.call_function(explicit_attention, (q, k, v))
+                    out = gm.graph.call_function(operator.getitem, (both, 0))
+                    s1 = gm.graph.call_function(operator.getitem, (both, 1))
+                else:
+                    out, s1 = sdpa, gm.graph.call_function(value_norm_score, (v,))
+                write_slot(gm.graph, score_slot(b), s1)
+            if out is not sdpa:
+                sdpa.replace_all_uses_with(out)
+                gm.graph.erase_node(sdpa)
+                self.counters["explicit_attention"] += 1
+            self.counters["score_record"] += 1
+        return PassResult(gm, bool(self.counters))
+
+
+class ToCaSelector(TokenSelector):
+    """Top-k of s1 + λ·staleness/N (+ spatial bonus) per row; updates the staleness counters."""
+
+    def __init__(self, score: str, interval: int, soft_fresh_weight: float, bonus: float, grid: int = 2):
+        self.score, self.interval = score, interval
+        self.weight, self.bonus, self.grid = soft_fresh_weight, bonus, grid
+
+    def indices(self, ctx: SelectContext) -> fx.Node:
+        g, b = ctx.gm.graph, ctx.branch.block
+        declare_slot(ctx.gm, CacheSlot(staleness_slot(b), like=ctx.branch.stream_in, shape=lambda s: s[:2],
+                                       dtype=torch.int32))
+        base = None
+        if self.score != "random":
+            declare_slot(ctx.gm, CacheSlot(score_slot(b), like=ctx.branch.stream_in, shape=lambda s: s[:2]))
+            base = read_slot(g, score_slot(b))
+        both = g.call_function(
+            toca_select,
+            (base, read_slot(g, staleness_slot(b)), ctx.tokens()),
+            dict(interval=self.interval, soft_fresh_weight=self.weight, bonus=self.bonus, grid=self.grid),
+        )
+        write_slot(g, staleness_slot(b), g.call_function(operator.getitem, (both, 1)))
+        return g.call_function(operator.getitem, (both, 0))
+
+
+def scatter_tokens(cached: torch.Tensor, idx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    return cached.scatter(1, idx.unsqueeze(-1).expand(-1, -1, cached.shape[-1]), fresh)
+
+
+class ScatterIntoCacheMerger(TokenMerger):
+    """The branch output becomes the cached output with the k fresh tokens scattered in (and the
+    cache keeps them for the next steps)."""
+
+    def merge(self, ctx: SelectContext, idx: fx.Node, fresh: fx.Node) -> fx.Node:
+        g, name = ctx.gm.graph, ctx.branch.name
+        declare_slot(ctx.gm, CacheSlot(name, like=ctx.branch.branch_out))
+        new = g.call_function(scatter_tokens, (read_slot(g, name), idx, fresh))
+        write_slot(g, name, new)
+        return new

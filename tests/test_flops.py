@@ -1,0 +1,126 @@
+"""FLOPs accounting (METHODS.md §1.6) against the published DiT-XL/2 DDIM-50 numbers (§8.1)."""
+
+import pytest
+
+from graphcache.errors import GraphcacheError
+from graphcache.flops import block_flops, flops_json, schedule_flops
+from graphcache.methods import fora
+from graphcache.methods.rules import toca_plans
+from graphcache.models.dit import DiT, dit_config
+from graphcache.schedule import FORECAST, FULL, PARTIAL, REUSE, SKIP, Schedule, StepPlan, descending
+
+XL = dict(batch=2, tokens=256, hidden=1152, heads=16)
+S, DEPTH = 50, 28
+T = 1e12
+
+
+def _close(value, published, rel=0.01):
+    return abs(value - published) <= rel * published
+
+
+def test_full_block_and_uncached():
+    step = DEPTH * block_flops(FULL, **XL)
+    assert abs(step - 0.47471e12) <= 0.00001e12
+    r = schedule_flops(fora.METHOD.schedule(S, options={"interval": 1}))
+    assert r["total"] == r["uncached"] == S * step
+    assert abs(r["uncached"] - 23.735e12) <= 0.001e12
+    assert r["speedup"] == 1.0
+
+
+def test_block_formulas_literal():
+    B, N, C, H, hd = 2, 256, 1152, 16, 72
+    mlp = lambda n: B * n * C * 4 * C * 2 + B * n * 4 * C * C * 2 + B * n * 4 * C * 6  # noqa: E731
+    attn = (
+        B * N * C * 3 * C * 2 + B * H * N * hd + B * H * N * N * hd * 2 + B * H * N * N * 5
+        + B * H * N * N * hd * 2 + B * N * C * C * 2
+    )
+    ada = B * C + 6 * B * C * C
+    assert block_flops(FULL, **XL) == attn + 2 * B * N * C + ada + mlp(N)
+    assert block_flops(PARTIAL, fresh=17, **XL) == 2 * B * N * C + ada + mlp(17)
+    assert block_flops(PARTIAL, fresh=16, partial_style="clusca", **XL) == B * N * C + ada + mlp(16)
+    assert block_flops(REUSE, **XL) == block_flops(FORECAST, **XL) == ada
+    assert block_flops(SKIP, **XL) == 0
+    assert isinstance(block_flops(FULL, **XL), int)
+    with pytest.raises(GraphcacheError):
+        block_flops(PARTIAL, **XL)  # no fresh-token count
+    with pytest.raises(GraphcacheError):
+        block_flops(PARTIAL, fresh=1, partial_style="nope", **XL)
+
+
+def _toca_schedule(method, N, r, scheduler, duca=False):
+    opts = dict(interval=N, fresh_ratio=r, ratio_scheduler=scheduler)
+    return Schedule(method, opts, S, DEPTH, toca_plans(S, DEPTH, 256, opts, duca=duca))
+
+
+def _clusca_like(method, N, K, num_steps=S):
+    """§6.2, restated: s = S-1 and S-2 full; then a counter gives a full step every N calls."""
+    first_enhance, counter, plans = 2, 0, []
+    for i, s in descending(num_steps):
+        if s > num_steps - first_enhance - 1 or counter == N - 1:
+            counter = 0
+            plans.append(StepPlan(i, s, (FULL,) * DEPTH, (None,) * DEPTH))
+        else:
+            counter += 1
+            kind = PARTIAL if K > 0 else FORECAST
+            plans.append(StepPlan(i, s, (kind,) * DEPTH, ((K if K > 0 else None),) * DEPTH))
+    return Schedule(method, {"interval": N, "cluster_num": K}, num_steps, DEPTH, plans)
+
+
+@pytest.mark.parametrize(
+    "schedule, published_t, speedup",
+    [
+        (lambda: _toca_schedule("toca", 3, 0.07, "ToCa-ddim50"), 10.23, (2.32, 2.32)),
+        (lambda: _toca_schedule("duca", 3, 0.05, "ToCa", duca=True), 9.54, (2.48, 2.49)),
+        (lambda: fora.METHOD.schedule(S, options={"interval": 3}), 8.56, (2.76, 2.77)),
+        (lambda: fora.METHOD.schedule(S, options={"interval": 5}), 5.24, (4.53, 4.53)),
+        (lambda: _clusca_like("clusca", 5, 16), 5.98, (3.97, 3.97)),
+        (lambda: _clusca_like("taylorseer", 3, 0), 8.56, (2.77, 2.77)),
+        (lambda: _clusca_like("taylorseer", 5, 0), 5.24, (4.53, 4.53)),
+        (lambda: _toca_schedule("duca", 5, 0.05, "ToCa", duca=True), 6.32, (3.76, 3.78)),
+    ],
+    ids=["toca-N3", "duca-N3", "fora-N3", "fora-N5", "clusca-N5-K16", "taylor-N3", "taylor-N5", "duca-N5"],
+)
+def test_published_anchors(schedule, published_t, speedup):
+    r = schedule_flops(schedule())
+    assert _close(r["total"], published_t * T), r["total"] / T
+    lo, hi = speedup
+    assert lo - 0.011 <= r["speedup"] <= hi + 0.011, r["speedup"]
+    assert sum(r["per_step"]) == r["total"] and len(r["per_step"]) == S
+
+
+def test_toca_exact_digits():
+    # [SIM exact] in §8.1: 10.23 T and 2.32x
+    r = schedule_flops(_toca_schedule("toca", 3, 0.07, "ToCa-ddim50"))
+    assert round(r["total"] / T, 2) == 10.23 and round(r["speedup"], 2) == 2.32
+    c = schedule_flops(_clusca_like("clusca", 5, 16))
+    assert round(c["total"] / T, 2) == 5.98 and round(c["speedup"], 2) == 3.97
+
+
+def test_partial_style_default_from_method():
+    clus = _clusca_like("clusca", 5, 16)
+    as_toca = Schedule("other", clus.options, S, DEPTH, clus.steps)
+    a, b = schedule_flops(clus)["total"], schedule_flops(as_toca)["total"]
+    assert a < b  # ClusCa counts one LayerNorm per partial block, ToCa two
+    assert schedule_flops(as_toca, partial_style="clusca")["total"] == a
+
+
+def test_flops_json_defaults_and_model():
+    sched = fora.METHOD.schedule(S, options={"interval": 3})
+    j = flops_json(sched)
+    assert set(j) == {"total", "uncached", "speedup"}
+    assert j["total"] == schedule_flops(sched)["total"]
+    model = DiT(dit_config("DiT-S/2", input_size=16))  # 64 tokens, hidden 384, 6 heads, depth 12
+    small = fora.METHOD.schedule(S, depth=12, options={"interval": 3}, num_tokens=64)
+    js = flops_json(small, model)
+    assert js["total"] == schedule_flops(small, tokens=64, hidden=384, heads=6)["total"]
+    assert js["uncached"] == S * 12 * block_flops(FULL, batch=2, tokens=64, hidden=384, heads=6)
+    with pytest.raises(GraphcacheError):
+        flops_json(sched, object())
+
+
+def test_toca_ddpm250_speedup():
+    # §11: the ToCa DDPM-250 (N=4, fresh 0.07, ToCa-ddpm250) schedule gives 2.73x [SIM]
+    opts = dict(interval=4, fresh_ratio=0.07, ratio_scheduler="ToCa-ddpm250")
+    r = schedule_flops(Schedule("toca", opts, 250, DEPTH, toca_plans(250, DEPTH, 256, opts)))
+    assert abs(r["uncached"] - 118.68e12) <= 0.01e12
+    assert round(r["speedup"], 2) == 2.73
