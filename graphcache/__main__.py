@@ -1,0 +1,5 @@
+"""`python -m graphcache ...` is the `graphcache` command."""
+
+from .cli import main
+
+raise SystemExit(main())

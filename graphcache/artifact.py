@@ -1,0 +1,188 @@
+"""Artifact directories: an optimized model on disk.
+
+    OUT/
+      manifest.json       what to rebuild: method, options, num_steps, model config, schedule, versions
+      model.safetensors   the weights (config in the metadata; see graphcache.io.save_model)
+
+The "eager" backend stores no graphs: `load_artifact` loads the weights and runs
+`graphcache.optimize` again with the recorded method and options, then checks that it yields the
+recorded schedule. Compiled backends (AOTInductor, ONNX, TensorRT) will add variant files beside
+these and their own `backend` value.
+
+`save_artifact` is atomic: the directory is built under a temporary name next to OUT and renamed
+into place only when complete; an existing artifact at OUT is replaced only then, and a failure
+leaves neither OUT nor the temporary directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .errors import GraphcacheError
+
+FORMAT = "graphcache-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "is_artifact", "load_artifact",
+           "read_manifest", "save_artifact"]
+
+
+def is_artifact(path) -> bool:
+    """True when `path` is a directory holding a manifest.json (complete or not)."""
+    path = Path(path)
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def _versions() -> dict:
+    from . import __version__
+
+    return {"graphcache": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def build_manifest(cached_model, *, model_spec: str) -> dict:
+    model = cached_model.model
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise GraphcacheError(
+            f"cannot save a {type(model).__name__} as an artifact: only graphcache DiT models (with a config) can be"
+        )
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backend": "eager",
+        "method": cached_model.method.name,
+        "options": dict(cached_model.options),
+        "num_steps": cached_model.num_steps,
+        "model": {"source": str(model_spec), "config": config.to_dict()},
+        "schedule": cached_model.schedule.to_json(),
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def save_artifact(cached_model, out_dir, *, model_spec: str) -> Path:
+    """Write `cached_model` (a CachedModel) as an artifact directory at `out_dir`, atomically.
+
+    An existing `out_dir` is replaced only if it is an artifact or an empty directory: graphcache
+    never deletes a directory it did not write.
+    """
+    from .io import save_model
+
+    out = Path(out_dir)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise GraphcacheError(f"cannot write the artifact to {out}: it exists and is not a directory")
+        if not is_artifact(out) and any(out.iterdir()):
+            raise GraphcacheError(
+                f"cannot write the artifact to {out}: it is a non-empty directory that is not a graphcache "
+                "artifact (refusing to replace it)"
+            )
+    manifest = build_manifest(cached_model, model_spec=model_spec)
+    try:
+        text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    except TypeError as e:
+        raise GraphcacheError(f"cannot write the artifact manifest: {e}") from e
+
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = parent / f".{out.name}.tmp-{tag}"
+    old = parent / f".{out.name}.old-{tag}"
+    tmp.mkdir()
+    try:
+        save_model(cached_model.model, tmp / WEIGHTS)
+        (tmp / MANIFEST).write_text(text)  # written last: a manifest means the rest is there
+        if out.exists():
+            os.replace(out, old)  # a directory cannot be renamed onto a non-empty one
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return out
+
+
+def read_manifest(path) -> dict:
+    """The validated manifest of the artifact at `path` (GraphcacheError naming the problem)."""
+    path = Path(path)
+    if not path.exists():
+        raise GraphcacheError(f"artifact not found: {path}")
+    if not path.is_dir():
+        raise GraphcacheError(f"{path} is not an artifact directory (it is a file)")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise GraphcacheError(f"{path} is not a graphcache artifact: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise GraphcacheError(f"{mpath}: not valid JSON ({' '.join(str(e).split())})") from e
+    if not isinstance(manifest, dict):
+        raise GraphcacheError(f"{mpath}: expected a JSON object, found {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise GraphcacheError(f"{mpath}: not a graphcache artifact manifest (format {manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise GraphcacheError(
+            f"{mpath}: artifact format_version {version!r} is not supported by this graphcache "
+            f"(it reads version {FORMAT_VERSION}): re-create the artifact with `graphcache optimize`"
+        )
+    checks = {"method": str, "options": dict, "num_steps": int, "model": dict}
+    for key, kind in checks.items():
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+            raise GraphcacheError(f"{mpath}: field {key!r} is missing or not a {kind.__name__}")
+    backend = manifest.get("backend", "eager")
+    if backend != "eager":
+        raise GraphcacheError(f"{mpath}: backend {backend!r} is not supported here (this graphcache runs 'eager')")
+    return manifest
+
+
+def load_artifact(path, *, map_location="cpu"):
+    """Rebuild the CachedModel saved at `path` by `save_artifact`."""
+    from . import optimize
+    from .io import load_model
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise GraphcacheError(f"{path}: the artifact has no {WEIGHTS} (incomplete or damaged)")
+    model = load_model(weights, map_location=map_location)
+    config = manifest["model"].get("config")
+    if isinstance(config, dict) and config != model.config.to_dict():
+        raise GraphcacheError(f"{path}: {WEIGHTS} does not match the model config recorded in {MANIFEST}")
+    try:
+        cached = optimize(model, manifest["method"], manifest["num_steps"], **manifest["options"])
+    except GraphcacheError as e:
+        raise GraphcacheError(f"{path}: cannot rebuild the artifact: {e}") from e
+    recorded = manifest.get("schedule")
+    if recorded is not None and json.loads(json.dumps(cached.schedule.to_json())) != recorded:
+        made = manifest.get("versions", {}).get("graphcache", "?")
+        raise GraphcacheError(
+            f"{path}: method {manifest['method']} now builds a different schedule than the one recorded "
+            f"(artifact made by graphcache {made}): re-create it with `graphcache optimize`"
+        )
+    cached.artifact_manifest = manifest
+    return cached

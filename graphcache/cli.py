@@ -1,0 +1,645 @@
+"""The `graphcache` command line: optimize, sample, schedule, methods, inspect.
+
+Every problem graphcache can explain is printed as one line, `graphcache: error: ...`, on stderr
+with exit code 2 (bad arguments included). Set GRAPHCACHE_DEBUG=1 to see the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import struct
+import sys
+import time
+import traceback
+import uuid
+import zlib
+from pathlib import Path
+
+from .errors import GraphcacheError
+from .models.builtin import DEFAULT_MODEL, available
+
+EXIT_ERROR = 2
+PROG = "graphcache"
+_OUTPUT_SUFFIXES = (".pt", ".png")
+_PIXEL_CHANNELS = (1, 3)
+
+
+class _UsageError(Exception):
+    """Bad command-line input found by argparse."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message and exits; we want one line
+        hint = f" (see `{self.prog} --help`)"
+        raise _UsageError(message + hint)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _labels(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class ids like 1,2,3, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one class id, like 1,2,3")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _options(args) -> dict:
+    """--set key=value pairs as a dict of strings (the method's Option.parse coerces them)."""
+    return dict(getattr(args, "set", None) or [])
+
+
+def _format_options(options: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items()) or "(no options)"
+
+
+def _runs(items) -> list[tuple[object, int]]:
+    out: list[list] = []
+    for item in items:
+        if out and out[-1][0] == item:
+            out[-1][1] += 1
+        else:
+            out.append([item, 1])
+    return [(a, n) for a, n in out]
+
+
+def _rle(items, *, ones: bool = True) -> str:
+    """Run-length summary: full×1 reuse×27 (ones=False writes a run of one as just the value)."""
+    return " ".join(f"{'-' if a is None else a}" + (f"×{n}" if ones or n > 1 else "") for a, n in _runs(items))
+
+
+def _ranges(indices) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts, indices = [], sorted(indices)
+    start = prev = None
+    for i in indices + [None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ", ".join(parts)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPS HOOK: the single call site for `graphcache.flops` (written separately).
+# ---------------------------------------------------------------------------------------------
+
+
+def _flops_json(schedule, model_or_none):
+    """The "flops" object of `graphcache schedule --json`, or None while graphcache.flops does not
+    exist. When it does, its `flops_json(schedule, model_or_none)` provides the object."""
+    try:
+        flops = importlib.import_module("graphcache.flops")
+    except ModuleNotFoundError as e:
+        if e.name in ("graphcache.flops", "graphcache"):
+            return None
+        raise
+    fn = getattr(flops, "flops_json", None)
+    return fn(schedule, model_or_none) if callable(fn) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG output (no imaging dependency)
+# ---------------------------------------------------------------------------------------------
+
+
+def _png_bytes(pixels) -> bytes:
+    """Encode a (H, W, C) uint8 numpy array, C in {1, 3}, as an 8-bit PNG."""
+    h, w, c = pixels.shape
+    color_type = {1: 0, 3: 2}[c]  # grayscale, RGB
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b""))
+
+
+def _image_grid(images, pad: int = 2, fill: int = 128):
+    """(n, C, H, W) values in [-1, 1] -> one (rows*H', cols*W', C) uint8 grid, near-square."""
+    import numpy as np
+    import torch
+
+    x = images.detach().to("cpu", torch.float32).clamp(-1, 1)
+    x = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # n, H, W, C
+    n, h, w, c = x.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), fill, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[top:top + h, left:left + w] = x[i]
+    return grid
+
+
+def _check_output(path: Path, in_channels: int | None) -> None:
+    suffix = path.suffix.lower()
+    if suffix not in _OUTPUT_SUFFIXES:
+        raise GraphcacheError(f"cannot write {path}: use a .pt (tensor) or .png (image grid) file name")
+    if suffix == ".png" and in_channels is not None and in_channels not in _PIXEL_CHANNELS:
+        raise GraphcacheError(
+            f"cannot write {path}: this model samples {in_channels}-channel latents, not pixels; "
+            "save them with -o FILE.pt (decoding latents needs the model's VAE)"
+        )
+
+
+def _write_output(x, path: Path) -> None:
+    import torch
+
+    if path.suffix.lower() == ".png":
+        data = _png_bytes(_image_grid(x))
+        _atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    else:
+        _atomic_write(path, lambda tmp: torch.save(x.detach().cpu().contiguous(), tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading models and artifacts
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_model(spec: str, args):
+    """A DiT from builtin:NAME, a checkpoint path, or an artifact directory's weights."""
+    from .artifact import WEIGHTS, is_artifact
+    from .models.builtin import resolve_model
+
+    if is_artifact(spec):
+        from .io import load_model
+
+        return load_model(Path(spec) / WEIGHTS)
+    return resolve_model(spec, allow_pickle=getattr(args, "allow_pickle", False),
+                         num_heads=getattr(args, "num_heads", None))
+
+
+def _open(args, *, default_method: str = "none"):
+    """The CachedModel to run for `sample` / `inspect`: an artifact as saved, or MODEL optimized
+    with --method/--set/--steps."""
+    import graphcache
+
+    from .artifact import is_artifact, load_artifact, read_manifest
+    from .methods import get_method
+
+    spec = args.model
+    given = _options(args)
+    if is_artifact(spec):
+        manifest = read_manifest(spec)
+        made = manifest["method"]
+        if args.method is not None and args.method != made:
+            raise GraphcacheError(
+                f"{spec} is an artifact optimized with method {made}; --method {args.method} conflicts "
+                "(run `graphcache optimize` again, or pass the model instead of the artifact)"
+            )
+        if args.steps is not None and args.steps != manifest["num_steps"]:
+            raise GraphcacheError(
+                f"{spec} is an artifact optimized for {manifest['num_steps']} steps; --steps {args.steps} "
+                "conflicts (run `graphcache optimize` again with --steps)"
+            )
+        if given:
+            wanted = get_method(made).resolve_options(given)
+            for key in given:
+                if wanted[key] != manifest["options"].get(key):
+                    raise GraphcacheError(
+                        f"{spec} is an artifact optimized with {key}={manifest['options'].get(key)}; "
+                        f"--set {key}={given[key]} conflicts (run `graphcache optimize` again)"
+                    )
+        return load_artifact(spec)
+    method = get_method(args.method or default_method)
+    method.resolve_options(given)  # fail on a bad option before loading anything
+    model = _load_model(spec, args)
+    return graphcache.optimize(model, method.name, args.steps or 50, **given)
+
+
+def _cache_bytes(cached) -> int:
+    """Bytes the cache slots take at the capture batch size (2: one image with guidance)."""
+    from . import ir
+
+    nodes = ir.nodes_by_name(cached.captured.graph)
+    total = 0
+    for slot in cached.slots().values():
+        meta = nodes[slot.like].meta.get("tensor_meta")
+        if meta is None:
+            continue
+        shape, dtype = slot.resolve(meta)
+        itemsize = dtype.itemsize if hasattr(dtype, "itemsize") else 4
+        total += math.prod(shape) * itemsize
+    return total
+
+
+def _variant_lines(cached) -> list[str]:
+    lines = []
+    for key in cached.schedule.variants():
+        plan = next(p for p in cached.schedule.steps if p.variant == key)
+        steps = [p.index for p in cached.schedule.steps if p.variant == key]
+        lines.append(f"{_rle(plan.kinds)}: {len(steps)} step{'s' * (len(steps) != 1)}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_optimize(args) -> int:
+    import graphcache
+
+    from .artifact import is_artifact, read_manifest, save_artifact
+    from .methods import get_method
+
+    given = _options(args)
+    method = get_method(args.method)
+    method.resolve_options(given)
+    out = Path(args.output)
+    source = args.model
+    if is_artifact(source):
+        source = read_manifest(source)["model"].get("source", source)
+    model = _load_model(args.model, args)
+    cached = graphcache.optimize(model, method.name, args.steps, **given)
+    save_artifact(cached, out, model_spec=source)
+    variants = _variant_lines(cached)
+    print(f"optimized {args.model} with {method.name} ({_format_options(cached.options)}) "
+          f"for {cached.num_steps} steps")
+    print(f"  variants: {len(variants)} ({'; '.join(variants)})")
+    print(f"  cache: {_human_bytes(_cache_bytes(cached))} for a batch of 2 (one image with guidance)")
+    print(f"  wrote {out}/ (manifest.json, model.safetensors)")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import graphcache
+
+    out = Path(args.output)
+    _check_output(out, None)  # the suffix, before loading anything
+    noise = None
+    if args.noise is not None:
+        noise = _load_noise(Path(args.noise))
+    cached = _open(args)
+    _check_output(out, int(cached.in_channels))
+    if noise is not None:
+        noise = noise.to(next(cached.model.parameters()).dtype)
+    start = time.perf_counter()
+    x = graphcache.sample(cached, args.labels, noise=noise, seed=args.seed, num_steps=cached.num_steps,
+                          sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,
+                          progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    _write_output(x, out)
+    if not args.quiet:
+        dtype = str(x.dtype).replace("torch.", "")
+        print(f"wrote {out}: {tuple(x.shape)} {dtype} ({cached.method.name} {_format_options(cached.options)}, "
+              f"{args.sampler} {cached.num_steps} steps, {seconds:.1f} s)")
+    return 0
+
+
+def _load_noise(path: Path):
+    import torch
+
+    if not path.exists():
+        raise GraphcacheError(f"noise file not found: {path}")
+    if not path.is_file():
+        raise GraphcacheError(f"noise path is not a file: {path}")
+    try:
+        noise = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GraphcacheError(f"{path}: not a readable tensor file: {_one_line(e)[:160]}") from e
+    if not isinstance(noise, torch.Tensor):
+        raise GraphcacheError(f"{path}: expected one tensor (n, C, H, W), found a {type(noise).__name__}")
+    if not noise.dtype.is_floating_point:
+        raise GraphcacheError(f"{path}: noise must be a floating-point tensor, found {noise.dtype}")
+    return noise
+
+
+def cmd_schedule(args) -> int:
+    from . import ir
+    from .methods import get_method
+
+    method = get_method(args.method)
+    model = None
+    if args.model is not None:
+        import graphcache
+
+        if args.tokens is not None:
+            raise GraphcacheError("--tokens conflicts with --model (the model gives the token count)")
+        model = _load_model(args.model, args)
+        structure = ir.structure_of(graphcache.capture(model))
+        depth, tokens = structure.depth, structure.num_tokens
+    else:
+        depth = args.depth if args.depth is not None else 28
+        tokens = args.tokens if args.tokens is not None else 256
+    schedule = method.schedule(args.steps, depth, _options(args), tokens)
+    if args.json:
+        obj = schedule.to_json()
+        flops = _flops_json(schedule, model)
+        if flops is not None:
+            obj["flops"] = flops
+        _print_json(obj)
+        return 0
+    variants = schedule.variants()
+    counts = _runs(sorted(_rle(p.kinds) for p in schedule.steps))
+    print(f"{method.name} {_format_options(schedule.options)}: {schedule.num_steps} steps, depth {depth}, "
+          f"{tokens} tokens, {len(variants)} variant{'s' * (len(variants) != 1)}")
+    print("  " + "; ".join(f"{kinds}: {n} step{'s' * (n != 1)}" for kinds, n in counts))
+    print(f"{'index':>5} {'step':>5}  kinds")
+    for p in schedule.steps:
+        line = f"{p.index:>5} {p.step:>5}  {_rle(p.kinds)}"
+        if p.tokens is not None:
+            line += f"  tokens {_rle(p.tokens, ones=False)}"
+        print(line)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+
+    if args.json:
+        _print_json({"methods": [
+            {
+                "name": m.name,
+                "summary": m.summary,
+                "options": [
+                    {"name": o.name, "default": o.default, "type": o.type.__name__, "help": o.help,
+                     "choices": list(o.choices) if o.choices else None,
+                     "minimum": getattr(o, "minimum", None)}
+                    for o in m.options
+                ],
+            }
+            for m in METHODS.values()
+        ]})
+        return 0
+    width = max(len(name) for name in METHODS)
+    for m in METHODS.values():
+        print(f"{m.name:<{width}}  {m.summary}")
+        for o in m.options:
+            extra = f", one of {'/'.join(map(str, o.choices))}" if o.choices else ""
+            if getattr(o, "minimum", None) is not None:
+                extra += f", >= {o.minimum}"
+            print(f"{'':<{width}}    --set {o.name}={o.default}  ({o.type.__name__}{extra}) {o.help}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    cached = _open(args)
+    info = cached.describe()
+    if args.json:
+        info = {"model": args.model, **info}
+        _print_json(info)
+        return 0
+    structure = cached.structure
+    print(f"model: {args.model} ({type(cached.model).__name__}: {structure.depth} blocks, "
+          f"{structure.num_tokens} tokens, hidden {structure.hidden_size})")
+    print(f"method: {info['method']} {_format_options(info['options'])}, {info['num_steps']} steps; "
+          f"captured graph: {info['captured_nodes']} nodes")
+    print("blocks:")
+    for b in info["blocks"]:
+        print(f"  block {b['block']}  {b['module'] or '(top level)'}")
+        for br in b["branches"]:
+            gate = f"gate {br['gate']}" if br["gate"] else "no gate"
+            print(f"    {br['kind']:<15} {br['module'] or '(inline)':<20} cut at {br['branch_out']}, {gate}, "
+                  f"{br['work_nodes']} work nodes")
+    print("variants:")
+    for v in info["variants"]:
+        print(f"  {v['kinds']}  steps {_ranges(v['steps'])} ({len(v['steps'])}), {v['nodes']} nodes")
+        if not v["passes"]:
+            print("    (no passes: the captured graph as it is)")
+        for p in v["passes"]:
+            counters = ", ".join(f"{k}={n}" for k, n in p["counters"].items() if n) or "no change"
+            print(f"    {p['pass']}: {counters}")
+            for d in p["declined"]:
+                print(f"      declined {d}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+_MAIN_EPILOG = f"""\
+examples:
+  graphcache methods
+  graphcache sample {DEFAULT_MODEL} --method fora --labels 1,2 -o samples.pt
+  graphcache optimize DiT-XL-2-256x256.pt --method fora --set interval=3 -o dit-fora/
+  graphcache sample dit-fora/ --labels 207,360 -o latents.pt
+  graphcache schedule --method fora --steps 50 --json
+  graphcache inspect {DEFAULT_MODEL} --method fora
+
+MODEL is a checkpoint file (.pt/.pth/.safetensors, loaded with weights_only) or a built-in:
+{chr(10).join(f'  {m.spec:<24} {m.summary}' for m in available())}
+Set GRAPHCACHE_DEBUG=1 to see tracebacks."""
+
+
+def _add_model_loading(p) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow checkpoints that contain pickled Python objects (runs code from the file: "
+                        "only for files you trust)")
+    p.add_argument("--num-heads", type=_positive_int, metavar="H",
+                   help="attention heads, when they cannot be inferred from the checkpoint")
+
+
+def _add_method(p, *, required: bool, default_note: str = "") -> None:
+    p.add_argument("--method", required=required, metavar="M",
+                   help=f"caching method (see `graphcache methods`){default_note}")
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE", default=[],
+                   help="a method option, e.g. --set interval=3 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, formatter_class=_Formatter,
+                     description="Compile feature caching into Diffusion Transformers by rewriting their "
+                                 "torch.fx graphs.",
+                     epilog=_MAIN_EPILOG)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"graphcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # optimize
+    p = sub.add_parser(
+        "optimize", formatter_class=_Formatter, help="optimize a model and write an artifact directory",
+        description="Capture MODEL, build the method's variants, and write an artifact directory OUT "
+                    "(manifest.json + model.safetensors) that `graphcache sample` runs.",
+        epilog=f"examples:\n  graphcache optimize {DEFAULT_MODEL} --method fora -o dit-fora/\n"
+               "  graphcache optimize DiT-XL-2-256x256.pt --method fora --set interval=4 --steps 50 -o out/",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+    _add_method(p, required=True)
+    p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
+    _add_model_loading(p)
+    p.set_defaults(func=cmd_optimize)
+
+    # sample
+    from .sampling import GUIDANCE_MODES, SAMPLERS
+
+    p = sub.add_parser(
+        "sample", formatter_class=_Formatter, help="sample images/latents from a model or an artifact",
+        description="Sample class-conditional outputs. MODEL_OR_ARTIFACT is an artifact directory written by "
+                    "`graphcache optimize` (its method and steps are used) or a model, optimized here with "
+                    "--method (default: none, no caching).",
+        epilog=f"examples:\n  graphcache sample {DEFAULT_MODEL} --method fora --labels 1,2 -o samples.pt\n"
+               "  graphcache sample dit-fora/ --labels 207,360 --seed 1 -o latents.pt\n"
+               "  graphcache sample mnist.safetensors --labels 0,1,2,3 -o digits.png   (pixel-space models)\n"
+               "  graphcache sample dit-fora/ --labels 1,2 --noise noise.pt -o out.pt",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_ARTIFACT",
+                   help=f"artifact directory, checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+    _add_method(p, required=False, default_note=" (default: none; an artifact's own method)")
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                   help="sampling steps (default: 50, or the artifact's)")
+    p.add_argument("--labels", type=_labels, required=True, metavar="1,2,3", help="class ids, one image each")
+    p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
+    p.add_argument("--noise", metavar="FILE.pt", help="initial noise (n, C, H, W) saved with torch.save")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
+    p.add_argument("--cfg-scale", type=float, default=1.5, metavar="S",
+                   help="classifier-free guidance scale; <= 1 disables guidance (default: 1.5)")
+    p.add_argument("--guidance", choices=GUIDANCE_MODES, default="official",
+                   help="official: the reference's 3-channel guidance; eps: all channels (default: official)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help=".pt: the (n, C, H, W) tensor; .png: an image grid (pixel-space models only)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    _add_model_loading(p)
+    p.set_defaults(func=cmd_sample)
+
+    # schedule
+    p = sub.add_parser(
+        "schedule", formatter_class=_Formatter, help="print a method's per-step plan",
+        description="Print what kind every block is at each sampling step (and token counts where a method "
+                    "computes some tokens). Depth and tokens default to DiT-XL/2 at 256px (28, 256).",
+        epilog="examples:\n  graphcache schedule --method fora --steps 50\n"
+               "  graphcache schedule --method fora --set interval=4 --depth 12 --json\n"
+               f"  graphcache schedule --method fora --model {DEFAULT_MODEL}",
+    )
+    _add_method(p, required=True)
+    p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--model", metavar="MODEL", help="take depth and token count from this model")
+    where.add_argument("--depth", type=_positive_int, metavar="D", help="number of blocks (default: 28)")
+    p.add_argument("--tokens", type=_positive_int, metavar="T", help="tokens per image (default: 256)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _add_model_loading(p)
+    p.set_defaults(func=cmd_schedule)
+
+    # methods
+    p = sub.add_parser(
+        "methods", formatter_class=_Formatter, help="list the caching methods and their options",
+        description="List every caching method with its summary and options (name, default, help).",
+        epilog="examples:\n  graphcache methods\n  graphcache methods --json",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_methods)
+
+    # inspect
+    p = sub.add_parser(
+        "inspect", formatter_class=_Formatter, help="show the blocks capture found and what each pass did",
+        description="Capture MODEL (or open an artifact), print the blocks and branches it found (with the cut "
+                    "point each method caches), then per variant what every pass inserted or declined.",
+        epilog=f"examples:\n  graphcache inspect {DEFAULT_MODEL}\n"
+               f"  graphcache inspect {DEFAULT_MODEL} --method fora --steps 10\n"
+               "  graphcache inspect dit-fora/ --json",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"artifact directory, checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+    _add_method(p, required=False, default_note=" (default: none)")
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="sampling steps (default: 50)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _add_model_loading(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def main(argv=None) -> int:
+    debug = os.environ.get("GRAPHCACHE_DEBUG", "") not in ("", "0")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            return _fail("choose a command: optimize, sample, schedule, methods, inspect (see `graphcache --help`)")
+        return int(args.func(args) or 0)
+    except SystemExit as e:  # --help / --version
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
+    except _UsageError as e:
+        if debug:
+            traceback.print_exc()
+        return _fail(str(e))
+    except GraphcacheError as e:
+        if debug:
+            traceback.print_exc()
+        return _fail(str(e))
+    except OSError as e:  # disk full, permissions, ...: the user's to fix, not a bug
+        if debug:
+            traceback.print_exc()
+        return _fail(f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

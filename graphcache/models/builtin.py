@@ -1,0 +1,104 @@
+"""Built-in models, addressed as ``builtin:NAME`` wherever a model path is accepted.
+
+An entry is either generated on the fly (a reference architecture with random weights: nothing is
+downloaded) or a weights file shipped inside the package in ``graphcache/weights/`` (a
+``.safetensors`` file whose metadata carries its config, loaded with `graphcache.io.load_model`).
+Hidden entries work everywhere but are left out of listings and error messages: they exist for
+the test suite.
+
+    from graphcache.models.builtin import resolve_model
+    model = resolve_model("builtin:dit-s2-random")     # DiT-S/2, random N(0, 0.02) weights
+    model = resolve_model("DiT-XL-2-256x256.pt")       # any checkpoint path, via io.load_model
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ..errors import GraphcacheError
+from .dit import DiT, DiTConfig, dit_config, init_random_
+
+PREFIX = "builtin:"
+# The model the CLI and the docs use when none is named. A trained MNIST DiT shipped in
+# graphcache/weights/ is meant to replace it once it exists.
+DEFAULT_MODEL = "builtin:dit-s2-random"
+
+__all__ = ["BUILTINS", "DEFAULT_MODEL", "PREFIX", "BuiltinModel", "available", "is_builtin", "resolve_model"]
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str  # without the "builtin:" prefix
+    summary: str
+    config: DiTConfig | None = None  # generated: this architecture ...
+    seed: int = 0  # ... filled by init_random_(seed=seed)
+    weights: str | None = None  # shipped: a file name in graphcache/weights/
+    hidden: bool = False  # left out of listings (test fixtures)
+
+    @property
+    def spec(self) -> str:
+        return PREFIX + self.name
+
+    def load(self, *, allow_pickle: bool = False) -> DiT:
+        if self.weights is not None:
+            from ..io import load_model
+
+            path = Path(str(resources.files("graphcache").joinpath("weights", self.weights)))
+            if not path.is_file():
+                raise GraphcacheError(
+                    f"{self.spec}: its weights file weights/{self.weights} is not part of this installation"
+                )
+            return load_model(path, allow_pickle=allow_pickle)
+        if self.config is None:
+            raise GraphcacheError(f"{self.spec}: has neither a config nor a weights file")
+        return init_random_(DiT(self.config), seed=self.seed).eval()
+
+
+def _register(*models: BuiltinModel) -> dict[str, BuiltinModel]:
+    return {m.name: m for m in models}
+
+
+BUILTINS: dict[str, BuiltinModel] = _register(
+    BuiltinModel(
+        "dit-s2-random",
+        "DiT-S/2, 32x32x4 latents (256px), 1000 classes, random N(0, 0.02) weights (seed 0)",
+        config=dit_config("DiT-S/2", input_size=32, in_channels=4, num_classes=1000),
+    ),
+    BuiltinModel(
+        "dit-tiny-random",
+        "tiny DiT (hidden 64, depth 2, 4 heads), 8x8x4 inputs, 10 classes, random weights: for tests",
+        config=DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                         num_classes=10),
+        hidden=True,
+    ),
+)
+
+
+def available(include_hidden: bool = False) -> list[BuiltinModel]:
+    return [m for m in BUILTINS.values() if include_hidden or not m.hidden]
+
+
+def is_builtin(spec) -> bool:
+    return isinstance(spec, str) and spec.startswith(PREFIX)
+
+
+def resolve_model(spec, *, allow_pickle: bool = False, num_heads: int | None = None) -> DiT:
+    """The model named by `spec`: ``builtin:NAME`` or a checkpoint path (see graphcache.io)."""
+    if is_builtin(spec):
+        name = spec[len(PREFIX):]
+        entry = BUILTINS.get(name)
+        if entry is None:
+            names = ", ".join(m.spec for m in available())
+            raise GraphcacheError(f"unknown built-in model {spec!r}; available: {names}")
+        model = entry.load(allow_pickle=allow_pickle)
+        if num_heads is not None and int(num_heads) != model.config.num_heads:
+            raise GraphcacheError(
+                f"{spec} has {model.config.num_heads} attention heads; num_heads (--num-heads) only "
+                "applies to checkpoint files"
+            )
+        return model
+    from ..io import load_model
+
+    return load_model(spec, num_heads=num_heads, allow_pickle=allow_pickle)

@@ -1,0 +1,158 @@
+"""graphcache.artifact: save/load round trip and every load error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import graphcache
+from graphcache.artifact import FORMAT_VERSION, load_artifact, read_manifest, save_artifact
+from graphcache.errors import GraphcacheError
+from graphcache.models.builtin import resolve_model
+
+TINY = "builtin:dit-tiny-random"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cached = graphcache.optimize(resolve_model(TINY), "fora", STEPS, interval=2)
+    out = save_artifact(cached, tmp_path_factory.mktemp("a") / "art", model_spec=TINY)
+    return cached, out
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    out = tmp_path / "art"
+    shutil.copytree(saved[1], out)
+    return out
+
+
+def _edit_manifest(path, **changes):
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(changes)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_round_trip(saved):
+    cached, out = saved
+    loaded = load_artifact(out)
+    assert loaded.method.name == "fora" and loaded.options == {"interval": 2} and loaded.num_steps == STEPS
+    assert loaded.schedule.to_json() == cached.schedule.to_json()
+    assert loaded.model.config == cached.model.config
+    a = graphcache.sample(cached, [1, 2], num_steps=STEPS)
+    b = graphcache.sample(loaded, [1, 2], num_steps=STEPS)
+    assert torch.equal(a, b)
+
+
+def test_manifest_fields(saved):
+    _, out = saved
+    m = read_manifest(out)
+    assert m["format"] == "graphcache-artifact" and m["format_version"] == FORMAT_VERSION
+    assert m["backend"] == "eager" and m["model"]["source"] == TINY
+    assert m["model"]["config"]["depth"] == 2
+    assert m["schedule"]["method"] == "fora" and len(m["schedule"]["steps"]) == STEPS
+    assert m["versions"]["torch"] == torch.__version__
+
+
+def _load_error(path, *needles):
+    with pytest.raises(GraphcacheError) as e:
+        load_artifact(path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+
+
+def test_not_found(tmp_path):
+    _load_error(tmp_path / "nothing", "not found")
+
+
+def test_not_a_directory(tmp_path):
+    f = tmp_path / "file.pt"
+    f.write_bytes(b"x")
+    _load_error(f, "not an artifact directory")
+
+
+def test_no_manifest(tmp_path):
+    _load_error(tmp_path, "no manifest.json")
+
+
+def test_bad_json(copy):
+    (copy / "manifest.json").write_text("{not json")
+    _load_error(copy, "not valid JSON")
+
+
+def test_not_an_object(copy):
+    (copy / "manifest.json").write_text("[1, 2]")
+    _load_error(copy, "JSON object")
+
+
+def test_wrong_format(copy):
+    _edit_manifest(copy, format="something-else")
+    _load_error(copy, "not a graphcache artifact")
+
+
+def test_wrong_format_version(copy):
+    _edit_manifest(copy, format_version=99)
+    _load_error(copy, "format_version 99")
+
+
+def test_missing_field(copy):
+    m = json.loads((copy / "manifest.json").read_text())
+    del m["num_steps"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    _load_error(copy, "num_steps")
+
+
+def test_unsupported_backend(copy):
+    _edit_manifest(copy, backend="tensorrt")
+    _load_error(copy, "tensorrt")
+
+
+def test_missing_weights(copy):
+    (copy / "model.safetensors").unlink()
+    _load_error(copy, "model.safetensors")
+
+
+def test_corrupt_weights(copy):
+    (copy / "model.safetensors").write_bytes(b"garbage")
+    _load_error(copy, "model.safetensors")
+
+
+def test_unknown_method(copy):
+    _edit_manifest(copy, method="nope")
+    _load_error(copy, "unknown method 'nope'")
+
+
+def test_config_mismatch(copy):
+    m = json.loads((copy / "manifest.json").read_text())
+    m["model"]["config"]["depth"] = 5
+    (copy / "manifest.json").write_text(json.dumps(m))
+    _load_error(copy, "does not match")
+
+
+def test_schedule_mismatch(copy):
+    m = json.loads((copy / "manifest.json").read_text())
+    m["schedule"]["steps"][2]["kinds"] = ["full", "full"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    _load_error(copy, "different schedule")
+
+
+def test_save_refuses_file(saved, tmp_path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    with pytest.raises(GraphcacheError, match="not a directory"):
+        save_artifact(saved[0], f, model_spec=TINY)
+    assert f.read_text() == "x"
+
+
+def test_save_into_empty_directory(saved, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    save_artifact(saved[0], out, model_spec=TINY)
+    assert read_manifest(out)["method"] == "fora"
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
