@@ -15,7 +15,7 @@ import torch
 from .errors import GraphcacheError
 from .sampling import sample
 
-__all__ = ["time_sampling"]
+__all__ = ["bench", "format_table", "plot", "time_sampling"]
 
 
 def _sync(model) -> None:
@@ -53,3 +53,219 @@ def time_sampling(model, *, labels, num_steps: int = 50, sampler: str = "ddim", 
         _sync(model)
         times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times), "all": times}
+
+
+FLOPS_COUNTING = (
+    "FLOPs as the papers count them (METHODS.md §1.6): transformer blocks only (embedders and final "
+    "layer excluded), attention counted analytically (projections, QK^T, softmax, AV) so an SDPA "
+    "kernel is never undercounted, adaLN and LayerNorm included; token gather/scatter, top-k, "
+    "scoring, clustering and Taylor forecasts count 0."
+)
+
+
+def _labels(model, batch: int) -> list[int]:
+    return [i % model.num_classes for i in range(batch)]
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set (monotonic:
+    it can only show the largest run so far)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _flops(cached, model, batch: int, cfg: bool) -> dict:
+    from .flops import schedule_flops
+
+    cfg_dims = model.config
+    return schedule_flops(
+        cached.schedule,
+        batch=batch * (2 if cfg else 1),
+        tokens=cached.structure.num_tokens,
+        hidden=cfg_dims.hidden_size,
+        heads=cfg_dims.num_heads,
+        mlp_ratio=cfg_dims.mlp_ratio,
+    )
+
+
+def _quality(out, reference, labels, pixel: bool, digits) -> dict:
+    from . import metrics
+
+    same = out is reference
+    q = {
+        "psnr": None if same else metrics.psnr(out, reference, data_range=2.0 if pixel else None),
+        # SSIM's 11x11 window needs images at least that large
+        "ssim": None if same or min(out.shape[-2:]) < 11 else metrics.ssim(out, reference, data_range=2.0 if pixel else None),
+        "rel_l2": metrics.rel_l2(out, reference),
+        "cosine": metrics.cosine(out, reference),
+        "accuracy": None,
+        "fd": None,
+    }
+    if digits is not None:
+        q["accuracy"] = digits.accuracy(out, labels)
+        q["fd"] = metrics.frechet_distance(digits.features(out), metrics.reference_features())
+    return q
+
+
+def _digit_classifier(model):
+    """The shipped MNIST classifier, for models that generate MNIST digits (1 channel, 10 classes)."""
+    if model.in_channels != 1 or model.num_classes != 10:
+        return None
+    from .metrics import MnistClassifier
+
+    try:
+        return MnistClassifier.pretrained()
+    except Exception:  # no shipped classifier: the figures that need it stay null
+        return None
+
+
+def bench(model, methods, *, backend: str = "eager", num_steps: int = 50, batch: int = 1,
+          sampler: str = "ddim", cfg_scale: float | None = 1.5, guidance: str = "official",
+          repeats: int = 3, warmup: int = 1, seed: int = 0, model_name: str = "", progress: bool = False) -> dict:
+    """Time and score each (method, options) against the uncached model on the same backend.
+
+    `none` runs first (added if missing): every speedup and fidelity figure is relative to it.
+    """
+    from .runtime import optimize
+
+    if backend != "eager":
+        raise GraphcacheError(f"backend {backend!r} is not available yet; use eager")
+    methods = list(methods)
+    if not any(m == "none" for m, _ in methods):
+        methods.insert(0, ("none", {}))
+    methods.sort(key=lambda mo: mo[0] != "none")
+    labels = _labels(model, batch)
+    cfg = cfg_scale is not None and cfg_scale > 1.0
+    pixel = model.in_channels in (1, 3)
+    digits = _digit_classifier(model)
+    device = next(model.parameters()).device
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(methods), desc="bench", unit="method", file=__import__("sys").stderr)
+    results, reference, base_seconds = [], None, None
+    for name, options in methods:
+        cached = optimize(model, name, num_steps=num_steps, **options)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out = sample(cached, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
+                     guidance=guidance)
+        peak = _peak_memory_bytes(device)
+        timing = time_sampling(cached, labels=labels, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
+                               repeats=repeats, warmup=warmup, seed=seed)
+        if reference is None:
+            reference, base_seconds = out, timing["seconds"]
+        flops = _flops(cached, model, batch, cfg)
+        speedup = base_seconds / timing["seconds"]
+        results.append({
+            "method": name,
+            "options": cached.options,
+            "seconds": timing["seconds"],
+            "seconds_all": timing["all"],
+            "speedup": speedup,
+            "flops": flops["total"],
+            "flops_uncached": flops["uncached"],
+            "flops_speedup": flops["speedup"],
+            "realization": speedup / flops["speedup"],
+            **_quality(out, reference, labels, pixel, digits),
+            "peak_memory_bytes": peak,
+            "cache_bytes": cached.cache.nbytes(),
+            "kinds": [list(p.kinds) for p in cached.schedule.steps],
+        })
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{name} {timing['seconds']:.2f}s")
+    if bar is not None:
+        bar.close()
+    return {
+        "model": model_name,
+        "backend": backend,
+        "steps": num_steps,
+        "batch": batch,
+        "sampler": sampler,
+        "cfg_scale": cfg_scale,
+        "guidance": guidance,
+        "device": str(device),
+        "flops_counting": FLOPS_COUNTING,
+        "results": results,
+    }
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of a bench report, one line per method."""
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    head = f"{'method (non-default options)':<28} {'s/run':>8} {'speedup':>8} {'FLOPs x':>8} {'realiz.':>8} {'PSNR':>7} {'SSIM':>6} {'relL2':>7} {'acc':>6} {'FD':>8}"
+    lines = [head, "-" * len(head)]
+    from .methods import get_method
+
+    for r in report["results"]:
+        defaults = {o.name: o.default for o in get_method(r["method"]).options}
+        changed = {k: v for k, v in r["options"].items() if defaults.get(k) != v}
+        label = r["method"] + ("" if not changed else " " + ",".join(f"{k}={v}" for k, v in changed.items()))
+        lines.append(
+            f"{label[:28]:<28} {r['seconds']:>8.3f} {r['speedup']:>8.2f} {r['flops_speedup']:>8.2f} "
+            f"{r['realization']:>8.2f} {f(r['psnr'], '7.2f')} {f(r['ssim'], '6.3f')} {f(r['rel_l2'], '7.4f')} "
+            f"{f(r['accuracy'], '6.2%')} {f(r['fd'], '8.2f')}"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, out_dir) -> list:
+    """Write the speed-quality frontier and one step x block heatmap per method; returns the paths."""
+    from pathlib import Path
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise GraphcacheError("--plot needs matplotlib: pip install 'graphcache[plot]'") from None
+    from .schedule import KINDS
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    results = report["results"]
+    quality_key = "fd" if all(r["fd"] is not None for r in results) else "rel_l2"
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in results:
+        ax.scatter(r["speedup"], r[quality_key], s=40)
+        ax.annotate(r["method"], (r["speedup"], r[quality_key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"wall-clock speedup over none ({report['backend']})")
+    ax.set_ylabel({"fd": "Fréchet distance (classifier features, lower is better)",
+                   "rel_l2": "relative L2 to uncached output (lower is better)"}[quality_key])
+    ax.set_title(f"speed vs quality: {report['model']}, {report['steps']} steps")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "frontier.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+    colors = ["#2b6cb0", "#a0aec0", "#ed8936", "#ffffff", "#48bb78"]  # full, reuse, partial, skip, forecast
+    for i, r in enumerate(results):
+        grid = [[KINDS.index(k) for k in step] for step in r["kinds"]]
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(colors), vmin=0, vmax=len(KINDS) - 1)
+        ax.set_xlabel("block")
+        ax.set_ylabel("sampling step (first at top)")
+        ax.set_title(f"{r['method']}: what each step computed")
+        handles = [plt.Rectangle((0, 0), 1, 1, facecolor=c, edgecolor="k") for c in colors]
+        ax.legend(handles, KINDS, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        path = out_dir / f"kinds_{i:02d}_{r['method']}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

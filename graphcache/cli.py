@@ -606,7 +606,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _add_model_loading(p)
     p.set_defaults(func=cmd_inspect)
+
+    # bench
+    p = sub.add_parser(
+        "bench", formatter_class=_Formatter, help="time methods against the uncached model and score their outputs",
+        description="Sample the same seeds with each method and with none (always run first) on the same backend: "
+                    "median seconds per sampling run, speedup, FLOPs speedup, realization (= speedup / FLOPs "
+                    "speedup), fidelity to the uncached output (PSNR, SSIM, relative L2, cosine), and for MNIST "
+                    "models classifier accuracy and Fréchet distance; peak and cache memory.",
+        epilog=f"examples:\n  graphcache bench {DEFAULT_MODEL} --method all\n"
+               f"  graphcache bench {DEFAULT_MODEL} --method fora,toca --set fora.interval=4 --json bench.json --plot plots/\n"
+               "  graphcache bench DiT-XL-2-256x256.pt --method toca --repeats 2 --steps 50",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"checkpoint file, artifact directory or builtin:NAME (default: {DEFAULT_MODEL})")
+    p.add_argument("--method", default="all", metavar="M[,M...]|all", help="methods to compare (default: all)")
+    p.add_argument("--set", action="append", type=_key_value, metavar="[METHOD.]KEY=VALUE", default=[],
+                   help="a method option for every listed method that has it, or for one method with METHOD.KEY")
+    p.add_argument("--backend", default="eager", choices=["eager"], help="default: eager")
+    p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
+    p.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="images per run (default: 8)")
+    p.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed runs, median reported (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs first (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
+    p.add_argument("--cfg-scale", type=float, default=1.5, metavar="S", help="guidance scale (default: 1.5)")
+    p.add_argument("--guidance", choices=GUIDANCE_MODES, default="official", help="default: official")
+    p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--plot", metavar="DIR", help="write frontier and step x block heatmap PNGs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_loading(p)
+    p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _bench_methods(text: str, given: dict) -> list[tuple[str, dict]]:
+    """--method a,b|all with --set key=value (every listed method that has the option) or
+    --set method.key=value (that method only)."""
+    from .methods import METHODS, get_method
+
+    names = list(METHODS) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    methods = [get_method(n) for n in names]
+    chosen = []
+    used = set()
+    for m in methods:
+        opts = {}
+        for key, value in given.items():
+            scope, _, name = key.rpartition(".")
+            if (scope in ("", m.name)) and any(o.name == name for o in m.options):
+                opts[name] = value
+                used.add(key)
+        m.resolve_options(opts)  # a bad value fails here, before any model is loaded
+        chosen.append((m.name, opts))
+    unused = [k for k in given if k not in used]
+    if unused:
+        raise GraphcacheError(f"--set {unused[0]}: none of the methods {', '.join(names)} has that option")
+    return chosen
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from . import bench
+
+    methods = _bench_methods(args.method, _options(args))
+    model = _load_model(args.model, args)
+    report = bench.bench(model, methods, backend=args.backend, num_steps=args.steps, batch=args.batch,
+                         sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,
+                         repeats=args.repeats, warmup=args.warmup, seed=args.seed, model_name=args.model,
+                         progress=not args.quiet)
+    print(bench.format_table(report))
+    print(f"FLOPs: {bench.FLOPS_COUNTING}")
+    if args.json:
+        _atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        print(f"wrote {args.json}")
+    if args.plot:
+        for path in bench.plot(report, args.plot):
+            print(f"wrote {path}")
+    return 0
 
 
 def _fail(message: str) -> int:
@@ -620,7 +697,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
-            return _fail("choose a command: optimize, sample, schedule, methods, inspect (see `graphcache --help`)")
+            return _fail("choose a command: optimize, sample, schedule, methods, inspect, bench (see `graphcache --help`)")
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
