@@ -11,6 +11,8 @@ branch is attention when its work mixes tokens (SDPA, softmax, multi-head attent
 
 from __future__ import annotations
 
+import operator
+
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -172,11 +174,36 @@ def _classify(work, stream, by_name, modules, ancestors) -> str:
         elif (node.op == "call_function" and node.target in _SOFTMAX) or (
             node.op == "call_method" and node.target == "softmax"
         ):
-            return ir.ATTENTION
+            keys = _logits_keys(node, stream, ancestors)
+            if keys is None:
+                return ir.ATTENTION
         if keys is not None:
             from_stream = isinstance(keys, fx.Node) and (keys is stream or stream.name in ancestors(keys.name))
             return ir.ATTENTION if from_stream else ir.CROSS_ATTENTION
     return ir.MLP
+
+
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
+
+
+def _logits_keys(softmax: fx.Node, stream: fx.Node, ancestors) -> fx.Node | None:
+    """For an explicit softmax(q @ k^T ...): the matmul operand that does not come from the stream
+    (the keys of a cross-attention), else the second operand; None if no matmul feeds the softmax.
+    The nearest matmul upstream of the softmax (breadth first) computes the attention logits."""
+    queue, seen = [softmax.args[0]] if softmax.args and isinstance(softmax.args[0], fx.Node) else [], set()
+    while queue:
+        node = queue.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ("matmul", "bmm")
+        ):
+            operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            foreign = [a for a in operands if a is not stream and stream.name not in ancestors(a.name)]
+            return foreign[0] if foreign else (operands[-1] if operands else None)
+        queue.extend(node.all_input_nodes)
+    return None
 
 
 def _group_blocks(branches: list[ir.Branch], owners: list[str]) -> list[ir.Block]:

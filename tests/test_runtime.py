@@ -1,0 +1,312 @@
+"""CachedModel: variants, step counter, cache invalidation, and exactness against the plain model.
+
+The model is a random DiT-S/2 at 8x8 latents (16 tokens) (every weight N(0, 0.02), adaLN gates included, so
+a reused branch really changes the output). `none` and FORA with interval 1 must reproduce the
+plain model bit for bit; FORA's reuse steps must equal a reuse step written here by hand.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import graphcache
+from graphcache import CachedModel, GraphcacheError, optimize, sample
+from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
+from graphcache.schedule import FULL, REUSE
+
+S = 8  # sampling steps of the step-by-step tests
+SAMPLE_STEPS = 4  # sampling steps of the end-to-end DiT-S/2 runs
+
+
+@pytest.fixture(scope="module")
+def dit_s2():
+    return init_random_(DiT(dit_config("DiT-S/2", input_size=8)), seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def dit_s2_none(dit_s2):
+    return optimize(dit_s2, "none", num_steps=SAMPLE_STEPS)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small DiT (4 blocks, hidden 64) for the many step-by-step calls."""
+    cfg = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=4, num_heads=4, num_classes=1000)
+    return init_random_(DiT(cfg), seed=4).eval()
+
+
+@pytest.fixture(scope="module")
+def none_model(model):
+    return optimize(model, "none", num_steps=S)
+
+
+@pytest.fixture(scope="module")
+def fora3(model):
+    return optimize(model, "fora", num_steps=S, interval=3)
+
+
+@pytest.fixture(scope="module")
+def fora1(model):
+    return optimize(model, "fora", num_steps=S, interval=1)
+
+
+def step_inputs(i, batch=2):
+    g = torch.Generator().manual_seed(100 + i)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.full((batch,), 999 - 120 * i, dtype=torch.long)
+    y = torch.arange(batch) * 7 % 1000
+    return x, t, y
+
+
+def branch_outputs(model, x, t, y):
+    """Ungated outputs of every blocks[i].attn / .mlp of the plain model, by forward hooks."""
+    outs, hooks = {}, []
+    for i, block in enumerate(model.blocks):
+        for kind, mod in (("attention", block.attn), ("mlp", block.mlp)):
+            hooks.append(mod.register_forward_hook(
+                lambda m, args, out, key=(i, kind): outs.__setitem__(key, out.detach().clone())))
+    try:
+        with torch.no_grad():
+            model(x, t, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def reuse_reference(model, x, t, y, cached):
+    """A FORA reuse step by hand: x + gate(t) * cached_attn, then + gate(t) * cached_mlp, per block."""
+    with torch.no_grad():
+        h = model.x_embedder(x) + model.pos_embed
+        c = model.t_embedder(t) + model.y_embedder(y)
+        for i, block in enumerate(model.blocks):
+            _, _, gate_msa, _, _, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+            h = h + gate_msa.unsqueeze(1) * cached[(i, "attention")]
+            h = h + gate_mlp.unsqueeze(1) * cached[(i, "mlp")]
+        return model.unpatchify(model.final_layer(h, c), x.shape[2], x.shape[3])
+
+
+def plain(model, x, t, y):
+    with torch.no_grad():
+        return model(x, t, y)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling: exactness of `none` (and FORA interval 1)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_none_samples_exactly_dit_s2(dit_s2, dit_s2_none, sampler):
+    kw = dict(labels=[3, 207], seed=5, num_steps=SAMPLE_STEPS, sampler=sampler, cfg_scale=4.0)
+    expected = sample(dit_s2, **kw)
+    got = sample(dit_s2_none, **kw)
+    assert torch.equal(got, expected)
+    assert dit_s2_none.step_index == 0  # num_steps calls: the counter wrapped
+    assert dit_s2_none.structure.depth == 12 and len(dit_s2_none.variants) == 1
+
+
+def test_none_samples_exactly_without_cfg(model, none_model):
+    kw = dict(labels=[3, 207, 5], seed=8, num_steps=S, sampler="ddpm", cfg_scale=None)
+    assert torch.equal(sample(none_model, **kw), sample(model, **kw))
+
+
+def test_fora_interval_1_samples_exactly(model, fora1):
+    kw = dict(labels=[3, 207], seed=6, num_steps=S, sampler="ddim", cfg_scale=4.0)
+    assert torch.equal(sample(fora1, **kw), sample(model, **kw))
+    assert all(k == FULL for plan in fora1.schedule.steps for k in plan.kinds)
+
+
+def test_fora_sampling_differs(model, fora3):
+    kw = dict(labels=[3, 207], seed=7, num_steps=S, sampler="ddim", cfg_scale=4.0)
+    ref, got = sample(model, **kw), sample(fora3, **kw)
+    assert not torch.equal(got, ref)
+    assert torch.isfinite(got).all()
+
+
+# --------------------------------------------------------------------------------------------
+# FORA step by step
+# --------------------------------------------------------------------------------------------
+
+
+def test_fora_schedule_and_variants(fora3, none_model):
+    kinds = [plan.kinds[0] for plan in fora3.schedule.steps]
+    # S=8: descending steps 7..0; full at index 0 and where s % 3 == 0 (s = 6, 3, 0)
+    assert kinds == [FULL, FULL, REUSE, REUSE, FULL, REUSE, REUSE, FULL]
+    assert len(fora3.variants) == 2
+    assert len(none_model.variants) == 1
+
+
+def test_fora_steps_against_references(model, fora3):
+    fora3.reset()
+    cached = None
+    for i in range(S):
+        x, t, y = step_inputs(i)
+        with torch.no_grad():
+            out = fora3(x, t, y)
+        kind = fora3.schedule[i].kinds[0]
+        if kind == FULL:
+            assert torch.equal(out, plain(model, x, t, y)), f"full step {i}"
+            cached = branch_outputs(model, x, t, y)
+            slots = dict(fora3.cache.named_buffers())
+            for (b, k), value in cached.items():
+                assert torch.equal(slots[f"b{b}_{k}"], value)
+        else:
+            assert cached is not None
+            assert (out - plain(model, x, t, y)).abs().max() > 1e-5, f"reuse step {i} did not reuse"
+            assert torch.equal(out, reuse_reference(model, x, t, y, cached)), f"reuse step {i}"
+    assert fora3.step_index == 0
+
+
+def test_fora_interval_1_steps_are_plain(model, fora1):
+    fora1.reset()
+    for i in range(3):
+        x, t, y = step_inputs(i)
+        with torch.no_grad():
+            assert torch.equal(fora1(x, t, y), plain(model, x, t, y))
+
+
+# --------------------------------------------------------------------------------------------
+# Weights are shared
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["dit_s2_none", "none_model", "fora3"])
+def test_variants_share_parameters(which, request):
+    cm = request.getfixturevalue(which)
+    model = cm.model
+    params = dict(model.named_parameters())
+    for gm in cm.variants.values():
+        named = dict(gm.named_parameters())
+        assert named, "variant has no parameters"
+        for name, p in named.items():
+            assert p is params[name], name
+            assert p.data_ptr() == params[name].data_ptr()
+    # the CachedModel itself holds exactly the model's parameters, once
+    ptrs = {p.data_ptr() for p in cm.parameters()}
+    assert ptrs == {p.data_ptr() for p in model.parameters()}
+    # the cache is not part of any state dict
+    assert not any(k.startswith("graphcache_cache") or k.startswith("cache.") for k in cm.state_dict())
+
+
+def test_variants_share_one_cache(fora3):
+    caches = {id(gm.graphcache_cache) for gm in fora3.variants.values()}
+    assert caches == {id(fora3.cache)}
+
+
+# --------------------------------------------------------------------------------------------
+# Step counter and invalidation
+# --------------------------------------------------------------------------------------------
+
+
+def test_start_sampling_checks_step_count(fora3):
+    with pytest.raises(GraphcacheError, match=f"optimized for {S} sampling steps, not {S + 2}"):
+        fora3.start_sampling(S + 2)
+    with pytest.raises(GraphcacheError, match="num_steps"):
+        sample(fora3, labels=[1], num_steps=S + 2, cfg_scale=None)
+
+
+def test_reset_restarts_at_full_step(model, fora3):
+    fora3.reset()
+    for i in range(2):
+        x, t, y = step_inputs(i)
+        with torch.no_grad():
+            fora3(x, t, y)
+    assert fora3.step_index == 2
+    fora3.reset()
+    assert fora3.step_index == 0
+    assert all((b == 0).all() for b in fora3.cache.buffers())
+    x, t, y = step_inputs(5)
+    with torch.no_grad():
+        assert torch.equal(fora3(x, t, y), plain(model, x, t, y))
+    fora3.start_sampling(S)
+    assert fora3.step_index == 0
+
+
+def test_batch_change_mid_run_restarts(model, fora3):
+    fora3.reset()
+    with torch.no_grad():
+        fora3(*step_inputs(0))
+        fora3(*step_inputs(1))
+    assert fora3.schedule[2].kinds[0] == REUSE  # the next step would reuse ...
+    x, t, y = step_inputs(2, batch=3)
+    with pytest.warns(UserWarning, match="input shapes changed"):
+        with torch.no_grad():
+            out = fora3(x, t, y)
+    # ... but the cache was dropped: a full step at the new batch size
+    assert out.shape[0] == 3
+    assert torch.equal(out, plain(model, x, t, y))
+    assert fora3.step_index == 1
+    assert all(b.shape[0] == 3 for b in fora3.cache.buffers())
+    # and the run continues from there: index 1 is a full step for S=8, index 2 a reuse step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x1, t1, y1 = step_inputs(3, batch=3)
+        with torch.no_grad():
+            assert torch.equal(fora3(x1, t1, y1), plain(model, x1, t1, y1))
+            cached = branch_outputs(model, x1, t1, y1)
+            x2, t2, y2 = step_inputs(4, batch=3)
+            assert torch.equal(fora3(x2, t2, y2), reuse_reference(model, x2, t2, y2, cached))
+
+
+def test_first_call_with_new_shape_does_not_warn(model, fora3):
+    fora3.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            x, t, y = step_inputs(0, batch=5)
+            assert torch.equal(fora3(x, t, y), plain(model, x, t, y))
+    fora3.reset()
+
+
+def test_counter_wraps(fora3):
+    fora3.reset()
+    with torch.no_grad():
+        for i in range(S):
+            assert fora3.step_index == i
+            fora3(*step_inputs(i))
+    assert fora3.step_index == 0
+
+
+def test_cached_model_looks_like_the_model(model, fora3):
+    assert isinstance(fora3, CachedModel) and isinstance(fora3, torch.nn.Module)
+    for attr in ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size"):
+        assert getattr(fora3, attr) == getattr(model, attr)
+    assert fora3.num_steps == S
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = DiTConfig(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    return init_random_(DiT(cfg))
+
+
+def test_unknown_method(tiny):
+    with pytest.raises(GraphcacheError) as info:
+        graphcache.optimize(tiny, method="nope")
+    msg = str(info.value)
+    assert "'nope'" in msg and "fora" in msg and "none" in msg
+
+
+def test_unknown_option(tiny):
+    with pytest.raises(GraphcacheError) as info:
+        graphcache.optimize(tiny, method="fora", num_steps=10, intervall=2)
+    msg = str(info.value)
+    assert "'intervall'" in msg and "interval" in msg and "fora" in msg
+
+
+def test_bad_option_values(tiny):
+    with pytest.raises(GraphcacheError, match="interval"):
+        graphcache.optimize(tiny, method="fora", num_steps=10, interval=0)
+    with pytest.raises(GraphcacheError, match="interval"):
+        graphcache.optimize(tiny, method="fora", num_steps=10, interval="three")
+    with pytest.raises(GraphcacheError, match="num_steps"):
+        graphcache.optimize(tiny, method="none", num_steps=0)
