@@ -67,6 +67,19 @@ BUILTINS: dict[str, BuiltinModel] = _register(
         config=dit_config("DiT-S/2", input_size=32, in_channels=4, num_classes=1000),
     ),
     BuiltinModel(
+        # trained by tools/train_mnist_dit.py; stored fp16, load_model copies it into a float32 DiT
+        "mnist-dit",
+        "trained MNIST DiT: 32x32x1 pixels in [-1, 1], patch 2 (256 tokens), hidden 64, depth 4, "
+        "4 heads, 10 digit classes, learned variance (fp16 weights, shipped)",
+        weights="mnist-dit.safetensors",
+    ),
+    BuiltinModel(
+        "dit-xl2-random",
+        "DiT-XL/2-shaped (675M parameters), 32x32x4 latents, 1000 classes, random N(0, 0.02) weights: "
+        "for speed benchmarks at the papers' model size",
+        config=dit_config("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000),
+    ),
+    BuiltinModel(
         "dit-tiny-random",
         "tiny DiT (hidden 64, depth 2, 4 heads), 8x8x4 inputs, 10 classes, random weights: for tests",
         config=DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
