@@ -50,3 +50,52 @@ def test_bench_foundation_quick_mode(tmp_path, capsys):
     assert set(methods) == {"none", "fora"}
     assert methods["none"]["speedup"] == 1.0
     assert methods["fora"]["options"] == {"interval": 3} and methods["fora"]["seconds"] > 0
+
+
+BENCH_FIELDS = {"method", "options", "seconds", "speedup", "flops", "flops_speedup", "realization", "psnr", "ssim",
+                "rel_l2", "accuracy", "fd", "peak_memory_bytes", "cache_bytes"}
+
+
+def test_bench_cli_json_and_plots(tmp_path, capsys):
+    import json
+
+    from graphcache.cli import main
+    from graphcache.methods import METHODS
+
+    out = tmp_path / "bench.json"
+    code = main(["bench", "builtin:dit-tiny-random", "--method", "all", "--steps", "4", "--batch", "2",
+                 "--repeats", "1", "--warmup", "0", "--json", str(out), "--plot", str(tmp_path / "plots"), "-q"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {"model", "backend", "steps", "batch", "results"} <= set(report)
+    assert report["backend"] == "eager" and report["steps"] == 4 and report["batch"] == 2
+    assert [r["method"] for r in report["results"]] == list(METHODS)  # none first, then every method
+    for r in report["results"]:
+        assert BENCH_FIELDS <= set(r)
+        assert r["realization"] == r["speedup"] / r["flops_speedup"]
+        assert r["accuracy"] is None and r["fd"] is None  # not an MNIST model
+    none, fora = report["results"][0], report["results"][1]
+    assert none["flops_speedup"] == 1.0 and none["cache_bytes"] == 0
+    assert fora["flops_speedup"] > 1.0 and fora["cache_bytes"] > 0
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert "frontier.png" in plots and len(plots) == 1 + len(METHODS)
+    assert "realiz." in capsys.readouterr().out
+
+
+def test_bench_cli_scoped_options(tmp_path):
+    import json
+
+    from graphcache.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "builtin:dit-tiny-random", "--method", "fora,toca", "--set", "fora.interval=2",
+                 "--steps", "4", "--batch", "1", "--repeats", "1", "--warmup", "0", "--json", str(out), "-q"]) == 0
+    results = {r["method"]: r["options"] for r in json.loads(out.read_text())["results"]}
+    assert results["fora"]["interval"] == 2 and results["toca"]["interval"] == 3
+
+
+def test_bench_cli_rejects_option_no_method_has(capsys):
+    from graphcache.cli import main
+
+    assert main(["bench", "builtin:dit-tiny-random", "--method", "fora", "--set", "clusters=3"]) == 2
+    assert "clusters" in capsys.readouterr().err
