@@ -278,6 +278,19 @@ def load_model(path, *, num_heads=None, allow_pickle=False, map_location="cpu", 
     return model.eval()
 
 
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp) for a temp path in the same directory, then rename it onto `path`: readers
+    never see a half-written file, and a failure leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_model(model: nn.Module, path) -> Path:
     """Write `model`'s weights to `path` (.safetensors with the config as metadata, or a .pt state
     dict), atomically: a temp file in the same directory, then os.replace."""
@@ -285,10 +298,9 @@ def save_model(model: nn.Module, path) -> Path:
     suffix = path.suffix.lower()
     if suffix not in _SAFETENSORS_SUFFIXES + _TORCH_SUFFIXES:
         raise GraphcacheError(f"cannot save to {path}: use a .safetensors or .pt file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     sd = model.state_dict()
-    try:
+
+    def write(tmp: Path) -> None:
         if suffix in _SAFETENSORS_SUFFIXES:
             from safetensors.torch import save_file
 
@@ -297,8 +309,6 @@ def save_model(model: nn.Module, path) -> Path:
             save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
         else:
             torch.save(sd, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return path

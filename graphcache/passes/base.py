@@ -9,7 +9,7 @@ records why in `declined` instead of failing silently.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.fx as fx
 
