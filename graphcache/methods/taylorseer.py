@@ -1,0 +1,73 @@
+"""TaylorSeer (Liu et al., ICCV 2025): full steps keep Taylor factors of every branch output, the
+steps in between forecast them (METHODS.md §6.2, §6.3, §7): ClusCa with no clusters.
+
+Schedule (§6.2, decided once per forward): the first two steps are full (first_enhance = 2), then
+a counter makes every `interval`-th step full. A full step takes m = min(#old factors, order)
+finite differences (none at the first step), so the factors grow by one per full step up to
+`order`; d = activated_steps[-1] - activated_steps[-2] and dist = s - activated_steps[-1] are
+per-step inputs (both negative: steps count down). `activated_steps` starts as [49], as in the
+official code (it only ever matters for DDIM-50).
+"""
+
+from __future__ import annotations
+
+from ..passes.cache_passes import EliminateDeadBranchesPass
+from ..passes.taylor import DELTA_INPUT, DIST_INPUT, InsertTaylorUpdatePass, ReplaceWithTaylorForecastPass
+from ..schedule import FORECAST, FULL, PARTIAL, StepPlan, descending
+from .base import Method, Option
+
+FIRST_ENHANCE = 2
+
+
+def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, clustering=False):
+    """The §6.2 schedule. Non-full steps are FORECAST, or PARTIAL with `partial_tokens` fresh MLP
+    tokens per block when given (ClusCa). `extra` holds what changes the graph: ("full", m, first)
+    with `first` only when `clustering` (the K-means initialisation step), or (kind, factors)."""
+    plans = []
+    cache_counter = 0
+    activated_steps = [49]  # hard-coded in the official cache init
+    factors = 0  # Taylor factors in the cache after the last full step
+    for index, s in descending(num_steps):
+        first_steps = s > num_steps - FIRST_ENHANCE - 1
+        if first_steps or cache_counter == interval - 1:
+            cache_counter = 0
+            activated_steps.append(s)
+            old = 0 if s == num_steps - 1 else factors  # taylor_cache_init at the first step
+            m = min(old, order) if s < num_steps - FIRST_ENHANCE + 1 else 0
+            factors = m + 1
+            extra = ("full", m, index == 0) if clustering else ("full", m)
+            inputs = {DELTA_INPUT: activated_steps[-1] - activated_steps[-2]} if m else {}
+            plans.append(StepPlan(index, s, (FULL,) * depth, extra=extra, inputs=inputs))
+        else:
+            cache_counter += 1
+            kind = FORECAST if partial_tokens is None else PARTIAL
+            tokens = None if partial_tokens is None else (partial_tokens,) * depth
+            inputs = {DIST_INPUT: s - activated_steps[-1]} if factors > 1 else {}
+            plans.append(StepPlan(index, s, (kind,) * depth, tokens=tokens, extra=(kind, factors), inputs=inputs))
+    return plans
+
+
+def plan(num_steps, depth, num_tokens, options):
+    return taylor_plans(num_steps, depth, options["interval"], options["order"])
+
+
+def passes(plan, options):
+    blocks = list(range(len(plan.kinds)))
+    if plan.extra[0] == "full":
+        return [InsertTaylorUpdatePass(blocks, derivatives=plan.extra[1], order=options["order"])]
+    return [
+        ReplaceWithTaylorForecastPass(blocks, factors=plan.extra[1], order=options["order"]),
+        EliminateDeadBranchesPass(),
+    ]
+
+
+METHOD = Method(
+    name="taylorseer",
+    summary="forecast every block's attention and MLP outputs with Taylor factors between full steps",
+    options=(
+        Option("interval", 4, "N: after the first two full steps, every N-th step is full", minimum=1),
+        Option("order", 4, "highest Taylor order kept (0 = reuse, as FORA)", minimum=0),
+    ),
+    plan=plan,
+    passes=passes,
+)

@@ -1,0 +1,221 @@
+"""ClusCa's rewrites (METHODS.md §6.4, §6.5): cluster the tokens at full steps, and at ClusCa steps
+compute the MLP on one random member per cluster, propagating its update to the whole cluster.
+
+* `InsertClusterPass` (full steps): batched K-means with L1 distance on the stream leaving the last
+  block (B, N, C), warm-started from the cached centroids; at the first full step of a run it
+  starts from K random tokens per row (one global-RNG `torch.randint` node, at the official point:
+  after the last block's MLP). It writes `cluster_labels` (B, N) int64 and `cluster_centroids`
+  (B, K, C).
+* `ClusterRepresentativeSelector` (a `TokenSelector` for `InsertTokenSelectPass`): one global-RNG
+  `torch.rand(B, N)` per block, and per cluster the member with the largest draw (the top
+  `per_cluster` ones when > 1), so (B, K * per_cluster) indices.
+* `ClusterPropagationMerger` (its `TokenMerger`): scatter the fresh MLP outputs into the order-0
+  Taylor factor, optionally pull every token towards its cluster's fresh value (γ), write that
+  factor back (the change persists), and return the Taylor forecast over the updated factor.
+
+The K-means loop is data-dependent (it stops on convergence), so it is one custom op,
+`graphcache::kmeans_l1`: opaque to tracing compilers, no graph break, no RNG inside (tagged
+`cudagraph_unsafe`: it syncs with the host, so CUDA graphs are split around it).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from .. import ir
+from ..cache import CacheSlot, declare_slot, read_slot, write_slot
+from .base import Pass, PassResult
+from .taylor import DIST_INPUT, declare_taylor_slots, scalar_input, taylor_forecast, taylor_slot
+from .token_select import SelectContext, TokenMerger, TokenSelector
+
+LABELS_SLOT = "cluster_labels"
+CENTROIDS_SLOT = "cluster_centroids"
+KMEANS_EPS = 1e-8  # added to the cluster sizes: an empty cluster gets a zero centroid
+
+
+# --------------------------------------------------------------------------------------------
+# K-means
+# --------------------------------------------------------------------------------------------
+
+
+def kmeans_l1_eager(x: Tensor, centroids: Tensor, max_iter: int = 100, rtol: float = 1e-4,
+                    check_every: int = 5) -> tuple[Tensor, Tensor]:
+    """Batched K-means, L1 distance: x (B, N, C), initial centroids (B, K, C) -> labels, centroids.
+
+    Semantics of the loop it replaces (one host check per iteration):
+
+        for _ in range(max_iter):
+            labels = argmin cdist_L1(x, centroids);  new = (onehot^T @ x) / (counts + 1e-8)
+            if allclose(centroids, new, rtol): break    # labels from the OLD centroids, kept
+            centroids = new
+
+    The convergence test is global over the whole batch (one `allclose`). Here the host looks at it
+    only every `check_every` iterations; iterations after convergence leave labels and centroids
+    frozen (`torch.where`), so the result is bit-identical to checking every iteration.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    clusters = torch.arange(centroids.shape[1], device=x.device)
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
+    labels = None
+    for it in range(max_iter):
+        step_labels = torch.cdist(x, centroids, p=1).argmin(dim=-1)
+        onehot = (step_labels.unsqueeze(-1) == clusters).to(x.dtype)  # (B, N, K); F.one_hot would sync
+        counts = onehot.sum(dim=1)  # (B, K)
+        new = onehot.transpose(1, 2) @ x / (counts.unsqueeze(-1) + KMEANS_EPS)
+        converged = torch.isclose(centroids, new, rtol=rtol, atol=1e-8).all()
+        labels = step_labels if labels is None else torch.where(done, labels, step_labels)
+        centroids = torch.where(done | converged, centroids, new)
+        done = done | converged
+        if (it + 1) % check_every == 0 and it + 1 < max_iter and bool(done):
+            break
+    return labels, centroids
+
+
+# cudagraph_unsafe: the loop reads a flag on the host (`bool(done)`), which a CUDA graph cannot
+# capture; Inductor's reduce-overhead mode partitions the graph around this op instead.
+@torch.library.custom_op("graphcache::kmeans_l1", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def kmeans_l1(x: Tensor, centroids: Tensor, max_iter: int, rtol: float, check_every: int) -> tuple[Tensor, Tensor]:
+    """K-means (see `kmeans_l1_eager`); returns fresh tensors (labels int64, centroids)."""
+    labels, out = kmeans_l1_eager(x, centroids, max_iter, rtol, check_every)
+    return labels.clone(), out.clone()
+
+
+@kmeans_l1.register_fake
+def _(x, centroids, max_iter, rtol, check_every):
+    return x.new_empty(x.shape[:2], dtype=torch.int64), centroids.new_empty(centroids.shape)
+
+
+KMEANS = torch.ops.graphcache.kmeans_l1.default
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """x[b, idx[b, j]] -> (B, k, C)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def declare_cluster_slots(gm: fx.GraphModule, clusters: int) -> None:
+    end = ir.structure_of(gm).stream_end
+    declare_slot(gm, CacheSlot(LABELS_SLOT, like=end, shape=lambda s: (s[0], s[1]), dtype=torch.int64))
+    declare_slot(gm, CacheSlot(CENTROIDS_SLOT, like=end, shape=lambda s, k=clusters: (s[0], k, s[2])))
+
+
+class InsertClusterPass(Pass):
+    """K-means on the last block's output; `init` marks the run's first full step (random start)."""
+
+    def __init__(self, clusters: int, init: bool, max_iter: int = 100, rtol: float = 1e-4, check_every: int = 5):
+        super().__init__()
+        if clusters < 1:
+            raise ValueError(f"clusters must be >= 1, got {clusters}")
+        self.clusters, self.init, self.max_iter, self.rtol, self.check_every = (
+            clusters, init, max_iter, rtol, check_every)
+
+    def call(self, gm):
+        graph = gm.graph
+        x = ir.nodes_by_name(graph)[ir.structure_of(gm).stream_end]
+        declare_cluster_slots(gm, self.clusters)
+        with ir.insert_after(x):
+            if self.init:
+                b = graph.call_method("size", (x, 0))
+                n = graph.call_method("size", (x, 1))
+                device = graph.call_function(getattr, (x, "device"))
+                start = graph.call_function(torch.randint, (0, n, (b, self.clusters)), {"device": device})
+                centroids = graph.call_function(gather_tokens, (x, start))
+                self.counters["randint"] += 1
+            else:
+                centroids = read_slot(graph, CENTROIDS_SLOT)
+                self.counters["centroid_read"] += 1
+            result = graph.call_function(KMEANS, (x, centroids, self.max_iter, self.rtol, self.check_every))
+            labels = graph.call_function(operator.getitem, (result, 0))
+            new_centroids = graph.call_function(operator.getitem, (result, 1))
+            write_slot(graph, LABELS_SLOT, labels)
+            write_slot(graph, CENTROIDS_SLOT, new_centroids)
+        self.counters["kmeans"] += 1
+        self.counters["cache_write"] += 2
+        return PassResult(gm, True)
+
+
+# --------------------------------------------------------------------------------------------
+# ClusCa partial MLP: representatives, scatter, propagation
+# --------------------------------------------------------------------------------------------
+
+
+def cluster_representatives(r: Tensor, labels: Tensor, clusters: int, per_cluster: int = 1) -> Tensor:
+    """(B, K * per_cluster) token indices: per cluster, its members with the largest draws r.
+
+    One per cluster is `argmax` of r masked (-inf) to the cluster: an empty cluster gives token 0
+    (so duplicates are possible). With per_cluster > 1 the members are taken in decreasing r; a
+    cluster with fewer members is padded with the lowest-indexed non-members (stable order).
+    Indices are cluster-major: [cluster 0's picks, cluster 1's picks, ...].
+    """
+    ks = torch.arange(clusters, device=labels.device).view(1, clusters, 1)
+    masked = torch.where(labels.unsqueeze(1) == ks, r.unsqueeze(1), float("-inf"))  # (B, K, N)
+    if per_cluster == 1:
+        return masked.argmax(dim=-1)
+    order = masked.sort(dim=-1, descending=True, stable=True).indices[..., :per_cluster]
+    return order.reshape(r.shape[0], clusters * per_cluster)
+
+
+def scatter_tokens(base: Tensor, idx: Tensor, values: Tensor) -> Tensor:
+    """base with base[b, idx[b, j]] = values[b, j] (out of place)."""
+    return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values)
+
+
+def propagate_to_clusters(order0: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
+                          gamma: float) -> Tensor:
+    """γ · rep[cluster(b, i)] + (1 - γ) · order0, rep[b, k] = Σ fresh over picks in cluster k.
+
+    A pick's cluster is that of the token actually picked, so an empty cluster's token 0 counts for
+    token 0's cluster, and duplicates count twice.
+    """
+    channels = fresh.shape[-1]
+    picked = labels.gather(1, idx)  # (B, k)
+    rep = fresh.new_zeros(fresh.shape[0], clusters, channels)
+    rep = rep.scatter_add(1, picked.unsqueeze(-1).expand(-1, -1, channels), fresh)
+    per_token = rep.gather(1, labels.unsqueeze(-1).expand(-1, -1, channels))
+    return gamma * per_token + (1 - gamma) * order0
+
+
+class ClusterRepresentativeSelector(TokenSelector):
+    """One `torch.rand(B, N)` draw (global RNG) per block, then `cluster_representatives`."""
+
+    def __init__(self, clusters: int, per_cluster: int = 1):
+        self.clusters, self.per_cluster = clusters, per_cluster
+
+    def indices(self, ctx: SelectContext) -> fx.Node:
+        graph = ctx.gm.graph
+        declare_cluster_slots(ctx.gm, self.clusters)
+        b = graph.call_method("size", (ctx.stream_in, 0))
+        n = graph.call_method("size", (ctx.stream_in, 1))
+        device = graph.call_function(getattr, (ctx.stream_in, "device"))
+        r = graph.call_function(torch.rand, (b, n), {"device": device})
+        labels = read_slot(graph, LABELS_SLOT)
+        return graph.call_function(cluster_representatives, (r, labels, self.clusters, self.per_cluster))
+
+
+class ClusterPropagationMerger(TokenMerger):
+    """Fresh tokens into the order-0 factor (+ propagation), written back; returns the forecast.
+
+    factors: how many Taylor factors the last full step left; order: the highest slot declared.
+    """
+
+    def __init__(self, clusters: int, factors: int, order: int, propagation: float = 0.0):
+        self.clusters, self.factors, self.order, self.propagation = clusters, factors, order, propagation
+
+    def merge(self, ctx: SelectContext, idx: fx.Node, fresh: fx.Node) -> fx.Node:
+        graph, branch = ctx.gm.graph, ctx.branch
+        declare_taylor_slots(ctx.gm, branch, self.order)
+        old = [read_slot(graph, taylor_slot(branch, i)) for i in range(self.factors)]
+        order0 = graph.call_function(scatter_tokens, (old[0], idx, fresh))
+        if self.propagation > 0:
+            labels = read_slot(graph, LABELS_SLOT)
+            order0 = graph.call_function(
+                propagate_to_clusters, (order0, labels, idx, fresh, self.clusters, self.propagation))
+        dist = scalar_input(ctx.gm, DIST_INPUT) if self.factors > 1 else None
+        out = taylor_forecast(graph, [order0, *old[1:]], dist)
+        write_slot(graph, taylor_slot(branch, 0), order0)  # last: nothing reads the slot after it
+        return out

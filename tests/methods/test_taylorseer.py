@@ -1,0 +1,159 @@
+"""TaylorSeer (METHODS.md §6.2, §6.3, §7): schedule, variants, whole runs against the reference
+of tests/methods/test_clusca.py (with clusters = 0 it is TaylorSeer, §7), and the §10(e)
+identity: order 0 is FORA with the same full steps.
+
+Tolerance: as in test_clusca.py, 1e-5 * max(1, max|reference|) elementwise on the final latents
+and on every step's model output. The identity with FORA is exact (torch.equal).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphcache
+from graphcache.methods import METHODS, Method, fora, get_method
+from graphcache.methods.taylorseer import taylor_plans
+from graphcache.passes.cluster import KMEANS
+from graphcache.passes.taylor import DELTA_INPUT, DIST_INPUT
+from graphcache.schedule import FORECAST, FULL, REUSE, StepPlan
+from test_clusca import (  # the reference and its helpers live with the ClusCa tests
+    TOL,
+    ClusCaReference,
+    Recorder,
+    assert_run_matches,
+    caching_effect,
+    kinds_string,
+    run,
+    schedule_by_rule,
+    small_dit,
+    tiny_dit,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dit_s():
+    return small_dit(seed=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_schedule_anchors():
+    method = get_method("taylorseer")
+    assert {o.name: o.default for o in method.options} == {"interval": 4, "order": 4}
+    assert kinds_string(method.schedule(50, 28)) == "FF" + "TTTF" * 12
+    assert kinds_string(method.schedule(50, 28, {"interval": 3})) == "FF" + "TTF" * 16
+    assert kinds_string(method.schedule(250, 28, {"interval": 5})) == "FF" + "TTTTF" * 49 + "TTT"
+    plans = method.schedule(10, 28, {"interval": 2, "order": 2}).steps
+    assert [p.extra for p in plans] == [
+        ("full", 0), ("full", 1), (FORECAST, 2), ("full", 2), (FORECAST, 3),
+        ("full", 2), (FORECAST, 3), ("full", 2), (FORECAST, 3), ("full", 2)]
+    assert [p.inputs for p in plans[:5]] == [{}, {DELTA_INPUT: -1}, {DIST_INPUT: -1}, {DELTA_INPUT: -2},
+                                            {DIST_INPUT: -1}]
+
+
+@pytest.mark.parametrize("num_steps", [50, 250])
+@pytest.mark.parametrize("interval", [1, 2, 3, 4, 5, 6])
+def test_schedule_follows_rule(num_steps, interval):
+    sched = get_method("taylorseer").schedule(num_steps, 12, {"interval": interval}, 64)
+    assert kinds_string(sched) == schedule_by_rule(num_steps, interval).replace("C", "T")
+    assert all(p.tokens is None and len(set(p.kinds)) == 1 for p in sched.steps)
+    assert "tokens" not in sched.to_json()["steps"][-1]
+    # factors grow by one per full step up to order + 1 = 5
+    full = [p.extra[1] for p in sched.steps if p.kinds[0] == FULL]
+    assert full == [min(i, 4) for i in range(len(full))]
+
+
+def test_variant_structure():
+    model = tiny_dit()
+    cm = graphcache.optimize(model, "taylorseer", num_steps=10, interval=2, order=2)
+    assert len(cm.variants) == 5
+    for key, gm in cm.variants.items():
+        extra = key[1]
+        names = [r.name for r in cm.records[key]]
+        work = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.")
+                and (".attn." in n.target or ".mlp." in n.target)]
+        assert not [n for n in gm.graph.nodes if n.target in (KMEANS, torch.rand, torch.randint)]
+        if extra[0] == "full":
+            assert names == ["InsertTaylorUpdatePass"]
+            assert cm.records[key][0].counters["taylor_write"] == 2 * 3 * (extra[1] + 1)
+            assert len(work) == 3 * (2 + 3)  # qkv, proj, fc1, act, fc2 per block
+        else:
+            assert names == ["ReplaceWithTaylorForecastPass", "EliminateDeadBranchesPass"]
+            assert cm.records[key][0].counters == {"taylor_read": 2 * 3 * extra[1], "forecast": 2 * 3}
+            assert not work
+    assert len(cm.slots()) == 3 * 2 * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs against the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def compare(model, steps, sampler, interval, order, plain=False):
+    cm = Recorder(graphcache.optimize(model, "taylorseer", num_steps=steps, interval=interval, order=order))
+    got = run(cm, steps, sampler)
+    ref = Recorder(ClusCaReference(model, interval, clusters=0, order=order))
+    want = run(ref, steps, sampler)
+    assert set(ref.model.types) == {"full", "Taylor"}
+    assert_run_matches(cm, ref, got, want)
+    if plain:
+        assert caching_effect(model, steps, sampler, ref, (3, 7)) > 100 * TOL
+    return got
+
+
+def test_matches_reference_dit_s(dit_s):
+    """DiT-S/2 shapes, 64 tokens, DDIM-50 with CFG (DDPM runs: the tiny model below, and ClusCa's
+    tests, which share every Taylor pass)."""
+    compare(dit_s, 50, "ddim", interval=4, order=4)
+
+
+@pytest.mark.parametrize(
+    "sampler,steps,interval,order", [("ddpm", 25, 5, 3), ("ddpm", 20, 3, 2), ("ddim", 14, 2, 1)])
+def test_matches_reference_tiny(sampler, steps, interval, order):
+    compare(tiny_dit(seed=5), steps, sampler, interval, order, plain=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# §10(e): order 0 is FORA with the same full steps
+# ---------------------------------------------------------------------------------------------
+
+
+def fora_at_taylorseer_full_steps(interval):
+    """FORA's own passes (cache write / cache read), scheduled on TaylorSeer's full steps."""
+
+    def plan(num_steps, depth, num_tokens, options):
+        return [
+            StepPlan(p.index, p.step, tuple(REUSE if k == FORECAST else k for k in p.kinds))
+            for p in taylor_plans(num_steps, depth, interval, 0)
+        ]
+
+    return Method("fora-at-taylorseer-steps", "test only", (), plan, fora.passes)
+
+
+@pytest.mark.parametrize("sampler,steps,interval", [("ddim", 20, 4), ("ddpm", 15, 3)])
+def test_order_zero_is_fora(monkeypatch, sampler, steps, interval):
+    model = tiny_dit(seed=6)
+    method = fora_at_taylorseer_full_steps(interval)
+    monkeypatch.setitem(METHODS, method.name, method)
+    reuse = Recorder(graphcache.optimize(model, method.name, num_steps=steps))
+    taylor = Recorder(graphcache.optimize(model, "taylorseer", num_steps=steps, interval=interval, order=0))
+    ref = Recorder(ClusCaReference(model, interval, clusters=0, order=0))
+    a, b, c = (run(m, steps, sampler) for m in (reuse, taylor, ref))
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(reuse.outputs, taylor.outputs))
+    assert_run_matches(taylor, ref, b, c)
+    assert {p.kinds[0] for p in reuse.model.schedule.steps} == {FULL, REUSE}
+    # and ClusCa with no clusters is the same again
+    clusca = graphcache.optimize(model, "clusca", num_steps=steps, interval=interval, order=0, clusters=0)
+    assert torch.equal(run(clusca, steps, sampler), b)

@@ -1,0 +1,201 @@
+"""InsertTaylorUpdatePass and ReplaceWithTaylorForecastPass (METHODS.md §6.3).
+
+Structural: exact counts of reads, differences, writes and forecasts, the placeholders they add,
+the slots they declare, and the work dead-code elimination removes. Numerical: the factors written
+and the forecasts used, against the eager model with its attention/MLP outputs observed or
+replaced by forward hooks, computed here from the formulas of §6.3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import graphcache
+from graphcache import ir
+from graphcache.cache import CACHE_ATTR, CacheState
+from graphcache.models.dit import DiT, DiTConfig, init_random_
+from graphcache.ops import is_cache_write
+from graphcache.passes.cache_passes import EliminateDeadBranchesPass
+from graphcache.passes.manager import PassManager
+from graphcache.passes.taylor import (
+    DELTA_INPUT,
+    DIST_INPUT,
+    InsertTaylorUpdatePass,
+    ReplaceWithTaylorForecastPass,
+)
+from graphcache.runtime import new_variant
+
+DEPTH = 3
+ORDER = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one intra-op thread is faster, and immune to a busy machine's stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=DEPTH, num_heads=4, num_classes=10)
+    return init_random_(DiT(cfg), seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def captured(model):
+    return graphcache.capture(model)
+
+
+def build(captured, passes):
+    gm = new_variant(captured, CacheState())
+    records = PassManager(passes)(gm)
+    return gm, records
+
+
+def allocate(captured, gm, seed=0):
+    """Every declared slot, filled with random values (the 'old' factors)."""
+    cache = getattr(gm, CACHE_ATTR)
+    nodes = ir.nodes_by_name(captured.graph)
+    specs = {n: s.resolve(nodes[s.like].meta["tensor_meta"]) for n, s in gm.meta["graphcache_slots"].items()}
+    cache.allocate(specs, torch.device("cpu"), signature=None)
+    g = torch.Generator().manual_seed(seed)
+    for buf in cache.buffers():
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    return cache
+
+
+def inputs():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([321, 321]), torch.tensor([3, 10])
+
+
+def slot(cache, block, kind, i):
+    return getattr(cache, f"b{block}_{kind}_taylor{i}")
+
+
+def placeholders(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def observed_outputs(model, args):
+    """The ungated attention/MLP outputs of the eager model, per (block, kind)."""
+    seen, hooks = {}, []
+    for b, block in enumerate(model.blocks):
+        for kind, mod in (("attention", block.attn), ("mlp", block.mlp)):
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, key=(b, kind): seen.__setitem__(key, o.clone())))
+    try:
+        with torch.no_grad():
+            out = model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("m", [0, 1, 2, ORDER])
+def test_update_counts_and_slots(captured, m):
+    gm, records = build(captured, [InsertTaylorUpdatePass(derivatives=m, order=ORDER)])
+    branches = 2 * DEPTH
+    assert records[0].counters == {
+        "taylor_read": m * branches, "derivative": m * branches, "taylor_write": (m + 1) * branches,
+        "branch": branches,
+    }
+    writes = [n for n in gm.graph.nodes if is_cache_write(n)]
+    assert len(writes) == (m + 1) * branches
+    assert sorted(gm.meta["graphcache_slots"]) == sorted(
+        f"b{b}_{k}_taylor{i}" for b in range(DEPTH) for k in ("attention", "mlp") for i in range(ORDER + 1)
+    )
+    assert (DELTA_INPUT in placeholders(gm)) == (m > 0)
+    assert DIST_INPUT not in placeholders(gm)
+
+
+@pytest.mark.parametrize("m", [0, 2])
+def test_update_writes_finite_differences(model, captured, m):
+    gm, _ = build(captured, [InsertTaylorUpdatePass(derivatives=m, order=ORDER)])
+    cache = allocate(captured, gm)
+    old = {name: buf.clone() for name, buf in cache.named_buffers()}
+    args, d = inputs(), -3
+    extra = {DELTA_INPUT: d} if m else {}
+    with torch.no_grad():
+        out = gm(*args, **extra)
+    expected_out, seen = observed_outputs(model, args)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)  # a full step is the plain model
+    for (b, kind), f in seen.items():
+        new = [f]
+        for i in range(m):
+            new.append((new[i] - old[f"b{b}_{kind}_taylor{i}"]) / d)
+        for i in range(ORDER + 1):
+            want = new[i] if i <= m else old[f"b{b}_{kind}_taylor{i}"]  # higher slots untouched
+            torch.testing.assert_close(slot(cache, b, kind, i), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("factors", [1, 2, ORDER + 1])
+def test_forecast_replaces_every_branch(model, captured, factors):
+    gm, records = build(
+        captured, [ReplaceWithTaylorForecastPass(factors=factors, order=ORDER), EliminateDeadBranchesPass()]
+    )
+    assert records[0].counters == {"taylor_read": factors * 2 * DEPTH, "forecast": 2 * DEPTH}
+    assert records[1].counters["removed_nodes"] > 0
+    # the attention and MLP work is gone; adaLN (the gates) stays
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.")]
+    assert not [c for c in calls if ".attn." in c or ".mlp." in c or c.endswith(("norm1", "norm2"))]
+    assert sum(c.endswith("adaLN_modulation.1") for c in calls) == DEPTH
+    assert not [n for n in gm.graph.nodes if is_cache_write(n)]
+    assert (DIST_INPUT in placeholders(gm)) == (factors > 1)
+
+    cache = allocate(captured, gm, seed=factors)
+    args, dist = inputs(), -2
+    with torch.no_grad():
+        out = gm(*args, **({DIST_INPUT: dist} if factors > 1 else {}))
+
+    def forecast(b, kind):
+        return sum(slot(cache, b, kind, i) * dist**i / math.factorial(i) for i in range(factors))
+
+    hooks = []
+    for b, block in enumerate(model.blocks):
+        for kind, mod in (("attention", block.attn), ("mlp", block.mlp)):
+            hooks.append(mod.register_forward_hook(lambda m, i, o, f=forecast(b, kind): f))
+    try:
+        with torch.no_grad():
+            expected = model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forecast_of_one_factor_is_plain_reuse(captured):
+    gm, _ = build(captured, [ReplaceWithTaylorForecastPass(factors=1, order=ORDER), EliminateDeadBranchesPass()])
+    nodes = ir.nodes_by_name(gm.graph)
+    structure = ir.structure_of(gm)
+    for br in structure.branches:
+        gate_mul = next(u for u in nodes[br.gate].users)
+        used = [a for a in gate_mul.args if a is not nodes[br.gate]][0]
+        assert used.op == "get_attr" and used.target == f"{CACHE_ATTR}.{br.name}_taylor0"
+
+
+def test_forecast_subset_of_kinds(captured):
+    gm, records = build(captured, [ReplaceWithTaylorForecastPass(factors=2, order=ORDER, kinds={ir.ATTENTION})])
+    assert records[0].counters["forecast"] == DEPTH
+    assert sorted(gm.meta["graphcache_slots"]) == sorted(
+        f"b{b}_attention_taylor{i}" for b in range(DEPTH) for i in range(ORDER + 1)
+    )
+
+
+def test_declines_and_bad_arguments(captured):
+    forecast = ReplaceWithTaylorForecastPass(blocks=[0], factors=2, order=ORDER)
+    update = InsertTaylorUpdatePass(blocks=[0], derivatives=1, order=ORDER)
+    gm, records = build(captured, [forecast, update])
+    assert records[1].counters == {} and not records[1].modified
+    assert sorted(d.target for d in records[1].declined) == ["b0_attention", "b0_mlp"]
+    with pytest.raises(ValueError):
+        InsertTaylorUpdatePass(derivatives=ORDER + 1, order=ORDER)
+    with pytest.raises(ValueError):
+        ReplaceWithTaylorForecastPass(factors=0)
