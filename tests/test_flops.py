@@ -124,3 +124,15 @@ def test_toca_ddpm250_speedup():
     r = schedule_flops(Schedule("toca", opts, 250, DEPTH, toca_plans(250, DEPTH, 256, opts)))
     assert abs(r["uncached"] - 118.68e12) <= 0.01e12
     assert round(r["speedup"], 2) == 2.73
+
+
+@pytest.mark.parametrize("method, published", [("toca", 10.23e12), ("duca", 9.54e12), ("clusca", 5.98e12),
+                                               ("fora", 8.56e12)])
+def test_registered_methods_reproduce_published_ddim50_flops(method, published):
+    """The methods as users run them (defaults = paper settings, DDIM-50, DiT-XL/2 256px, CFG batch 2)
+    land within 1% of the published FLOPs."""
+    from graphcache.methods import get_method
+
+    got = flops_json(get_method(method).schedule(50))
+    assert abs(got["total"] - published) / published < 0.01
+    assert got["uncached"] == pytest.approx(23.735e12, rel=1e-4)
