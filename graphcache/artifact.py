@@ -4,10 +4,12 @@
       manifest.json       what to rebuild: method, options, num_steps, model config, schedule, versions
       model.safetensors   the weights (config in the metadata; see graphcache.io.save_model)
 
-The "eager" backend stores no graphs: `load_artifact` loads the weights and runs
-`graphcache.optimize` again with the recorded method and options, then checks that it yields the
-recorded schedule. Compiled backends (AOTInductor, ONNX, TensorRT) will add variant files beside
-these and their own `backend` value.
+The "eager" and "compile" backends store no graphs: `load_artifact` loads the weights and runs
+`graphcache.optimize` again with the recorded method, options and backend (for "compile" also
+the recorded `compile_options`: compiler, mode, dynamic, options; torch.compile then compiles each
+variant on its first call), then checks that it yields the recorded schedule. Ahead-of-time
+backends (AOTInductor, ONNX, TensorRT) will add variant files beside these and their own
+`backend` value.
 
 `save_artifact` is atomic: the directory is built under a temporary name next to OUT and renamed
 into place only when complete; an existing artifact at OUT is replaced only then, and a failure
@@ -56,10 +58,11 @@ def build_manifest(cached_model, *, model_spec: str) -> dict:
         raise GraphcacheError(
             f"cannot save a {type(model).__name__} as an artifact: only graphcache DiT models (with a config) can be"
         )
-    return {
+    backend = getattr(cached_model, "backend", "eager")
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "backend": "eager",
+        "backend": backend,
         "method": cached_model.method.name,
         "options": dict(cached_model.options),
         "num_steps": cached_model.num_steps,
@@ -68,6 +71,11 @@ def build_manifest(cached_model, *, model_spec: str) -> dict:
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if backend == "compile":
+        from .exporters.compile import portable_options
+
+        manifest["compile_options"] = portable_options(cached_model.compile_options)
+    return manifest
 
 
 def _remove(path: Path) -> None:
@@ -153,14 +161,21 @@ def read_manifest(path) -> dict:
     for key, kind in checks.items():
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             raise GraphcacheError(f"{mpath}: field {key!r} is missing or not a {kind.__name__}")
+    from .exporters import BACKENDS
+
     backend = manifest.get("backend", "eager")
-    if backend != "eager":
-        raise GraphcacheError(f"{mpath}: backend {backend!r} is not supported here (this graphcache runs 'eager')")
+    if backend not in BACKENDS:
+        raise GraphcacheError(
+            f"{mpath}: backend {backend!r} is not supported here (this graphcache runs {', '.join(BACKENDS)})"
+        )
+    if not isinstance(manifest.get("compile_options", {}), dict):
+        raise GraphcacheError(f"{mpath}: field 'compile_options' is not an object")
     return manifest
 
 
-def load_artifact(path, *, map_location="cpu"):
-    """Rebuild the CachedModel saved at `path` by `save_artifact`."""
+def load_artifact(path, *, map_location="cpu", backend: str | None = None, compile_options: dict | None = None):
+    """Rebuild the CachedModel saved at `path` by `save_artifact`, on the recorded backend (and
+    compile options) unless `backend` / `compile_options` are given."""
     from . import optimize
     from .io import load_model
 
@@ -173,8 +188,13 @@ def load_artifact(path, *, map_location="cpu"):
     config = manifest["model"].get("config")
     if isinstance(config, dict) and config != model.config.to_dict():
         raise GraphcacheError(f"{path}: {WEIGHTS} does not match the model config recorded in {MANIFEST}")
+    recorded_backend = manifest.get("backend", "eager")
+    backend = recorded_backend if backend is None else backend
+    if compile_options is None and backend == recorded_backend == "compile":
+        compile_options = manifest.get("compile_options")
     try:
-        cached = optimize(model, manifest["method"], manifest["num_steps"], **manifest["options"])
+        cached = optimize(model, manifest["method"], manifest["num_steps"], backend=backend,
+                          compile_options=compile_options, **manifest["options"])
     except GraphcacheError as e:
         raise GraphcacheError(f"{path}: cannot rebuild the artifact: {e}") from e
     recorded = manifest.get("schedule")

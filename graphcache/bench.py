@@ -122,17 +122,23 @@ def _digit_classifier(model):
         return None
 
 
-def bench(model, methods, *, backend: str = "eager", num_steps: int = 50, batch: int = 1,
-          sampler: str = "ddim", cfg_scale: float | None = 1.5, guidance: str = "official",
+def bench(model, methods, *, backend: str = "eager", compile_options: dict | None = None, num_steps: int = 50,
+          batch: int = 1, sampler: str = "ddim", cfg_scale: float | None = 1.5, guidance: str = "official",
           repeats: int = 3, warmup: int = 1, seed: int = 0, model_name: str = "", progress: bool = False) -> dict:
     """Time and score each (method, options) against the uncached model on the same backend.
 
     `none` runs first (added if missing): every speedup and fidelity figure is relative to it.
+    backend "compile" compiles every method's variants, `none` included, with the same
+    `compile_options`; compilation happens in the first (untimed) run, which gives the output
+    that is scored.
     """
+    from .exporters import BACKENDS
     from .runtime import optimize
 
-    if backend != "eager":
-        raise GraphcacheError(f"backend {backend!r} is not available yet; use eager")
+    if backend not in BACKENDS:
+        raise GraphcacheError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if compile_options and backend != "compile":
+        raise GraphcacheError(f"compile options need backend 'compile' (backend is {backend!r})")
     methods = list(methods)
     if not any(m == "none" for m, _ in methods):
         methods.insert(0, ("none", {}))
@@ -149,7 +155,8 @@ def bench(model, methods, *, backend: str = "eager", num_steps: int = 50, batch:
         bar = tqdm(total=len(methods), desc="bench", unit="method", file=__import__("sys").stderr)
     results, reference, base_seconds = [], None, None
     for name, options in methods:
-        cached = optimize(model, name, num_steps=num_steps, **options)
+        cached = optimize(model, name, num_steps=num_steps, backend=backend, compile_options=compile_options,
+                          **options)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         out = sample(cached, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
@@ -181,9 +188,17 @@ def bench(model, methods, *, backend: str = "eager", num_steps: int = 50, batch:
             bar.set_postfix_str(f"{name} {timing['seconds']:.2f}s")
     if bar is not None:
         bar.close()
+    compiled = None
+    if backend == "compile":
+        import json
+
+        from .exporters.compile import compile_options as resolve
+
+        compiled = json.loads(json.dumps(resolve(compile_options), default=repr))  # a callable compiler: its repr
     return {
         "model": model_name,
         "backend": backend,
+        "compile_options": compiled,
         "steps": num_steps,
         "batch": batch,
         "sampler": sampler,

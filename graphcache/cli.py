@@ -15,17 +15,19 @@ import struct
 import sys
 import time
 import traceback
-import uuid
 import zlib
 from pathlib import Path
 
 from .errors import GraphcacheError
+from .exporters import BACKENDS
+from .io import atomic_write
 from .models.builtin import DEFAULT_MODEL, available
 
 EXIT_ERROR = 2
 PROG = "graphcache"
 _OUTPUT_SUFFIXES = (".pt", ".png")
 _PIXEL_CHANNELS = (1, 3)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class _UsageError(Exception):
@@ -84,6 +86,16 @@ def _options(args) -> dict:
     return dict(getattr(args, "set", None) or [])
 
 
+def _compile_options(args, backend: str, recorded: dict | None = None) -> dict | None:
+    """compile_options from --compile-mode (over `recorded`, an artifact's), or None."""
+    mode = getattr(args, "compile_mode", None)
+    if mode is None:
+        return None
+    if backend != "compile":
+        raise GraphcacheError(f"--compile-mode {mode} needs --backend compile (the backend is {backend})")
+    return {**(recorded or {}), "mode": mode}
+
+
 def _format_options(options: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in options.items()) or "(no options)"
 
@@ -123,18 +135,6 @@ def _human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _print_json(obj) -> None:
@@ -212,9 +212,9 @@ def _write_output(x, path: Path) -> None:
 
     if path.suffix.lower() == ".png":
         data = _png_bytes(_image_grid(x))
-        _atomic_write(path, lambda tmp: tmp.write_bytes(data))
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
     else:
-        _atomic_write(path, lambda tmp: torch.save(x.detach().cpu().contiguous(), tmp))
+        atomic_write(path, lambda tmp: torch.save(x.detach().cpu().contiguous(), tmp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,11 +266,17 @@ def _open(args, *, default_method: str = "none"):
                         f"{spec} is an artifact optimized with {key}={manifest['options'].get(key)}; "
                         f"--set {key}={given[key]} conflicts (run `graphcache optimize` again)"
                     )
-        return load_artifact(spec)
+        backend = getattr(args, "backend", None)
+        recorded = manifest.get("compile_options") if manifest.get("backend") == "compile" else None
+        options = _compile_options(args, backend or manifest.get("backend", "eager"), recorded)
+        return load_artifact(spec, backend=backend, compile_options=options)
     method = get_method(args.method or default_method)
     method.resolve_options(given)  # fail on a bad option before loading anything
+    backend = getattr(args, "backend", None) or "eager"
+    options = _compile_options(args, backend)
     model = _load_model(spec, args)
-    return graphcache.optimize(model, method.name, args.steps or 50, **given)
+    return graphcache.optimize(model, method.name, args.steps or 50, backend=backend, compile_options=options,
+                               **given)
 
 
 def _cache_bytes(cached) -> int:
@@ -312,18 +318,24 @@ def cmd_optimize(args) -> int:
     given = _options(args)
     method = get_method(args.method)
     method.resolve_options(given)
+    compile_options = _compile_options(args, args.backend)
     out = Path(args.output)
     source = args.model
     if is_artifact(source):
         source = read_manifest(source)["model"].get("source", source)
     model = _load_model(args.model, args)
-    cached = graphcache.optimize(model, method.name, args.steps, **given)
+    cached = graphcache.optimize(model, method.name, args.steps, backend=args.backend,
+                                 compile_options=compile_options, **given)
     save_artifact(cached, out, model_spec=source)
     variants = _variant_lines(cached)
     print(f"optimized {args.model} with {method.name} ({_format_options(cached.options)}) "
           f"for {cached.num_steps} steps")
     print(f"  variants: {len(variants)} ({'; '.join(variants)})")
     print(f"  cache: {_human_bytes(_cache_bytes(cached))} for a batch of 2 (one image with guidance)")
+    if cached.backend == "compile":
+        mode = cached.compile_options.get("mode") or "default"
+        print(f"  backend: compile (torch.compile, {cached.compile_options['backend']}, mode {mode}; "
+              "each variant compiles once, on its first call)")
     print(f"  wrote {out}/ (manifest.json, model.safetensors)")
     return 0
 
@@ -497,6 +509,15 @@ def _add_model_loading(p) -> None:
                    help="attention heads, when they cannot be inferred from the checkpoint")
 
 
+def _add_backend(p, *, default: str | None = "eager", default_note: str = "eager") -> None:
+    p.add_argument("--backend", choices=BACKENDS, default=default,
+                   help=f"eager: run the variants as Python graphs; compile: each variant under "
+                        f"torch.compile(fullgraph=True), compiled once on its first call (default: {default_note})")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, metavar="MODE",
+                   help="torch.compile mode for --backend compile: " + ", ".join(COMPILE_MODES)
+                        + " (default: torch's default); reduce-overhead records CUDA graphs and only helps on CUDA")
+
+
 def _add_method(p, *, required: bool, default_note: str = "") -> None:
     p.add_argument("--method", required=required, metavar="M",
                    help=f"caching method (see `graphcache methods`){default_note}")
@@ -527,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method(p, required=True)
     p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
+    _add_backend(p)
     _add_model_loading(p)
     p.set_defaults(func=cmd_optimize)
 
@@ -541,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"examples:\n  graphcache sample {DEFAULT_MODEL} --method fora --labels 1,2 -o samples.pt\n"
                "  graphcache sample dit-fora/ --labels 207,360 --seed 1 -o latents.pt\n"
                "  graphcache sample mnist.safetensors --labels 0,1,2,3 -o digits.png   (pixel-space models)\n"
-               "  graphcache sample dit-fora/ --labels 1,2 --noise noise.pt -o out.pt",
+               "  graphcache sample dit-fora/ --labels 1,2 --noise noise.pt -o out.pt\n"
+               f"  graphcache sample {DEFAULT_MODEL} --method toca --labels 1,2 --backend compile -o samples.pt",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_ARTIFACT",
                    help=f"artifact directory, checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
@@ -559,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help=".pt: the (n, C, H, W) tensor; .png: an image grid (pixel-space models only)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    _add_backend(p, default=None, default_note="the artifact's, else eager")
     _add_model_loading(p)
     p.set_defaults(func=cmd_sample)
 
@@ -616,14 +640,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "models classifier accuracy and Fréchet distance; peak and cache memory.",
         epilog=f"examples:\n  graphcache bench {DEFAULT_MODEL} --method all\n"
                f"  graphcache bench {DEFAULT_MODEL} --method fora,toca --set fora.interval=4 --json bench.json --plot plots/\n"
-               "  graphcache bench DiT-XL-2-256x256.pt --method toca --repeats 2 --steps 50",
+               "  graphcache bench DiT-XL-2-256x256.pt --method toca --repeats 2 --steps 50\n"
+               "  graphcache bench DiT-XL-2-256x256.pt --method fora,toca --backend compile --compile-mode reduce-overhead",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help=f"checkpoint file, artifact directory or builtin:NAME (default: {DEFAULT_MODEL})")
     p.add_argument("--method", default="all", metavar="M[,M...]|all", help="methods to compare (default: all)")
     p.add_argument("--set", action="append", type=_key_value, metavar="[METHOD.]KEY=VALUE", default=[],
                    help="a method option for every listed method that has it, or for one method with METHOD.KEY")
-    p.add_argument("--backend", default="eager", choices=["eager"], help="default: eager")
+    _add_backend(p)
     p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
     p.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="images per run (default: 8)")
     p.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed runs, median reported (default: 3)")
@@ -670,15 +695,17 @@ def cmd_bench(args) -> int:
     from . import bench
 
     methods = _bench_methods(args.method, _options(args))
+    compile_options = _compile_options(args, args.backend)
     model = _load_model(args.model, args)
-    report = bench.bench(model, methods, backend=args.backend, num_steps=args.steps, batch=args.batch,
+    report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
+                         num_steps=args.steps, batch=args.batch,
                          sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,
                          repeats=args.repeats, warmup=args.warmup, seed=args.seed, model_name=args.model,
                          progress=not args.quiet)
     print(bench.format_table(report))
     print(f"FLOPs: {bench.FLOPS_COUNTING}")
     if args.json:
-        _atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         print(f"wrote {args.json}")
     if args.plot:
         for path in bench.plot(report, args.plot):

@@ -4,6 +4,9 @@ Each distinct step kind of the schedule gets one variant: a GraphModule over the
 (weights are never copied), rewritten by the method's passes. At step i the runtime looks up the
 plan — host-side, from the index alone — and calls that variant with the original inputs plus the
 plan's per-step inputs (token counts, forecast distances).
+
+`backend` picks what runs a variant: "eager" calls the GraphModule itself; "compile" calls its
+`torch.compile`d forward (graphcache/exporters/compile.py), installed in `runners`.
 """
 
 from __future__ import annotations
@@ -46,8 +49,14 @@ class CachedModel(nn.Module):
     """An nn.Module with the wrapped model's forward signature that runs the cached variants."""
 
     def __init__(self, model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None,
-                 dump_dir=None, dump=(), **options):
+                 dump_dir=None, dump=(), backend: str = "eager", compile_options: dict | None = None, **options):
         super().__init__()
+        from .exporters import BACKENDS
+
+        if backend not in BACKENDS:
+            raise GraphcacheError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        if compile_options and backend != "compile":
+            raise GraphcacheError(f"compile_options need backend='compile' (backend is {backend!r})")
         self.model = model.eval()
         self.method = get_method(method)
         self.captured = capture(model, inputs)
@@ -60,6 +69,13 @@ class CachedModel(nn.Module):
         for plan in self.schedule.steps:
             if plan.variant not in self.variants:
                 self._build(plan, dump_dir, dump)
+        self.backend = backend
+        self.compile_options: dict | None = None
+        self.runners: dict[tuple, object] = {}  # variant key -> callable replacing the GraphModule
+        if backend == "compile":
+            from .exporters.compile import compile_variants
+
+            compile_variants(self, compile_options)
         self.step_index = 0
         for attr in _MODEL_ATTRS:
             if hasattr(model, attr):
@@ -126,7 +142,8 @@ class CachedModel(nn.Module):
             self._allocate(args, signature)
         plan = self.schedule[self.step_index]
         gm = self.variants[plan.variant]
-        out = gm(*args, **extra_inputs(gm, step_inputs(plan)))
+        run = self.runners.get(plan.variant, gm)
+        out = run(*args, **extra_inputs(gm, step_inputs(plan)))
         self.step_index = (self.step_index + 1) % self.num_steps
         return out
 
@@ -171,6 +188,12 @@ def _runs(kinds):
     return [tuple(r) for r in out]
 
 
-def optimize(model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None, **options) -> CachedModel:
-    """Compile `method` into `model` for a `num_steps` sampling run. Options are the method's own."""
-    return CachedModel(model, method=method, num_steps=num_steps, inputs=inputs, **options)
+def optimize(model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None, *, backend: str = "eager",
+             compile_options: dict | None = None, **options) -> CachedModel:
+    """Compile `method` into `model` for a `num_steps` sampling run. Options are the method's own.
+
+    backend: "eager" runs the variants as GraphModules; "compile" runs each under
+    `torch.compile(fullgraph=True)`, configured by `compile_options` (keys backend, mode,
+    dynamic, options; see graphcache/exporters/compile.py)."""
+    return CachedModel(model, method=method, num_steps=num_steps, inputs=inputs, backend=backend,
+                       compile_options=compile_options, **options)
