@@ -29,10 +29,11 @@ def _sync(model) -> None:
 
 
 def time_sampling(model, *, labels, num_steps: int = 50, sampler: str = "ddim", cfg_scale: float | None = 1.5,
-                  repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict:
+                  guidance: str = "official", repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict:
     """Time `repeats` full sampling runs of `model` (a DiT or a CachedModel) after `warmup` runs.
 
-    Returns {"seconds": median, "all": [seconds of each timed run]}.
+    Returns {"seconds": median, "all": [seconds of each timed run], "output": the last run's samples}
+    (every run uses the same seed, so every run's output is the same).
     """
     if repeats < 1:
         raise GraphcacheError(f"repeats must be at least 1, got {repeats}")
@@ -40,7 +41,8 @@ def time_sampling(model, *, labels, num_steps: int = 50, sampler: str = "ddim", 
         raise GraphcacheError(f"warmup must be >= 0, got {warmup}")
 
     def run():
-        return sample(model, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale)
+        return sample(model, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
+                      guidance=guidance)
 
     for _ in range(warmup):
         run()
@@ -49,10 +51,10 @@ def time_sampling(model, *, labels, num_steps: int = 50, sampler: str = "ddim", 
     for _ in range(repeats):
         _sync(model)
         start = time.perf_counter()
-        run()
+        out = run()
         _sync(model)
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "all": times}
+    return {"seconds": statistics.median(times), "all": times, "output": out}
 
 
 FLOPS_COUNTING = (
@@ -128,9 +130,10 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
     """Time and score each (method, options) against the uncached model on the same backend.
 
     `none` runs first (added if missing): every speedup and fidelity figure is relative to it.
-    backend "compile" compiles every method's variants, `none` included, with the same
-    `compile_options`; compilation happens in the first (untimed) run, which gives the output
-    that is scored.
+    Each method runs `warmup` untimed then `repeats` timed sampling runs of the same seeds; the
+    last run's samples are the ones scored. Backend "compile" compiles every method's variants,
+    `none` included, with the same `compile_options`; compilation happens in the warm-up runs
+    (with warmup=0 the first timed run includes it).
     """
     from .exporters import BACKENDS
     from .runtime import optimize
@@ -159,11 +162,9 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
                           **options)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        out = sample(cached, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                     guidance=guidance)
-        peak = _peak_memory_bytes(device)
         timing = time_sampling(cached, labels=labels, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                               repeats=repeats, warmup=warmup, seed=seed)
+                               guidance=guidance, repeats=repeats, warmup=warmup, seed=seed)
+        out, peak = timing["output"], _peak_memory_bytes(device)
         if reference is None:
             reference, base_seconds = out, timing["seconds"]
         flops = _flops(cached, model, batch, cfg)
