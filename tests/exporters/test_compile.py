@@ -46,14 +46,6 @@ CASES = [(name, {}) for name in METHODS] + [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return resolve_model("builtin:dit-tiny-random")

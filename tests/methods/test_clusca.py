@@ -37,15 +37,6 @@ from graphcache.schedule import FORECAST, FULL, PARTIAL
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small shapes: one intra-op thread is faster, and immune to a busy machine's stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # The reference
 # ---------------------------------------------------------------------------------------------

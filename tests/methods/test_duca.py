@@ -12,7 +12,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 import graphcache
 from graphcache.cache import CACHE_ATTR
@@ -35,14 +34,6 @@ DDPM = dict(interval=4, fresh_ratio=0.05, ratio_scheduler="ToCa-ddpm250", soft_f
 FINAL_STREAM = f"{CACHE_ATTR}.final_stream"
 
 BUILT: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

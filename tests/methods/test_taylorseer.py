@@ -31,14 +31,6 @@ from test_clusca import (  # the reference and its helpers live with the ClusCa 
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dit_s():
     return small_dit(seed=4)

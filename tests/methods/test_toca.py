@@ -64,14 +64,6 @@ except ImportError:
         return test  # (model, sampler, steps, score) -> CachedModel, reused by the structural test
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dit_s():
     return init_random_(DiT(dit_config("DiT-S/2", input_size=32)), seed=0).eval()

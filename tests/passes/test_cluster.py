@@ -46,15 +46,6 @@ CFG = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=DEPTH, num_hea
 N = (8 // 2) ** 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one intra-op thread is faster, and immune to a busy machine's stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return init_random_(DiT(CFG), seed=5).eval()
