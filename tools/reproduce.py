@@ -4,7 +4,7 @@ Paper settings are each method's defaults (DiT, DDIM-50, cfg 1.5): FORA N=3; ToC
 (fresh_ratio 0.07, ToCa-ddim50); DuCa N=3 (fresh_ratio 0.05); ClusCa N=5 K=16 order 4 γ=0.005;
 TaylorSeer N=4 order 4. Every figure is relative to `none` on the same backend in the same run.
 
-    python tools/reproduce.py                                   # shipped model + DiT-XL/2-size random
+    python tools/reproduce.py                                   # shipped MNIST DiT + DiT-XL/2-size random
     python tools/reproduce.py --models builtin:dit-xl2-random --batch 1 --repeats 2 --warmup 0
     python tools/reproduce.py --models builtin:dit-tiny-random --steps 5 --repeats 1 --out /tmp/r   (smoke)
 
@@ -23,7 +23,7 @@ import torch
 
 from graphcache.bench import FLOPS_COUNTING, bench
 from graphcache.methods import METHODS
-from graphcache.models.builtin import DEFAULT_MODEL, resolve_model
+from graphcache.models.builtin import resolve_model
 
 
 def _row(model: str, r: dict) -> str:
@@ -53,8 +53,8 @@ def markdown(reports: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=f"{DEFAULT_MODEL},builtin:dit-xl2-random",
-                   help="comma-separated models (default: the shipped default and the XL-size random model)")
+    p.add_argument("--models", default="builtin:mnist-dit,builtin:dit-xl2-random",
+                   help="comma-separated models (default: the shipped MNIST DiT and the XL-size random model)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", default="auto",
