@@ -23,6 +23,7 @@ from .capture import capture, propagate_shapes
 from .errors import GraphcacheError
 from .methods import get_method
 from .passes.manager import PassManager, PassPipelineError, PassRecord
+from .passes.prune_modulation import PruneModulationPass
 from .schedule import StepPlan, step_inputs
 
 _MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
@@ -88,7 +89,8 @@ class CachedModel(nn.Module):
     def _build(self, plan: StepPlan, dump_dir, dump) -> None:
         gm = new_variant(self.captured, self.cache)
         label = "_".join(f"{k}{n}" for k, n in _runs(plan.kinds))
-        manager = PassManager(self.method.passes(plan, self.options),
+        # Every variant ends with the generic clean-up: modulation nobody reads is not computed.
+        manager = PassManager([*self.method.passes(plan, self.options), PruneModulationPass()],
                               dump_dir=f"{dump_dir}/{label}" if dump_dir else None, dump=dump)
         try:
             self.records[plan.variant] = manager(gm)

@@ -78,11 +78,11 @@ def test_variant_structure():
                 and (".attn." in n.target or ".mlp." in n.target)]
         assert not [n for n in gm.graph.nodes if n.target in (KMEANS, torch.rand, torch.randint)]
         if extra[0] == "full":
-            assert names == ["InsertTaylorUpdatePass"]
+            assert names == ["InsertTaylorUpdatePass", "PruneModulationPass"]
             assert cm.records[key][0].counters["taylor_write"] == 2 * 3 * (extra[1] + 1)
             assert len(work) == 3 * (2 + 3)  # qkv, proj, fc1, act, fc2 per block
         else:
-            assert names == ["ReplaceWithTaylorForecastPass", "EliminateDeadBranchesPass"]
+            assert names == ["ReplaceWithTaylorForecastPass", "EliminateDeadBranchesPass", "PruneModulationPass"]
             assert cm.records[key][0].counters == {"taylor_read": 2 * 3 * extra[1], "forecast": 2 * 3}
             assert not work
     assert len(cm.slots()) == 3 * 2 * 3
