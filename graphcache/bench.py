@@ -8,6 +8,7 @@ CUDA is synchronised before the clock stops).
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -155,7 +156,7 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(methods), desc="bench", unit="method", file=__import__("sys").stderr)
+        bar = tqdm(total=len(methods), desc="bench", unit="method", file=sys.stderr)
     results, reference, base_seconds = [], None, None
     for name, options in methods:
         cached = optimize(model, name, num_steps=num_steps, backend=backend, compile_options=compile_options,

@@ -281,18 +281,7 @@ def _open(args, *, default_method: str = "none"):
 
 def _cache_bytes(cached) -> int:
     """Bytes the cache slots take at the capture batch size (2: one image with guidance)."""
-    from . import ir
-
-    nodes = ir.nodes_by_name(cached.captured.graph)
-    total = 0
-    for slot in cached.slots().values():
-        meta = nodes[slot.like].meta.get("tensor_meta")
-        if meta is None:
-            continue
-        shape, dtype = slot.resolve(meta)
-        itemsize = dtype.itemsize if hasattr(dtype, "itemsize") else 4
-        total += math.prod(shape) * itemsize
-    return total
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in cached.slot_specs().values())
 
 
 def _variant_lines(cached) -> list[str]:

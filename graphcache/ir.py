@@ -65,6 +65,11 @@ class Structure:
     def branches(self) -> list[Branch]:
         return [br for b in self.blocks for br in b.branches]
 
+    def select(self, blocks=None, kinds=None) -> list[Branch]:
+        """Branches of the given blocks (None: all) whose kind is in `kinds` (None: any)."""
+        wanted = set(range(self.depth)) if blocks is None else set(blocks)
+        return [br for br in self.branches if br.block in wanted and (kinds is None or br.kind in kinds)]
+
     def branch(self, block: int, kind: str) -> Branch | None:
         return next((br for br in self.blocks[block].branches if br.kind == kind), None)
 

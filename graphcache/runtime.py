@@ -104,17 +104,18 @@ class CachedModel(nn.Module):
             slots.update(declared_slots(gm))
         return slots
 
+    def slot_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of every slot for the shapes last propagated through the captured graph
+        (the capture's example inputs until the first call)."""
+        nodes = ir.nodes_by_name(self.captured.graph)
+        return {name: s.resolve(nodes[s.like].meta["tensor_meta"]) for name, s in self.slots().items()}
+
     def _allocate(self, args, signature) -> None:
         """Allocate every slot for these input shapes (shapes come from fake-tensor propagation)."""
-        slots = self.slots()
-        if slots:
+        if self.slots():
             propagate_shapes(self.captured, args)
-            nodes = ir.nodes_by_name(self.captured.graph)
-            specs = {name: s.resolve(nodes[s.like].meta["tensor_meta"]) for name, s in slots.items()}
-        else:
-            specs = {}
         device = next(self.model.parameters()).device
-        self.cache.allocate(specs, device, signature)
+        self.cache.allocate(self.slot_specs(), device, signature)
 
     def start_sampling(self, num_steps: int) -> None:
         """Called by graphcache.sample before a run: checks the step count and resets the state."""

@@ -3,17 +3,10 @@ computing, and drop the work nobody needs any more."""
 
 from __future__ import annotations
 
-import torch.fx as fx
 
 from .. import ir
 from ..cache import CacheSlot, declare_slot, read_slot, write_slot
 from .base import Pass, PassError, PassResult
-
-
-def _selected(gm: fx.GraphModule, blocks, kinds) -> list[ir.Branch]:
-    structure = ir.structure_of(gm)
-    wanted = set(range(structure.depth)) if blocks is None else set(blocks)
-    return [br for br in structure.branches if br.block in wanted and (kinds is None or br.kind in kinds)]
 
 
 class InsertCacheWritePass(Pass):
@@ -26,7 +19,7 @@ class InsertCacheWritePass(Pass):
 
     def call(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
-        for br in _selected(gm, self.blocks, self.kinds):
+        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
             out = nodes.get(br.branch_out)
             if out is None:
                 self.decline(br.name, "its output was already replaced (not computed in this variant)")
@@ -49,7 +42,7 @@ class ReplaceWithCacheReadPass(Pass):
 
     def call(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
-        for br in _selected(gm, self.blocks, self.kinds):
+        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
             out = nodes.get(br.branch_out)
             if out is None:
                 self.decline(br.name, "its output is not in this graph")
@@ -66,7 +59,7 @@ class ReplaceWithCacheReadPass(Pass):
 
     def ensures(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
-        for br in _selected(gm, self.blocks, self.kinds):
+        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
             out = nodes.get(br.branch_out)
             if out is not None and out.users:
                 raise PassError(f"branch {br.name} output {out.name} is still used after its cache read")

@@ -66,12 +66,6 @@ def taylor_forecast(graph: fx.Graph, factors: list[fx.Node], dist: fx.Node) -> f
     return out
 
 
-def _selected(gm, blocks, kinds) -> list[ir.Branch]:
-    structure = ir.structure_of(gm)
-    wanted = set(range(structure.depth)) if blocks is None else set(blocks)
-    return [br for br in structure.branches if br.block in wanted and (kinds is None or br.kind in kinds)]
-
-
 class InsertTaylorUpdatePass(Pass):
     """After each selected branch's ungated output, refresh its Taylor factors (writes last).
 
@@ -88,7 +82,7 @@ class InsertTaylorUpdatePass(Pass):
     def call(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
         graph = gm.graph
-        for br in _selected(gm, self.blocks, self.kinds):
+        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
             out = nodes.get(br.branch_out)
             if out is None or not out.users:
                 self.decline(br.name, "its output is not computed in this variant")
@@ -126,7 +120,7 @@ class ReplaceWithTaylorForecastPass(Pass):
     def call(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
         graph = gm.graph
-        for br in _selected(gm, self.blocks, self.kinds):
+        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
             out = nodes.get(br.branch_out)
             if out is None or not out.users:
                 self.decline(br.name, "its output is not in this graph")
@@ -143,7 +137,7 @@ class ReplaceWithTaylorForecastPass(Pass):
 
     def ensures(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
-        for br in _selected(gm, self.blocks, self.kinds):
+        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
             out = nodes.get(br.branch_out)
             if out is not None and out.users:
                 raise PassError(f"branch {br.name} output {out.name} is still used after its forecast")
