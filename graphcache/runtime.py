@@ -77,6 +77,8 @@ class CachedModel(nn.Module):
             from .exporters.compile import compile_variants
 
             compile_variants(self, compile_options)
+        # Each step's extra graph inputs, resolved once: the sampling loop only indexes this list.
+        self.step_kwargs = [extra_inputs(self.variants[p.variant], step_inputs(p)) for p in self.schedule.steps]
         self.step_index = 0
         for attr in _MODEL_ATTRS:
             if hasattr(model, attr):
@@ -144,9 +146,8 @@ class CachedModel(nn.Module):
                 self.step_index = 0
             self._allocate(args, signature)
         plan = self.schedule[self.step_index]
-        gm = self.variants[plan.variant]
-        run = self.runners.get(plan.variant, gm)
-        out = run(*args, **extra_inputs(gm, step_inputs(plan)))
+        run = self.runners.get(plan.variant, self.variants[plan.variant])
+        out = run(*args, **self.step_kwargs[self.step_index])
         self.step_index = (self.step_index + 1) % self.num_steps
         return out
 
