@@ -27,3 +27,17 @@ CACHE_WRITE = torch.ops.graphcache.cache_write.default
 
 def is_cache_write(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is CACHE_WRITE
+
+
+# Functions whose graph nodes draw from the global RNG, and ops that must run on the host (they
+# synchronise, or no exporter can express them). Exporters move both out of the exported graph
+# (passes/functionalize.py); modules that insert such nodes register their functions here.
+RANDOM_FUNCTIONS: set = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
+                         torch.randint_like}
+HOST_OPS: set = set()
+
+
+def random_function(fn):
+    """Decorator: graph nodes calling `fn` draw random numbers (hoisted out by exporters)."""
+    RANDOM_FUNCTIONS.add(fn)
+    return fn

@@ -75,6 +75,12 @@ def tokens_input(block: int) -> str:
     return f"gc_tokens_b{block}"
 
 
+def is_token_input(name: str) -> bool:
+    """Whether the per-step input `name` is a partial block's fresh-token count."""
+    rest = name.removeprefix(tokens_input(0).removesuffix("0"))
+    return rest != name and rest.isdigit()
+
+
 def step_inputs(plan: StepPlan) -> dict:
     """Everything a variant may read at this step: the plan's scalars and its token counts."""
     inputs = dict(plan.inputs)

@@ -48,17 +48,10 @@ import torch
 import torch.fx as fx
 
 from ..errors import GraphcacheError
-from ..schedule import step_inputs, tokens_input
+from ..schedule import is_token_input, step_inputs
 
 DEFAULT_COMPILER = "inductor"
-_TOKENS_PREFIX = tokens_input(0).removesuffix("0")  # "gc_tokens_b"
 _KEYS = ("backend", "mode", "dynamic", "options", "fullgraph")
-
-
-def is_token_input(name: str) -> bool:
-    """Whether the per-step input `name` is a partial block's fresh-token count."""
-    rest = name.removeprefix(_TOKENS_PREFIX)
-    return rest != name and rest.isdigit()
 
 
 def _source(name: str) -> str:
@@ -188,7 +181,6 @@ __all__ = [
     "compile_kwargs",
     "compile_options",
     "compile_variants",
-    "is_token_input",
     "per_step_inputs",
     "portable_options",
 ]

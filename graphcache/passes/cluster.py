@@ -28,9 +28,10 @@ from torch import Tensor
 
 from .. import ir
 from ..cache import CacheSlot, declare_slot, read_slot, write_slot
+from ..ops import HOST_OPS
 from .base import Pass, PassResult
 from .taylor import DIST_INPUT, declare_taylor_slots, scalar_input, taylor_forecast, taylor_slot
-from .token_select import SelectContext, TokenMerger, TokenSelector
+from .token_select import SelectContext, TokenMerger, TokenSelector, scatter_tokens
 
 LABELS_SLOT = "cluster_labels"
 CENTROIDS_SLOT = "cluster_centroids"
@@ -91,6 +92,7 @@ def _(x, centroids, max_iter, rtol, check_every):
 
 
 KMEANS = torch.ops.graphcache.kmeans_l1.default
+HOST_OPS.add(KMEANS)  # it syncs with the host; exporters run it after the exported graph
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -158,11 +160,6 @@ def cluster_representatives(r: Tensor, labels: Tensor, clusters: int, per_cluste
         return masked.argmax(dim=-1)
     order = masked.sort(dim=-1, descending=True, stable=True).indices[..., :per_cluster]
     return order.reshape(r.shape[0], clusters * per_cluster)
-
-
-def scatter_tokens(base: Tensor, idx: Tensor, values: Tensor) -> Tensor:
-    """base with base[b, idx[b, j]] = values[b, j] (out of place)."""
-    return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values)
 
 
 def propagate_to_clusters(order0: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from .. import ir
 from ..cache import CacheSlot, declare_slot, read_slot, write_slot
+from ..ops import random_function
 from .base import Pass, PassResult
-from .token_select import SelectContext, TokenMerger, TokenSelector
+from .token_select import SelectContext, TokenMerger, TokenSelector, scatter_tokens
 
 SCORES = ("attention", "kv-norm", "random")
 
@@ -63,14 +64,19 @@ def spatial_bonus(score: torch.Tensor, bonus: float, grid: int) -> torch.Tensor:
     return cells.reshape(b, n)
 
 
-def toca_select(base: torch.Tensor | None, staleness: torch.Tensor, k: int, *, interval: int,
+@random_function
+def random_scores(staleness: torch.Tensor) -> torch.Tensor:
+    """The `random` score: one rand(B/2, N) draw shared by both CFG halves (rand(B, N) for an odd B)."""
+    b, n = staleness.shape
+    if b % 2:
+        return torch.rand(b, n, device=staleness.device)
+    half = torch.rand(b // 2, n, device=staleness.device)
+    return torch.cat([half, half])
+
+
+def toca_select(base: torch.Tensor, staleness: torch.Tensor, k: int, *, interval: int,
                 soft_fresh_weight: float, bonus: float, grid: int):
-    """Indices of the k highest-scoring tokens per row, and the updated staleness counters.
-    `base` None means the `random` score: one rand(B/2, N) draw shared by both CFG halves."""
-    if base is None:
-        b, n = staleness.shape
-        half = torch.rand(b // 2, n, device=staleness.device)
-        base = torch.cat([half, half]) if b % 2 == 0 else torch.rand(b, n, device=staleness.device)
+    """Indices of the k highest-scoring tokens per row, and the updated staleness counters."""
     score = base + soft_fresh_weight * staleness.float() / interval
     if bonus:
         score = spatial_bonus(score, bonus, grid)
@@ -145,21 +151,19 @@ class ToCaSelector(TokenSelector):
         g, b = ctx.gm.graph, ctx.branch.block
         declare_slot(ctx.gm, CacheSlot(staleness_slot(b), like=ctx.branch.stream_in, shape=lambda s: s[:2],
                                        dtype=torch.int32))
-        base = None
-        if self.score != "random":
+        staleness = read_slot(g, staleness_slot(b))
+        if self.score == "random":
+            base = g.call_function(random_scores, (staleness,))
+        else:
             declare_slot(ctx.gm, CacheSlot(score_slot(b), like=ctx.branch.stream_in, shape=lambda s: s[:2]))
             base = read_slot(g, score_slot(b))
         both = g.call_function(
             toca_select,
-            (base, read_slot(g, staleness_slot(b)), ctx.tokens()),
+            (base, staleness, ctx.tokens()),
             dict(interval=self.interval, soft_fresh_weight=self.weight, bonus=self.bonus, grid=self.grid),
         )
         write_slot(g, staleness_slot(b), g.call_function(operator.getitem, (both, 1)))
         return g.call_function(operator.getitem, (both, 0))
-
-
-def scatter_tokens(cached: torch.Tensor, idx: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-    return cached.scatter(1, idx.unsqueeze(-1).expand(-1, -1, cached.shape[-1]), fresh)
 
 
 class ScatterIntoCacheMerger(TokenMerger):

@@ -31,7 +31,8 @@ from torch._dynamo.utils import counters
 
 import graphcache
 from graphcache.errors import GraphcacheError
-from graphcache.exporters.compile import compile_kwargs, compile_options, is_token_input
+from graphcache.exporters.compile import compile_kwargs, compile_options
+from graphcache.schedule import is_token_input
 from graphcache.methods import METHODS
 from graphcache.models.builtin import resolve_model
 

@@ -1,0 +1,271 @@
+"""Passes that turn a variant into pure functions an exporter can take (DESIGN.md §7).
+
+A variant as the runtime runs it reads cache slots as module buffers, writes them with the
+mutating `cache_write` op, draws from the global RNG, receives token counts as Python ints and
+runs K-means (a host-synchronising custom op). Exporters need a pure function of tensors, so a
+copy of the variant is rewritten by, in order:
+
+* `FunctionalizeCachePass`: every slot read becomes a graph input `cache__<slot>`, every write a
+  graph output `cache__<slot>`; the variant is `(x, t, y, …, cache…) -> (out, cache…)`.
+* `HoistRandomPass`: the random draws move to a *prologue* graph (the draws and what their
+  shapes are computed from), run eagerly before the main graph, in graph order, so they consume
+  the global RNG exactly as the eager variant does; the main graph gets them as `random__<i>`.
+* `SplitHostOpsPass`: host operations (K-means) whose results only feed cache outputs move to an
+  *epilogue* graph run after the main graph on its outputs `host__<i>`.
+* `TokenCountAsShapePass`: a token count `gc_tokens_b<i>` becomes a tensor input of shape (k,),
+  read back as its size, so k is a dynamic *dimension* (exporters have no dynamic ints).
+
+What each graph reads and writes is recorded in `gm.meta[FUNCTIONAL_KEY]` (see `Signature`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..cache import CACHE_ATTR
+from ..ops import HOST_OPS, RANDOM_FUNCTIONS, is_cache_write
+from ..schedule import is_token_input
+from .base import Pass, PassError, PassResult
+
+CACHE_PREFIX = "cache__"
+RANDOM_PREFIX = "random__"
+HOST_PREFIX = "host__"
+OUTPUT = "out"
+FUNCTIONAL_KEY = "graphcache_functional"
+
+
+@dataclass
+class Signature:
+    """Names of a functional variant's inputs and outputs, and its prologue/epilogue graphs.
+
+    `inputs`/`outputs` are the main graph's, in order: inputs are the model's own (x, t, y),
+    per-step inputs, `cache__<slot>`, `random__<i>`; outputs are `out`, `cache__<slot>` for the
+    slots it writes, and `host__<i>` (values the epilogue needs). The epilogue's outputs are
+    `cache__<slot>` names too. A runner keeps one dict of named values per call."""
+
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    prologue: fx.GraphModule | None = None
+    prologue_outputs: list[str] = field(default_factory=list)
+    epilogue: fx.GraphModule | None = None
+    epilogue_outputs: list[str] = field(default_factory=list)
+
+    def cache_outputs(self) -> list[str]:
+        names = [n for n in self.outputs + self.epilogue_outputs if n.startswith(CACHE_PREFIX)]
+        return [n.removeprefix(CACHE_PREFIX) for n in names]
+
+
+def signature(gm: fx.GraphModule) -> Signature:
+    sig = gm.meta.setdefault(FUNCTIONAL_KEY, Signature())
+    sig.inputs = placeholder_names(gm.graph)
+    return sig
+
+
+def placeholder_names(graph: fx.Graph) -> list[str]:
+    return [n.target for n in graph.nodes if n.op == "placeholder"]
+
+
+def _output_values(graph: fx.Graph) -> list:
+    return list(graph.output_node().args[0])
+
+
+def _set_outputs(graph: fx.Graph, values: list) -> None:
+    out = graph.output_node()
+    out.args = (tuple(values),)
+
+
+def _new_placeholder(graph: fx.Graph, name: str) -> fx.Node:
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        return graph.placeholder(name)
+
+
+class FunctionalizeCachePass(Pass):
+    """Cache reads become inputs and cache writes outputs: `(…, cache…) -> (out, cache…)`."""
+
+    def requires(self, gm):
+        if FUNCTIONAL_KEY in gm.meta:
+            raise PassError("the graph is functional already")
+
+    def call(self, gm):
+        graph = gm.graph
+        inputs: dict[str, fx.Node] = {}
+        for node in list(graph.nodes):
+            if node.op == "get_attr" and node.target.startswith(CACHE_ATTR + "."):
+                slot = node.target.removeprefix(CACHE_ATTR + ".")
+                if slot not in inputs:
+                    inputs[slot] = _new_placeholder(graph, CACHE_PREFIX + slot)
+                    self.counters["cache_input"] += 1
+                node.replace_all_uses_with(inputs[slot])
+                graph.erase_node(node)
+        written: dict[str, fx.Node] = {}
+        for node in list(graph.nodes):
+            if is_cache_write(node):
+                slot = node.args[0].target.removeprefix(CACHE_PREFIX)
+                if slot in written:
+                    raise PassError(f"slot {slot} is written twice in one variant")
+                written[slot] = node.args[1]
+                graph.erase_node(node)
+                self.counters["cache_output"] += 1
+        for slot, node in list(inputs.items()):
+            if not node.users:  # written here, read only by other variants
+                graph.erase_node(node)
+                self.counters["cache_input"] -= 1
+        if hasattr(gm, CACHE_ATTR):  # the buffers are inputs now: exporters must not see them
+            delattr(gm, CACHE_ATTR)
+        (out,) = graph.output_node().args
+        _set_outputs(graph, [out, *written.values()])
+        sig = signature(gm)
+        sig.outputs = [OUTPUT, *(CACHE_PREFIX + s for s in written)]
+        return PassResult(gm, bool(inputs or written))
+
+    def ensures(self, gm):
+        for node in gm.graph.nodes:
+            if is_cache_write(node) or (node.op == "get_attr" and node.target.startswith(CACHE_ATTR + ".")):
+                raise PassError(f"{node.name} still touches the cache buffers")
+
+
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    seen, todo = set(), list(nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _copy_subgraph(gm: fx.GraphModule, keep: set[fx.Node], env: dict, outputs) -> fx.GraphModule:
+    """A GraphModule of the nodes in `keep` (graph order); `env` maps outside nodes to the new
+    graph's placeholders and is filled with the copies; `outputs(env)` gives the output tuple."""
+    graph = fx.Graph()
+    for name, node in list(env.items()):
+        env[node] = graph.placeholder(name)
+        del env[name]
+    for node in gm.graph.nodes:
+        if node in keep and node not in env:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(outputs(env)))
+    sub = fx.GraphModule(gm, graph)
+    sub.graph.lint()
+    return sub
+
+
+class HoistRandomPass(Pass):
+    """Random draws (and the shape computations they need) move to an eager prologue graph."""
+
+    def __init__(self, targets=None):
+        super().__init__()
+        self.targets = set(RANDOM_FUNCTIONS if targets is None else targets)
+
+    def requires(self, gm):
+        if FUNCTIONAL_KEY not in gm.meta:
+            raise PassError("run FunctionalizeCachePass first")
+
+    def call(self, gm):
+        graph = gm.graph
+        draws = [n for n in graph.nodes if n.op == "call_function" and n.target in self.targets]
+        if not draws:
+            return PassResult(gm, False)
+        needed = _ancestors(draws)
+        env = {n.target: n for n in graph.nodes if n.op == "placeholder" and n in needed}
+        sig = signature(gm)
+        sig.prologue = _copy_subgraph(gm, needed, env, lambda e: [e[d] for d in draws])
+        sig.prologue_outputs = []
+        for i, draw in enumerate(draws):
+            name = f"{RANDOM_PREFIX}{i}"
+            draw.replace_all_uses_with(_new_placeholder(graph, name))
+            graph.erase_node(draw)
+            sig.prologue_outputs.append(name)
+            self.counters["draw"] += 1
+        graph.eliminate_dead_code()
+        signature(gm)
+        return PassResult(gm, True)
+
+    def ensures(self, gm):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in self.targets:
+                raise PassError(f"random draw {node.name} left in the main graph")
+
+
+class SplitHostOpsPass(Pass):
+    """Host ops whose results only become cache outputs move to an eager epilogue graph."""
+
+    def __init__(self, targets=None):
+        super().__init__()
+        self.targets = set(HOST_OPS if targets is None else targets)
+
+    def call(self, gm):
+        graph = gm.graph
+        hosts = [n for n in graph.nodes if n.op == "call_function" and n.target in self.targets]
+        if not hosts:
+            return PassResult(gm, False)
+        moved: set[fx.Node] = set()
+        todo = list(hosts)
+        while todo:
+            n = todo.pop()
+            if n not in moved:
+                moved.add(n)
+                todo.extend(u for u in n.users if u.op != "output")
+        sig = signature(gm)
+        outputs = _output_values(graph)
+        names = list(sig.outputs)
+        if any(v in moved for v, name in zip(outputs, names) if not name.startswith(CACHE_PREFIX)):
+            self.decline(hosts[0].name, "a host op feeds the model's output, not only the cache")
+            return PassResult(gm, False)
+        boundary = list(dict.fromkeys(a for n in graph.nodes if n in moved for a in n.all_input_nodes if a not in moved))
+        env, host_names = {}, []
+        for node in boundary:
+            name = node.target if node.op == "placeholder" else f"{HOST_PREFIX}{len(host_names)}"
+            if node.op != "placeholder":
+                host_names.append((name, node))
+            env[name] = node
+        epi_outputs = [(name, v) for v, name in zip(outputs, names) if v in moved]
+        sig.epilogue = _copy_subgraph(gm, moved, env, lambda e: [e[v] for _, v in epi_outputs])
+        sig.epilogue_outputs = [name for name, _ in epi_outputs]
+        kept = [(name, v) for v, name in zip(outputs, names) if v not in moved] + host_names
+        _set_outputs(graph, [v for _, v in kept])
+        sig.outputs = [name for name, _ in kept]
+        for node in reversed(list(graph.nodes)):
+            if node in moved:
+                graph.erase_node(node)
+        self.counters["host_op"] += len(hosts)
+        return PassResult(gm, True)
+
+
+class TokenCountAsShapePass(Pass):
+    """`gc_tokens_b<i>` (an int k) becomes a (k,) tensor input; the graph reads k as its size."""
+
+    def call(self, gm):
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op == "placeholder" and is_token_input(node.target):
+                with gm.graph.inserting_after(node):
+                    size = gm.graph.call_function(torch.ops.aten.sym_size.int, (node, 0))
+                node.replace_all_uses_with(size, delete_user_cb=lambda u: u is not size)
+                node.type = torch.Tensor
+                self.counters["token_count"] += 1
+                changed = True
+        return PassResult(gm, changed)
+
+
+def functionalize(gm: fx.GraphModule) -> tuple[fx.GraphModule, Signature]:
+    """A functional copy of variant `gm` (the variant itself is left as it is) and its signature."""
+    from .manager import PassManager
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copy.meta.update({k: v for k, v in gm.meta.items() if k != FUNCTIONAL_KEY})
+    PassManager([FunctionalizeCachePass(), HoistRandomPass(), SplitHostOpsPass(),
+                 TokenCountAsShapePass()])(copy)
+    return copy, signature(copy)
+
+
+__all__ = [
+    "CACHE_PREFIX", "FUNCTIONAL_KEY", "HOST_PREFIX", "OUTPUT", "RANDOM_PREFIX", "FunctionalizeCachePass",
+    "HoistRandomPass", "Signature", "SplitHostOpsPass", "TokenCountAsShapePass", "functionalize",
+]
