@@ -6,7 +6,8 @@ plan — host-side, from the index alone — and calls that variant with the ori
 plan's per-step inputs (token counts, forecast distances).
 
 `backend` picks what runs a variant: "eager" calls the GraphModule itself; "compile" calls its
-`torch.compile`d forward (graphcache/exporters/compile.py), installed in `runners`.
+`torch.compile`d forward (graphcache/exporters/compile.py); "aoti", "onnx" and "tensorrt" run
+files exported from its functional form (graphcache/exporters/export.py). Both install `runners`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ class CachedModel(nn.Module):
             from .exporters.compile import compile_variants
 
             compile_variants(self, compile_options)
+        elif backend != "eager":
+            import tempfile
+            from pathlib import Path
+
+            from .exporters.export import install_runners
+
+            # the exported files live as long as this object (an artifact copies them)
+            self.files = tempfile.TemporaryDirectory(prefix="graphcache-")
+            install_runners(self, backend, Path(self.files.name))
         # Each step's extra graph inputs, resolved once: the sampling loop only indexes this list.
         self.step_kwargs = [extra_inputs(self.variants[p.variant], step_inputs(p)) for p in self.schedule.steps]
         self.step_index = 0

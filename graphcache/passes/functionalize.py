@@ -6,7 +6,7 @@ runs K-means (a host-synchronising custom op). Exporters need a pure function of
 copy of the variant is rewritten by, in order:
 
 * `FunctionalizeCachePass`: every slot read becomes a graph input `cache__<slot>`, every write a
-  graph output `cache__<slot>`; the variant is `(x, t, y, …, cache…) -> (out, cache…)`.
+  graph output `new_cache__<slot>`; the variant is `(x, t, y, …, cache…) -> (out, cache…)`.
 * `HoistRandomPass`: the random draws move to a *prologue* graph (the draws and what their
   shapes are computed from), run eagerly before the main graph, in graph order, so they consume
   the global RNG exactly as the eager variant does; the main graph gets them as `random__<i>`.
@@ -31,6 +31,7 @@ from ..schedule import is_token_input
 from .base import Pass, PassError, PassResult
 
 CACHE_PREFIX = "cache__"
+NEW_CACHE_PREFIX = "new_cache__"  # outputs: ONNX wants every value named once, inputs included
 RANDOM_PREFIX = "random__"
 HOST_PREFIX = "host__"
 OUTPUT = "out"
@@ -42,9 +43,9 @@ class Signature:
     """Names of a functional variant's inputs and outputs, and its prologue/epilogue graphs.
 
     `inputs`/`outputs` are the main graph's, in order: inputs are the model's own (x, t, y),
-    per-step inputs, `cache__<slot>`, `random__<i>`; outputs are `out`, `cache__<slot>` for the
-    slots it writes, and `host__<i>` (values the epilogue needs). The epilogue's outputs are
-    `cache__<slot>` names too. A runner keeps one dict of named values per call."""
+    per-step inputs, `cache__<slot>`, `random__<i>`; outputs are `out`, `new_cache__<slot>` for
+    the slots it writes, and `host__<i>` (values the epilogue needs). The epilogue's outputs are
+    `new_cache__<slot>` names too. A runner keeps one dict of named values per call."""
 
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
@@ -54,8 +55,8 @@ class Signature:
     epilogue_outputs: list[str] = field(default_factory=list)
 
     def cache_outputs(self) -> list[str]:
-        names = [n for n in self.outputs + self.epilogue_outputs if n.startswith(CACHE_PREFIX)]
-        return [n.removeprefix(CACHE_PREFIX) for n in names]
+        names = [n for n in self.outputs + self.epilogue_outputs if n.startswith(NEW_CACHE_PREFIX)]
+        return [n.removeprefix(NEW_CACHE_PREFIX) for n in names]
 
 
 def signature(gm: fx.GraphModule) -> Signature:
@@ -119,7 +120,7 @@ class FunctionalizeCachePass(Pass):
         (out,) = graph.output_node().args
         _set_outputs(graph, [out, *written.values()])
         sig = signature(gm)
-        sig.outputs = [OUTPUT, *(CACHE_PREFIX + s for s in written)]
+        sig.outputs = [OUTPUT, *(NEW_CACHE_PREFIX + s for s in written)]
         return PassResult(gm, bool(inputs or written))
 
     def ensures(self, gm):
@@ -213,7 +214,7 @@ class SplitHostOpsPass(Pass):
         sig = signature(gm)
         outputs = _output_values(graph)
         names = list(sig.outputs)
-        if any(v in moved for v, name in zip(outputs, names) if not name.startswith(CACHE_PREFIX)):
+        if any(v in moved for v, name in zip(outputs, names) if not name.startswith(NEW_CACHE_PREFIX)):
             self.decline(hosts[0].name, "a host op feeds the model's output, not only the cache")
             return PassResult(gm, False)
         boundary = list(dict.fromkeys(a for n in graph.nodes if n in moved for a in n.all_input_nodes if a not in moved))
@@ -266,6 +267,6 @@ def functionalize(gm: fx.GraphModule) -> tuple[fx.GraphModule, Signature]:
 
 
 __all__ = [
-    "CACHE_PREFIX", "FUNCTIONAL_KEY", "HOST_PREFIX", "OUTPUT", "RANDOM_PREFIX", "FunctionalizeCachePass",
+    "CACHE_PREFIX", "FUNCTIONAL_KEY", "NEW_CACHE_PREFIX", "HOST_PREFIX", "OUTPUT", "RANDOM_PREFIX", "FunctionalizeCachePass",
     "HoistRandomPass", "Signature", "SplitHostOpsPass", "TokenCountAsShapePass", "functionalize",
 ]

@@ -1,0 +1,33 @@
+"""The `aoti` backend: each variant's main graph as an AOTInductor package (`.pt2`).
+
+`torch._inductor.aoti_compile_and_package` compiles the exported program ahead of time into a
+shared library (C++ on CPU, Triton kernels on CUDA) inside a `.pt2` archive;
+`torch._inductor.aoti_load_package` loads it without the model's Python code. The package is
+tied to the torch version and device it was built for (the manifest records both).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SUFFIX = ".pt2"
+
+
+def build(program: torch.export.ExportedProgram, path: Path, sig) -> None:
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+
+
+class Runner:
+    """Calls a loaded package with tensors in `sig.inputs` order; returns its outputs in order."""
+
+    def __init__(self, path: Path, sig, device):
+        self.package = torch._inductor.aoti_load_package(str(path))
+
+    def __call__(self, *tensors):
+        return self.package(*tensors)
+
+
+def versions() -> dict:
+    return {}

@@ -1,0 +1,94 @@
+"""Running functional variants: what every ahead-of-time backend (aoti, onnx) shares.
+
+`functionalize` (passes/functionalize.py) splits a variant into an eager prologue (random draws),
+a pure main graph `(inputs…, cache…, random…) -> (out, cache…, host…)` that a backend exports,
+and an eager epilogue (K-means). `FunctionalRunner` calls the three in order with one dict of
+named values, and keeps the cache between calls by swapping the `CacheState` buffers for the
+graphs' new cache values (no copies).
+
+Per-step inputs become tensors: a token count k becomes `torch.empty(k)` (its size is read in the
+graph), every other scalar a 0-d tensor (int64 / float64), cached per value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..passes.functionalize import CACHE_PREFIX, NEW_CACHE_PREFIX, OUTPUT, Signature
+from ..schedule import is_token_input
+
+
+class ScalarTensors:
+    """0-d tensors for per-step Python scalars, made once per (value, device): int64 for ints,
+    float64 for floats, so `tensor_f32 * t` computes as `tensor_f32 * python_scalar` does."""
+
+    def __init__(self):
+        self._made: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, value, device) -> torch.Tensor:
+        key = (type(value), value, str(device))
+        t = self._made.get(key)
+        if t is None:
+            dtype = torch.float64 if isinstance(value, float) else torch.int64
+            t = self._made[key] = torch.tensor(value, dtype=dtype, device=device)
+        return t
+
+
+def step_tensor(name: str, value, device, scalars: ScalarTensors) -> torch.Tensor:
+    """The tensor a functional graph takes for the per-step input `name` = `value`."""
+    if is_token_input(name):
+        return torch.empty(int(value), device=device)
+    return scalars(value, device)
+
+
+def _placeholders(gm) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+class FunctionalRunner:
+    """Runs one functional variant: prologue (eager) -> main (a backend's callable) -> epilogue.
+
+    `main(*tensors)` takes `sig.inputs` in order and returns `sig.outputs` in order. `arg_names`
+    are the names of the model's positional inputs (x, t, y). `prologue`/`epilogue` default to
+    the signature's GraphModules; loaded artifacts pass their exported programs' modules instead.
+    """
+
+    def __init__(self, sig: Signature, main, cache, arg_names, prologue=None, epilogue=None):
+        self.sig, self.main, self.cache = sig, main, cache
+        self.arg_names = list(arg_names)
+        self.prologue = prologue if prologue is not None else sig.prologue
+        self.epilogue = epilogue if epilogue is not None else sig.epilogue
+        self.prologue_inputs = _placeholders(sig.prologue) if sig.prologue is not None else []
+        self.epilogue_inputs = _placeholders(sig.epilogue) if sig.epilogue is not None else []
+        self.scalars = ScalarTensors()
+
+    def values(self, args, kwargs) -> dict:
+        """The named inputs of the three graphs for this call (cache slots included)."""
+        device = args[0].device
+        env = dict(zip(self.arg_names, args))
+        for name, value in kwargs.items():
+            env[name] = step_tensor(name, value, device, self.scalars)
+        for name in self.sig.inputs:
+            if name.startswith(CACHE_PREFIX):
+                env[name] = self.cache._buffers[name.removeprefix(CACHE_PREFIX)]
+        for name in self.prologue_inputs + self.epilogue_inputs:
+            if name.startswith(CACHE_PREFIX) and name not in env:
+                env[name] = self.cache._buffers[name.removeprefix(CACHE_PREFIX)]
+        return env
+
+    def __call__(self, *args, **kwargs):
+        env = self.values(args, kwargs)
+        if self.prologue is not None:
+            draws = self.prologue(*(env[n] for n in self.prologue_inputs))
+            env.update(zip(self.sig.prologue_outputs, draws))
+        outs = self.main(*(env[n] for n in self.sig.inputs))
+        env.update(zip(self.sig.outputs, outs))
+        if self.epilogue is not None:
+            outs = self.epilogue(*(env[n] for n in self.epilogue_inputs))
+            env.update(zip(self.sig.epilogue_outputs, outs))
+        for slot in self.sig.cache_outputs():
+            self.cache._buffers[slot] = env[NEW_CACHE_PREFIX + slot]
+        return env[OUTPUT]
+
+
+__all__ = ["FunctionalRunner", "ScalarTensors", "step_tensor"]
