@@ -4,6 +4,9 @@
     model = graphcache.load_model("DiT-XL-2-256x256.pt")
     cached = graphcache.optimize(model, method="toca", num_steps=50)
     latents = graphcache.sample(cached, labels=[207, 360], seed=0)
+
+    exported = graphcache.optimize(model, method="toca", backend="onnx")  # or "aoti"
+    # graphcache optimize MODEL --backend onnx -o OUT, then: graphcache.load("OUT")
 """
 
 from .capture import capture
@@ -12,11 +15,19 @@ from .runtime import CachedModel, optimize
 from .sampling import sample
 
 
+def load(path, **kwargs):
+    """An artifact written by `graphcache optimize -o PATH` (or `artifact.save_artifact`), ready
+    for `graphcache.sample`: a CachedModel (eager/compile) or an ExportedModel (aoti/onnx/tensorrt)."""
+    from .artifact import load_artifact
+
+    return load_artifact(path, **kwargs)
+
+
 def load_model(*args, **kwargs):
     from .io import load_model as _load
 
     return _load(*args, **kwargs)
 
 
-__all__ = ["CachedModel", "GraphcacheError", "capture", "load_model", "optimize", "sample"]
+__all__ = ["CachedModel", "GraphcacheError", "capture", "load", "load_model", "optimize", "sample"]
 __version__ = "0.1.0"

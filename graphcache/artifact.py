@@ -7,9 +7,19 @@
 The "eager" and "compile" backends store no graphs: `load_artifact` loads the weights and runs
 `graphcache.optimize` again with the recorded method, options and backend (for "compile" also
 the recorded `compile_options`: compiler, mode, dynamic, options; torch.compile then compiles each
-variant on its first call), then checks that it yields the recorded schedule. Ahead-of-time
-backends (AOTInductor, ONNX, TensorRT) will add variant files beside these and their own
-`backend` value.
+variant on its first call), then checks that it yields the recorded schedule.
+
+The ahead-of-time backends ("aoti", "onnx", "tensorrt") store the exported variants instead of
+the weights (which they contain):
+
+    OUT/
+      manifest.json       also: device, input shapes, batch range, cache slots, per-variant
+                          signatures and token-count ranges, the step -> variant table, versions
+      v<i>.pt2|.onnx      variant i's main graph (exporters/aoti.py, exporters/onnx.py)
+      v<i>_prologue.pt2   its random draws, v<i>_epilogue.pt2 its K-means (torch.export programs)
+
+and `load_artifact` runs them without the model's Python code (exporters/export.py), refusing an
+artifact built by another torch release or for another device, and inputs outside its shapes.
 
 `save_artifact` is atomic: the directory is built under a temporary name next to OUT and renamed
 into place only when complete; an existing artifact at OUT is replaced only then, and a failure
@@ -29,6 +39,7 @@ from pathlib import Path
 import torch
 
 from .errors import GraphcacheError
+from .exporters.export import AHEAD_OF_TIME
 
 FORMAT = "graphcache-artifact"
 FORMAT_VERSION = 1
@@ -75,6 +86,10 @@ def build_manifest(cached_model, *, model_spec: str) -> dict:
         from .exporters.compile import portable_options
 
         manifest["compile_options"] = portable_options(cached_model.compile_options)
+    if backend in AHEAD_OF_TIME:
+        from .exporters.export import manifest_entries
+
+        manifest.update(manifest_entries(cached_model, backend))
     return manifest
 
 
@@ -115,7 +130,12 @@ def save_artifact(cached_model, out_dir, *, model_spec: str) -> Path:
     old = parent / f".{out.name}.old-{tag}"
     tmp.mkdir()
     try:
-        save_model(cached_model.model, tmp / WEIGHTS)
+        if manifest["backend"] in AHEAD_OF_TIME:
+            from .exporters.export import copy_files
+
+            copy_files(cached_model, manifest["backend"], tmp)
+        else:
+            save_model(cached_model.model, tmp / WEIGHTS)
         (tmp / MANIFEST).write_text(text)  # written last: a manifest means the rest is there
         if out.exists():
             os.replace(out, old)  # a directory cannot be renamed onto a non-empty one
@@ -175,12 +195,25 @@ def read_manifest(path) -> dict:
 
 def load_artifact(path, *, map_location="cpu", backend: str | None = None, compile_options: dict | None = None):
     """Rebuild the CachedModel saved at `path` by `save_artifact`, on the recorded backend (and
-    compile options) unless `backend` / `compile_options` are given."""
+    compile options) unless `backend` / `compile_options` are given. An ahead-of-time artifact
+    loads as an `ExportedModel` on `map_location` (default: the device it was built for)."""
     from . import optimize
     from .io import load_model
 
     path = Path(path)
     manifest = read_manifest(path)
+    recorded_backend = manifest.get("backend", "eager")
+    if recorded_backend in AHEAD_OF_TIME or backend in AHEAD_OF_TIME:
+        if backend not in (None, recorded_backend):
+            raise GraphcacheError(f"{path} was built for the {recorded_backend} backend; it cannot run on "
+                                  f"{backend} (optimize the model again with --backend {backend})")
+        if compile_options:
+            raise GraphcacheError(f"{path}: compile options do not apply to a {recorded_backend} artifact")
+        from .exporters.export import ExportedModel
+
+        model = ExportedModel(path, manifest, device=None if map_location == "cpu" else map_location)
+        model.artifact_manifest = manifest
+        return model
     weights = path / WEIGHTS
     if not weights.is_file():
         raise GraphcacheError(f"{path}: the artifact has no {WEIGHTS} (incomplete or damaged)")
@@ -188,7 +221,6 @@ def load_artifact(path, *, map_location="cpu", backend: str | None = None, compi
     config = manifest["model"].get("config")
     if isinstance(config, dict) and config != model.config.to_dict():
         raise GraphcacheError(f"{path}: {WEIGHTS} does not match the model config recorded in {MANIFEST}")
-    recorded_backend = manifest.get("backend", "eager")
     backend = recorded_backend if backend is None else backend
     if compile_options is None and backend == recorded_backend == "compile":
         compile_options = manifest.get("compile_options")

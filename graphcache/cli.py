@@ -279,6 +279,15 @@ def _open(args, *, default_method: str = "none"):
                                **given)
 
 
+def _input_dtype(cached):
+    """The dtype of the latents a model (or a loaded exported artifact) takes."""
+    if hasattr(cached, "model"):
+        return next(cached.model.parameters()).dtype
+    import torch
+
+    return getattr(torch, cached.inputs[cached.arg_names[0]]["dtype"])
+
+
 def _cache_bytes(cached) -> int:
     """Bytes the cache slots take at the capture batch size (2: one image with guidance)."""
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in cached.slot_specs().values())
@@ -325,7 +334,12 @@ def cmd_optimize(args) -> int:
         mode = cached.compile_options.get("mode") or "default"
         print(f"  backend: compile (torch.compile, {cached.compile_options['backend']}, mode {mode}; "
               "each variant compiles once, on its first call)")
-    print(f"  wrote {out}/ (manifest.json, model.safetensors)")
+    if getattr(cached, "exported", None):
+        files = sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
+        print(f"  backend: {cached.backend} ({len(cached.exported)} exported variants)")
+        print(f"  wrote {out}/ (manifest.json, {', '.join(files)})")
+    else:
+        print(f"  wrote {out}/ (manifest.json, model.safetensors)")
     return 0
 
 
@@ -340,7 +354,7 @@ def cmd_sample(args) -> int:
     cached = _open(args)
     _check_output(out, int(cached.in_channels))
     if noise is not None:
-        noise = noise.to(next(cached.model.parameters()).dtype)
+        noise = noise.to(_input_dtype(cached))
     start = time.perf_counter()
     x = graphcache.sample(cached, args.labels, noise=noise, seed=args.seed, num_steps=cached.num_steps,
                           sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,
@@ -442,6 +456,9 @@ def cmd_methods(args) -> int:
 
 def cmd_inspect(args) -> int:
     cached = _open(args)
+    if not hasattr(cached, "describe"):
+        raise GraphcacheError(f"{args.model} is a {cached.backend} artifact: it holds exported graphs, not the model "
+                              "to inspect (inspect the model it was made from)")
     info = cached.describe()
     if args.json:
         info = {"model": args.model, **info}
@@ -501,7 +518,10 @@ def _add_model_loading(p) -> None:
 def _add_backend(p, *, default: str | None = "eager", default_note: str = "eager") -> None:
     p.add_argument("--backend", choices=BACKENDS, default=default,
                    help=f"eager: run the variants as Python graphs; compile: each variant under "
-                        f"torch.compile(fullgraph=True), compiled once on its first call (default: {default_note})")
+                        f"torch.compile(fullgraph=True), compiled once on its first call; aoti / onnx: each "
+                        f"variant exported ahead of time (AOTInductor .pt2 / ONNX run by onnxruntime; with -o the "
+                        f"artifact runs without the model's code); tensorrt: engines from the ONNX files "
+                        f"(needs TensorRT) (default: {default_note})")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, metavar="MODE",
                    help="torch.compile mode for --backend compile: " + ", ".join(COMPILE_MODES)
                         + " (default: torch's default); reduce-overhead records CUDA graphs and only helps on CUDA")

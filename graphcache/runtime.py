@@ -47,7 +47,49 @@ def extra_inputs(gm: fx.GraphModule, inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k in names}
 
 
-class CachedModel(nn.Module):
+class SteppedModel(nn.Module):
+    """The sampling-loop side shared by CachedModel and exported artifacts (exporters/export.py):
+    a step counter, the cache for the current input signature, one runner per step.
+
+    Subclasses set `schedule`, `cache`, `step_kwargs` (each step's extra inputs) and implement
+    `_allocate(args, signature)` and `runner(index)`."""
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    def start_sampling(self, num_steps: int) -> None:
+        """Called by graphcache.sample before a run: checks the step count and resets the state."""
+        if num_steps != self.num_steps:
+            raise GraphcacheError(
+                f"this model was optimized for {self.num_steps} sampling steps, not {num_steps}: "
+                f"optimize it again with num_steps={num_steps}"
+            )
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sampling run: step 0 next, cache contents cleared."""
+        self.step_index = 0
+        for buf in self.cache.buffers():
+            buf.zero_()
+
+    def forward(self, *args):
+        signature = tuple((tuple(a.shape), a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor))
+        if signature != self.cache.signature:
+            if self.step_index != 0:
+                warnings.warn(
+                    "input shapes changed in the middle of a sampling run: the cache was dropped "
+                    "and the schedule restarts at its first (full) step",
+                    stacklevel=2,
+                )
+                self.step_index = 0
+            self._allocate(args, signature)
+        out = self.runner(self.step_index)(*args, **self.step_kwargs[self.step_index])
+        self.step_index = (self.step_index + 1) % self.num_steps
+        return out
+
+
+class CachedModel(SteppedModel):
     """An nn.Module with the wrapped model's forward signature that runs the cached variants."""
 
     def __init__(self, model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None,
@@ -94,10 +136,6 @@ class CachedModel(nn.Module):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 
-    @property
-    def num_steps(self) -> int:
-        return self.schedule.num_steps
-
     def _build(self, plan: StepPlan, dump_dir, dump) -> None:
         gm = new_variant(self.captured, self.cache)
         label = "_".join(f"{k}{n}" for k, n in _runs(plan.kinds))
@@ -129,37 +167,9 @@ class CachedModel(nn.Module):
         device = next(self.model.parameters()).device
         self.cache.allocate(self.slot_specs(), device, signature)
 
-    def start_sampling(self, num_steps: int) -> None:
-        """Called by graphcache.sample before a run: checks the step count and resets the state."""
-        if num_steps != self.num_steps:
-            raise GraphcacheError(
-                f"this model was optimized for {self.num_steps} sampling steps, not {num_steps}: "
-                f"optimize it again with num_steps={num_steps}"
-            )
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new sampling run: step 0 next, cache contents cleared."""
-        self.step_index = 0
-        for buf in self.cache.buffers():
-            buf.zero_()
-
-    def forward(self, *args):
-        signature = tuple((tuple(a.shape), a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor))
-        if signature != self.cache.signature:
-            if self.step_index != 0:
-                warnings.warn(
-                    "input shapes changed in the middle of a sampling run: the cache was dropped "
-                    "and the schedule restarts at its first (full) step",
-                    stacklevel=2,
-                )
-                self.step_index = 0
-            self._allocate(args, signature)
-        plan = self.schedule[self.step_index]
-        run = self.runners.get(plan.variant, self.variants[plan.variant])
-        out = run(*args, **self.step_kwargs[self.step_index])
-        self.step_index = (self.step_index + 1) % self.num_steps
-        return out
+    def runner(self, index: int):
+        plan = self.schedule[index]
+        return self.runners.get(plan.variant, self.variants[plan.variant])
 
     def describe(self) -> dict:
         """What capture found and, per variant, what each pass did (for `graphcache inspect`)."""

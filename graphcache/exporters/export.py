@@ -15,6 +15,7 @@ receives in the run (TensorRT profiles and the manifest use it).
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from torch.export import Dim
 
 from ..capture import example_inputs, propagate_shapes
 from ..errors import GraphcacheError
-from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize, placeholder_names
+from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize
 from ..schedule import is_token_input, step_inputs
+from ..runtime import SteppedModel
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
 AHEAD_OF_TIME = ("aoti", "onnx", "tensorrt")
@@ -81,7 +83,9 @@ def _dynamic_shapes(names, values, num_tokens: int) -> dict:
 def _export(gm, names, env, num_tokens) -> torch.export.ExportedProgram:
     values = tuple(env[n] for n in names)
     try:
-        return torch.export.export(gm, values, dynamic_shapes=_dynamic_shapes(names, values, num_tokens))
+        with warnings.catch_warnings():  # torch's own deprecation noise about pytree specs
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.export.export(gm, values, dynamic_shapes=_dynamic_shapes(names, values, num_tokens))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise GraphcacheError(f"torch.export failed on a variant: {first}") from e
@@ -116,13 +120,12 @@ def export_variants(cached) -> list[ExportedVariant]:
             env.update({name: torch.empty(max(2, min(hi, n - 1)), device=device) for name, (_, hi) in ranges.items()})
             prologue = epilogue = None
             if sig.prologue is not None:
-                names = placeholder_names(sig.prologue.graph)
-                prologue = _export(sig.prologue, names, env, n)
-                env.update(zip(sig.prologue_outputs, sig.prologue(*(env[k] for k in names))))
+                prologue = _export(sig.prologue, sig.prologue_inputs, env, n)
+                env.update(zip(sig.prologue_outputs, sig.prologue(*(env[k] for k in sig.prologue_inputs))))
             program = _export(main, sig.inputs, env, n)
             if sig.epilogue is not None:
                 env.update(zip(sig.outputs, main(*(env[k] for k in sig.inputs))))
-                epilogue = _export(sig.epilogue, placeholder_names(sig.epilogue.graph), env, n)
+                epilogue = _export(sig.epilogue, sig.epilogue_inputs, env, n)
             exported.append(ExportedVariant(index, sig, program, prologue, epilogue, ranges))
     finally:
         torch.set_rng_state(rng)
@@ -136,15 +139,17 @@ def variant_files(index: int, suffix: str) -> dict[str, str]:
 def build_files(cached, backend: str, directory: Path) -> list[ExportedVariant]:
     """Export every variant of `cached` into `directory` with `backend`'s builder."""
     module = backend_module(backend)
+    module.check(cached)
     directory.mkdir(parents=True, exist_ok=True)
     variants = export_variants(cached)
     for v in variants:
         files = variant_files(v.index, module.SUFFIX)
-        module.build(v.main, directory / files["main"], v.sig)
-        if v.prologue is not None:
-            torch.export.save(v.prologue, directory / files["prologue"])
-        if v.epilogue is not None:
-            torch.export.save(v.epilogue, directory / files["epilogue"])
+        module.build(v, directory / files["main"])
+        for part in ("prologue", "epilogue"):
+            if getattr(v, part) is not None:
+                with warnings.catch_warnings():  # torch's own deprecation noise while pickling pytree specs
+                    warnings.simplefilter("ignore", FutureWarning)
+                    torch.export.save(getattr(v, part), directory / files[part])
     return variants
 
 
@@ -163,5 +168,170 @@ def install_runners(cached, backend: str, directory: Path) -> None:
     }
 
 
-__all__ = ["AHEAD_OF_TIME", "ExportedVariant", "backend_module", "build_files", "export_variants",
-           "install_runners", "token_ranges", "variant_files"]
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts: the exported files, and a model that runs them without the model's Python code
+# --------------------------------------------------------------------------------------------
+
+_MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise GraphcacheError(f"unknown dtype {name!r} in the artifact manifest")
+    return dtype
+
+
+def _batch_range(program: torch.export.ExportedProgram) -> list[int | None]:
+    """[min, max] of the exported batch (dim 0 of the first input); max None when unbounded."""
+    x = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name in
+             {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"})
+    size = x.meta["val"].shape[0]
+    if isinstance(size, int):
+        return [size, size]
+    from torch.utils._sympy.numbers import int_oo
+
+    r = program.range_constraints[size.node.expr]
+    return [int(r.lower), None if r.upper == int_oo else int(r.upper)]
+
+
+def manifest_entries(cached, backend: str) -> dict:
+    """What an artifact of `cached` (built with an ahead-of-time backend) records for its loader."""
+    module = backend_module(backend)
+    keys = cached.schedule.variants()
+    param = next(cached.model.parameters())
+    batch = [2, None]
+    variants = []
+    for v in cached.exported:
+        files = variant_files(v.index, module.SUFFIX)
+        low, high = _batch_range(v.main)
+        batch = [max(batch[0], low), high if batch[1] is None else (batch[1] if high is None else min(batch[1], high))]
+        variants.append({
+            "files": {k: f for k, f in files.items() if k == "main" or getattr(v, k) is not None},
+            "signature": v.sig.names(),
+            "token_ranges": v.token_ranges,
+        })
+    args = example_inputs(cached.model, batch=1)
+    return {
+        "device": param.device.type,
+        "inputs": {name: {"shape": list(a.shape[1:]), "dtype": _dtype_name(a.dtype)}
+                   for name, a in zip(cached.structure.input_names, args)},
+        "batch": batch,
+        "slots": {name: {"shape": list(shape[1:]), "dtype": _dtype_name(dtype)}
+                  for name, (shape, dtype) in cached.slot_specs().items()},
+        "attributes": {a: getattr(cached.model, a) for a in _MODEL_ATTRS if hasattr(cached.model, a)},
+        "variants": variants,
+        "steps": [{"variant": keys.index(p.variant), "inputs": kwargs}
+                  for p, kwargs in zip(cached.schedule.steps, cached.step_kwargs)],
+        "backend_versions": module.versions(),
+    }
+
+
+def copy_files(cached, backend: str, dest: Path) -> None:
+    import shutil
+
+    module = backend_module(backend)
+    for v in cached.exported:
+        for name in variant_files(v.index, module.SUFFIX).values():
+            src = Path(cached.files.name) / name
+            if src.exists():
+                shutil.copy2(src, dest / name)
+            for extra in Path(cached.files.name).glob(name + ".*"):  # ONNX external weights
+                shutil.copy2(extra, dest / extra.name)
+
+
+def _release(version: str) -> str:
+    return version.split("+")[0]
+
+
+def check_compatible(manifest: dict, path, device) -> None:
+    """Refuse, with the reason, an artifact this process cannot run as built."""
+    backend = manifest["backend"]
+    built = manifest.get("versions", {}).get("torch", "?")
+    if _release(built) != _release(torch.__version__):
+        raise GraphcacheError(
+            f"{path}: built with torch {built}, this is torch {torch.__version__}: {backend} artifacts run only "
+            "on the torch release that built them (re-create it with `graphcache optimize`)")
+    made_for = manifest.get("device", "cpu")
+    if device.type != made_for:
+        raise GraphcacheError(f"{path}: built for {made_for}, asked to run on {device.type} "
+                              f"(re-create it on {device.type} with `graphcache optimize`)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GraphcacheError(f"{path}: built for cuda, and this machine has no usable GPU")
+
+
+class ExportedModel(SteppedModel):
+    """An artifact of an ahead-of-time backend, loaded: runs the exported files step by step."""
+
+    def __init__(self, path: Path, manifest: dict, device=None):
+        super().__init__()
+        from ..cache import CacheState
+        from ..methods import get_method
+
+        device = torch.device(device or manifest.get("device", "cpu"))
+        check_compatible(manifest, path, device)
+        module = backend_module(manifest["backend"])
+        self.path, self.manifest, self.device = Path(path), manifest, device
+        self.backend = manifest["backend"]
+        self.method = get_method(manifest["method"])
+        self.options = manifest["options"]
+        self.schedule = schedule_from_json(manifest["schedule"])
+        for name, value in manifest["attributes"].items():
+            setattr(self, name, value)
+        self.inputs = manifest["inputs"]
+        self.arg_names = list(self.inputs)
+        self.cache = CacheState()
+        self.runners_by_variant = []
+        for v in manifest["variants"]:
+            sig = Signature.from_names(v["signature"])
+            files = {k: self.path / f for k, f in v["files"].items()}
+            for f in files.values():
+                if not f.is_file():
+                    raise GraphcacheError(f"{path}: the artifact has no {f.name} (incomplete or damaged)")
+            main = module.Runner(files["main"], sig, device)
+            parts = {k: torch.export.load(files[k]).module() for k in ("prologue", "epilogue") if k in files}
+            self.runners_by_variant.append(FunctionalRunner(sig, main, self.cache, self.arg_names, **parts))
+        self.step_variants = [s["variant"] for s in manifest["steps"]]
+        self.step_kwargs = [s["inputs"] for s in manifest["steps"]]
+        self.step_index = 0
+
+    def runner(self, index: int):
+        return self.runners_by_variant[self.step_variants[index]]
+
+    def _allocate(self, args, signature) -> None:
+        if len(args) != len(self.arg_names):
+            raise GraphcacheError(f"expected {len(self.arg_names)} inputs ({', '.join(self.arg_names)}), got {len(args)}")
+        batch = args[0].shape[0]
+        low, high = self.manifest["batch"]
+        for name, a in zip(self.arg_names, args):
+            want = self.inputs[name]
+            if list(a.shape[1:]) != want["shape"] or a.shape[0] != batch or _dtype_name(a.dtype) != want["dtype"]:
+                raise GraphcacheError(
+                    f"{self.path}: input {name} is {tuple(a.shape)} {_dtype_name(a.dtype)}; the artifact was built "
+                    f"for (batch, {', '.join(map(str, want['shape']))}) {want['dtype']}")
+            if a.device.type != self.device.type:
+                raise GraphcacheError(f"{self.path}: input {name} is on {a.device}, the artifact runs on {self.device}")
+        if batch < low or (high is not None and batch > high):
+            raise GraphcacheError(f"{self.path}: batch {batch} is outside the artifact's batch range "
+                                  f"[{low}, {high if high is not None else '∞'}] (with guidance the batch is 2 × images)")
+        specs = {name: ((batch, *s["shape"]), _dtype(s["dtype"])) for name, s in self.manifest["slots"].items()}
+        self.cache.allocate(specs, self.device, signature)
+
+
+def schedule_from_json(data: dict):
+    from ..schedule import Schedule, StepPlan
+
+    steps = [StepPlan(s["index"], s["step"], tuple(s["kinds"]),
+                      tuple(s["tokens"]) if s.get("tokens") is not None else None) for s in data["steps"]]
+    return Schedule(data["method"], data["options"], data["num_steps"], data["depth"], steps)
+
+
+__all__ = ["AHEAD_OF_TIME", "ExportedModel", "ExportedVariant", "backend_module", "build_files", "check_compatible",
+           "copy_files", "export_variants", "install_runners", "manifest_entries", "schedule_from_json",
+           "token_ranges", "variant_files"]

@@ -41,10 +41,6 @@ def step_tensor(name: str, value, device, scalars: ScalarTensors) -> torch.Tenso
     return scalars(value, device)
 
 
-def _placeholders(gm) -> list[str]:
-    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-
-
 class FunctionalRunner:
     """Runs one functional variant: prologue (eager) -> main (a backend's callable) -> epilogue.
 
@@ -58,8 +54,6 @@ class FunctionalRunner:
         self.arg_names = list(arg_names)
         self.prologue = prologue if prologue is not None else sig.prologue
         self.epilogue = epilogue if epilogue is not None else sig.epilogue
-        self.prologue_inputs = _placeholders(sig.prologue) if sig.prologue is not None else []
-        self.epilogue_inputs = _placeholders(sig.epilogue) if sig.epilogue is not None else []
         self.scalars = ScalarTensors()
 
     def values(self, args, kwargs) -> dict:
@@ -71,7 +65,7 @@ class FunctionalRunner:
         for name in self.sig.inputs:
             if name.startswith(CACHE_PREFIX):
                 env[name] = self.cache._buffers[name.removeprefix(CACHE_PREFIX)]
-        for name in self.prologue_inputs + self.epilogue_inputs:
+        for name in self.sig.prologue_inputs + self.sig.epilogue_inputs:
             if name.startswith(CACHE_PREFIX) and name not in env:
                 env[name] = self.cache._buffers[name.removeprefix(CACHE_PREFIX)]
         return env
@@ -79,12 +73,12 @@ class FunctionalRunner:
     def __call__(self, *args, **kwargs):
         env = self.values(args, kwargs)
         if self.prologue is not None:
-            draws = self.prologue(*(env[n] for n in self.prologue_inputs))
+            draws = self.prologue(*(env[n] for n in self.sig.prologue_inputs))
             env.update(zip(self.sig.prologue_outputs, draws))
         outs = self.main(*(env[n] for n in self.sig.inputs))
         env.update(zip(self.sig.outputs, outs))
         if self.epilogue is not None:
-            outs = self.epilogue(*(env[n] for n in self.epilogue_inputs))
+            outs = self.epilogue(*(env[n] for n in self.sig.epilogue_inputs))
             env.update(zip(self.sig.epilogue_outputs, outs))
         for slot in self.sig.cache_outputs():
             self.cache._buffers[slot] = env[NEW_CACHE_PREFIX + slot]

@@ -32,10 +32,17 @@ def _require(module: str):
         ) from None
 
 
-def build(program: torch.export.ExportedProgram, path: Path, sig) -> None:
-    _require("onnxscript")
+def check(cached) -> None:
+    """Before exporting anything: the packages the export and the runner need are there."""
+    for module in ("onnxscript", "onnx", "onnxruntime"):
+        _require(module)
+
+
+def build(variant, path: Path) -> None:
+    """The ONNX file of `variant`'s main graph at `path`, checked."""
     onnx = _require("onnx")
-    torch.onnx.export(program, f=str(path), dynamo=True, input_names=list(sig.inputs),
+    sig = variant.sig
+    torch.onnx.export(variant.main, f=str(path), dynamo=True, input_names=list(sig.inputs),
                       output_names=list(sig.outputs), verbose=False,
                       custom_translation_table={torch.ops.aten.sort.stable: _sort_stable})
     onnx.checker.check_model(str(path), full_check=False)

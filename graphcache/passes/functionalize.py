@@ -50,9 +50,21 @@ class Signature:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     prologue: fx.GraphModule | None = None
+    prologue_inputs: list[str] = field(default_factory=list)
     prologue_outputs: list[str] = field(default_factory=list)
     epilogue: fx.GraphModule | None = None
+    epilogue_inputs: list[str] = field(default_factory=list)
     epilogue_outputs: list[str] = field(default_factory=list)
+
+    NAMES = ("inputs", "outputs", "prologue_inputs", "prologue_outputs", "epilogue_inputs", "epilogue_outputs")
+
+    def names(self) -> dict[str, list[str]]:
+        """The name lists (JSON), without the graphs."""
+        return {k: list(getattr(self, k)) for k in self.NAMES}
+
+    @classmethod
+    def from_names(cls, names: dict) -> "Signature":
+        return cls(**{k: list(names.get(k, [])) for k in cls.NAMES})
 
     def cache_outputs(self) -> list[str]:
         names = [n for n in self.outputs + self.epilogue_outputs if n.startswith(NEW_CACHE_PREFIX)]
@@ -175,6 +187,7 @@ class HoistRandomPass(Pass):
         env = {n.target: n for n in graph.nodes if n.op == "placeholder" and n in needed}
         sig = signature(gm)
         sig.prologue = _copy_subgraph(gm, needed, env, lambda e: [e[d] for d in draws])
+        sig.prologue_inputs = placeholder_names(sig.prologue.graph)
         sig.prologue_outputs = []
         for i, draw in enumerate(draws):
             name = f"{RANDOM_PREFIX}{i}"
@@ -226,6 +239,7 @@ class SplitHostOpsPass(Pass):
             env[name] = node
         epi_outputs = [(name, v) for v, name in zip(outputs, names) if v in moved]
         sig.epilogue = _copy_subgraph(gm, moved, env, lambda e: [e[v] for _, v in epi_outputs])
+        sig.epilogue_inputs = placeholder_names(sig.epilogue.graph)
         sig.epilogue_outputs = [name for name, _ in epi_outputs]
         kept = [(name, v) for v, name in zip(outputs, names) if v not in moved] + host_names
         _set_outputs(graph, [v for _, v in kept])
