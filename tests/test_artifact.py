@@ -109,8 +109,8 @@ def test_missing_field(copy):
 
 
 def test_unsupported_backend(copy):
-    _edit_manifest(copy, backend="tensorrt")
-    _load_error(copy, "tensorrt")
+    _edit_manifest(copy, backend="tvm")
+    _load_error(copy, "tvm")
 
 
 def test_missing_weights(copy):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.fx.experimental._config  # noqa: F401 (backed_size_oblivious)
 from torch.export import Dim
 
 from ..capture import example_inputs, propagate_shapes
@@ -83,8 +84,10 @@ def _dynamic_shapes(names, values, num_tokens: int) -> dict:
 def _export(gm, names, env, num_tokens) -> torch.export.ExportedProgram:
     values = tuple(env[n] for n in names)
     try:
-        with warnings.catch_warnings():  # torch's own deprecation noise about pytree specs
-            warnings.simplefilter("ignore", FutureWarning)
+        # size-oblivious: a batch of 2 rows gives rand(batch // 2 = 1, N) in ToCa's random score,
+        # which must not become a guard "batch // 2 != 1"
+        with warnings.catch_warnings(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation noise about pytree specs
             return torch.export.export(gm, values, dynamic_shapes=_dynamic_shapes(names, values, num_tokens))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -1,0 +1,50 @@
+"""Helpers shared by the backend tests: a sampling run that keeps every step's model output."""
+
+from __future__ import annotations
+
+import torch
+
+import graphcache
+from graphcache.methods import METHODS
+
+LABELS = [1, 2]
+
+# every method with its defaults, plus the options that draw random numbers or change the graph
+CASES = [(name, {}) for name in METHODS] + [
+    ("toca", {"score": "random"}),
+    ("clusca", {"clusters": 4, "tokens_per_cluster": 2}),
+]
+
+
+def case_id(case) -> str:
+    name, options = case
+    return f"{name}-{'-'.join(map(str, options.values())) or 'default'}"
+
+
+class Recorder:
+    """Calls the cached model and keeps every step's output (and looks like it to `sample`)."""
+
+    def __init__(self, model):
+        self.model, self.outputs = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def start_sampling(self, num_steps):
+        self.model.start_sampling(num_steps)
+
+    def __call__(self, *args):
+        out = self.model(*args)
+        self.outputs.append(out.clone())
+        return out
+
+
+def run(cached, labels=LABELS, steps=10):
+    """(final latents, per-step outputs (S, ...), global RNG state after the run)."""
+    rec = Recorder(cached)
+    latents = graphcache.sample(rec, labels, seed=0, num_steps=steps)
+    return latents, torch.stack(rec.outputs), torch.get_rng_state()
+
+
+def max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()

@@ -1,0 +1,138 @@
+"""The passes that make a variant a pure function (graphcache/passes/functionalize.py).
+
+Structural: each pass's inputs/outputs and counters on known variants of the tiny builtin DiT
+(2 blocks, 16 tokens). Negative: a host op that feeds the model output is declined with a reason;
+running the passes in the wrong order fails. Numerical: for every method (random draws and
+K-means included), running the functional graphs eagerly through `FunctionalRunner` gives
+bit-identical per-step outputs, latents and RNG state to the eager variants themselves.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+
+import graphcache
+from graphcache.exporters.functional import FunctionalRunner
+from graphcache.models.builtin import resolve_model
+from graphcache.ops import RANDOM_FUNCTIONS
+from graphcache.passes.cluster import KMEANS
+from graphcache.passes.functionalize import (
+    FUNCTIONAL_KEY,
+    FunctionalizeCachePass,
+    HoistRandomPass,
+    SplitHostOpsPass,
+    functionalize,
+)
+from graphcache.passes.manager import PassPipelineError, PassManager
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "exporters"))
+from run_helpers import CASES, case_id, run  # noqa: E402
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return resolve_model("builtin:dit-tiny-random")
+
+
+def variant(cached, kinds, extra=None):
+    keys = [k for k in cached.variants if k[0] == kinds and (extra is None or k[1] == extra)]
+    assert keys, f"no variant {kinds} in {list(cached.variants)}"
+    return cached.variants[keys[0]]
+
+
+def graph_copy(gm):
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def calls(gm, targets):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
+
+
+def test_fora_full_and_reuse_variants(tiny):
+    cached = graphcache.optimize(tiny, "fora", STEPS)
+    slots = ["b0_attention", "b0_mlp", "b1_attention", "b1_mlp"]
+    full, sig = functionalize(variant(cached, ("full", "full")))
+    assert sig.inputs == ["x", "t", "y"]  # a full step reads nothing
+    assert sig.outputs == ["out", *(f"new_cache__{s}" for s in slots)]
+    assert sig.prologue is None and sig.epilogue is None and sig.cache_outputs() == slots
+    reuse, sig = functionalize(variant(cached, ("reuse", "reuse")))
+    assert sig.inputs == ["x", "t", "y", *(f"cache__{s}" for s in slots)] and sig.outputs == ["out"]
+    for gm in (full, reuse):
+        assert not hasattr(gm, "graphcache_cache")  # the buffers are not part of the function
+        assert all(n.op != "get_attr" or not n.target.startswith("graphcache_cache") for n in gm.graph.nodes)
+
+
+def test_counters(tiny):
+    cached = graphcache.optimize(tiny, "toca", STEPS, score="random")
+    copy = graph_copy(variant(cached, ("partial", "partial")))
+    functional = FunctionalizeCachePass()
+    hoist = HoistRandomPass()
+    records = PassManager([functional, hoist])(copy)
+    # per block: attention and mlp outputs and the staleness counters read; mlp and staleness written
+    assert records[0].counters == {"cache_input": 6, "cache_output": 4}
+    assert records[1].counters == {"draw": 2}  # one random score per partial block
+    sig = copy.meta[FUNCTIONAL_KEY]
+    assert sig.prologue_outputs == ["random__0", "random__1"]
+    assert not calls(copy, RANDOM_FUNCTIONS) and len(calls(sig.prologue, RANDOM_FUNCTIONS)) == 2
+    assert sig.prologue_inputs == ["cache__b0_staleness", "cache__b1_staleness"]  # shapes come from them
+
+
+def test_token_counts_become_shapes(tiny):
+    cached = graphcache.optimize(tiny, "toca", STEPS)
+    gm, sig = functionalize(variant(cached, ("partial", "partial")))
+    tokens = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target.startswith("gc_tokens")]
+    assert [n.target for n in tokens] == ["gc_tokens_b0", "gc_tokens_b1"]
+    for node in tokens:
+        (user,) = node.users  # only read as its size
+        assert user.target is torch.ops.aten.sym_size.int and user.args == (node, 0)
+
+
+def test_kmeans_moves_to_the_epilogue(tiny):
+    cached = graphcache.optimize(tiny, "clusca", STEPS)
+    first = cached.variants[cached.schedule[0].variant]  # the first full step: random K-means start
+    gm, sig = functionalize(first)
+    assert not calls(gm, {KMEANS}) and len(calls(sig.epilogue, {KMEANS})) == 1
+    assert sig.epilogue_outputs == ["new_cache__cluster_labels", "new_cache__cluster_centroids"]
+    assert [n for n in sig.outputs if n.startswith("host__")] == ["host__0", "host__1"]  # stream, start centroids
+    assert sig.epilogue_inputs == ["host__0", "host__1"]
+    assert sig.prologue_outputs == ["random__0"]  # the randint of the K-means start
+
+
+def test_host_op_feeding_the_output_is_declined():
+    def forward(x):
+        labels, centroids = KMEANS(x, x[:, :2], 10, 1e-4, 5)
+        return centroids * 2
+
+    gm = fx.symbolic_trace(forward)
+    PassManager([FunctionalizeCachePass()])(gm)
+    split = SplitHostOpsPass()
+    result = split(gm)
+    assert not result.modified and split.declined and "model's output" in split.declined[0].reason
+
+
+def test_passes_run_in_order(tiny):
+    cached = graphcache.optimize(tiny, "fora", STEPS)
+    with pytest.raises(PassPipelineError, match="FunctionalizeCachePass first"):
+        PassManager([HoistRandomPass()])(graph_copy(variant(cached, ("full", "full"))))
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=[case_id(c) for c in CASES])
+def test_functional_graphs_run_bitwise_like_the_variants(tiny, name, options):
+    want = run(graphcache.optimize(tiny, name, STEPS, **options), steps=STEPS)
+    cached = graphcache.optimize(tiny, name, STEPS, **options)
+    cached.runners = {}
+    for key, gm in cached.variants.items():
+        main, sig = functionalize(gm)
+        cached.runners[key] = FunctionalRunner(sig, main, cached.cache, cached.structure.input_names)
+    got = run(cached, steps=STEPS)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
