@@ -547,10 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     # optimize
     p = sub.add_parser(
         "optimize", formatter_class=_Formatter, help="optimize a model and write an artifact directory",
-        description="Capture MODEL, build the method's variants, and write an artifact directory OUT "
-                    "(manifest.json + model.safetensors) that `graphcache sample` runs.",
+        description="Capture MODEL, build the method's variants, and write an artifact directory OUT that "
+                    "`graphcache sample` runs: manifest.json + model.safetensors (eager, compile), or "
+                    "manifest.json + one exported file per variant (aoti, onnx, tensorrt), which run without "
+                    "the model's code. Writing is atomic: a failure leaves no OUT.",
         epilog=f"examples:\n  graphcache optimize {DEFAULT_MODEL} --method fora -o dit-fora/\n"
-               "  graphcache optimize DiT-XL-2-256x256.pt --method fora --set interval=4 --steps 50 -o out/",
+               "  graphcache optimize DiT-XL-2-256x256.pt --method fora --set interval=4 --steps 50 -o out/\n"
+               f"  graphcache optimize {DEFAULT_MODEL} --method toca --backend onnx -o dit-toca-onnx/\n"
+               f"  graphcache optimize {DEFAULT_MODEL} --method clusca --backend aoti -o dit-clusca-aoti/",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help=f"checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
@@ -573,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  graphcache sample dit-fora/ --labels 207,360 --seed 1 -o latents.pt\n"
                "  graphcache sample mnist.safetensors --labels 0,1,2,3 -o digits.png   (pixel-space models)\n"
                "  graphcache sample dit-fora/ --labels 1,2 --noise noise.pt -o out.pt\n"
+               "  graphcache sample dit-toca-onnx/ --labels 1,2,3 -o out.pt   (exported: any batch of 2+ rows: 1+ images with guidance)\n"
                f"  graphcache sample {DEFAULT_MODEL} --method toca --labels 1,2 --backend compile -o samples.pt",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_ARTIFACT",

@@ -30,7 +30,9 @@ class Runner:
         self.package = torch._inductor.aoti_load_package(str(path))
 
     def __call__(self, *tensors):
-        return self.package(*tensors)
+        # the compiled kernels assume the export's (contiguous) strides and do not check them;
+        # Inductor may return an output (a cache value fed back next step) in another layout
+        return self.package(*(t.contiguous() for t in tensors))
 
 
 def versions() -> dict:

@@ -14,6 +14,7 @@ copy of the variant is rewritten by, in order:
   *epilogue* graph run after the main graph on its outputs `host__<i>`.
 * `TokenCountAsShapePass`: a token count `gc_tokens_b<i>` becomes a tensor input of shape (k,),
   read back as its size, so k is a dynamic *dimension* (exporters have no dynamic ints).
+* `DropUnusedInputsPass`: inputs nothing reads are removed (exporters disagree about them).
 
 What each graph reads and writes is recorded in `gm.meta[FUNCTIONAL_KEY]` (see `Signature`).
 """
@@ -267,6 +268,21 @@ class TokenCountAsShapePass(Pass):
         return PassResult(gm, changed)
 
 
+class DropUnusedInputsPass(Pass):
+    """Inputs nothing reads are removed (a DuCa skip step reads no x, only its shape), after dead
+    code: the signature then lists what the variant reads. (The ONNX exporter drops unused inputs
+    from its files, AOTInductor keeps them: one list that fits both.)"""
+
+    def call(self, gm):
+        gm.graph.eliminate_dead_code()  # pure now: what no output needs goes, shape reads included
+        for node in list(gm.graph.nodes):
+            if node.op == "placeholder" and not node.users:
+                gm.graph.erase_node(node)
+                self.counters["dropped"] += 1
+        signature(gm)
+        return PassResult(gm, self.counters["dropped"] > 0)
+
+
 def functionalize(gm: fx.GraphModule) -> tuple[fx.GraphModule, Signature]:
     """A functional copy of variant `gm` (the variant itself is left as it is) and its signature."""
     from .manager import PassManager
@@ -276,11 +292,11 @@ def functionalize(gm: fx.GraphModule) -> tuple[fx.GraphModule, Signature]:
     copy = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     copy.meta.update({k: v for k, v in gm.meta.items() if k != FUNCTIONAL_KEY})
     PassManager([FunctionalizeCachePass(), HoistRandomPass(), SplitHostOpsPass(),
-                 TokenCountAsShapePass()])(copy)
+                 TokenCountAsShapePass(), DropUnusedInputsPass()])(copy)
     return copy, signature(copy)
 
 
 __all__ = [
     "CACHE_PREFIX", "FUNCTIONAL_KEY", "NEW_CACHE_PREFIX", "HOST_PREFIX", "OUTPUT", "RANDOM_PREFIX", "FunctionalizeCachePass",
-    "HoistRandomPass", "Signature", "SplitHostOpsPass", "TokenCountAsShapePass", "functionalize",
+    "DropUnusedInputsPass", "HoistRandomPass", "Signature", "SplitHostOpsPass", "TokenCountAsShapePass", "functionalize",
 ]

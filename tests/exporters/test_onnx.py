@@ -6,6 +6,14 @@ variant is exported to ONNX (checked by `onnx.checker` in `build`), run by onnxr
 per-step model outputs and latents agree with eager graphcache within TOL of their scale
 (measured: < 1e-6); the RNG state after the run is identical (the draws happen in the eager
 prologue, in the same order). The files have dynamic batch and token-count axes.
+
+Tolerance where tokens are chosen by a computed score (ToCa/DuCa with `attention` or `kv-norm`):
+onnxruntime's kernels differ from eager's by ~1e-7, and on random weights the attention map is
+nearly uniform, so two tokens' scores can be that close: a near-tie at the top-k cut may flip,
+and the step then computes a different token fresh. Measured on DiT-S/2 DDIM-5: up to 4e-4 of
+the output scale for DuCa (2e-3 for ToCa at batch 2). Those runs are held to SELECTED_TOL; every
+method whose choices do not depend on computed values (none, FORA, TaylorSeer, ClusCa, the
+`random` score) is held to TOL.
 """
 
 from __future__ import annotations
@@ -20,6 +28,11 @@ from run_helpers import CASES, case_id, max_rel, run
 
 STEPS = 5
 TOL = 1e-4  # relative to the max |output|; measured < 1e-6
+SELECTED_TOL = 1e-2  # ToCa/DuCa with a computed score: a near-tied top-k choice may flip (see above)
+
+
+def tolerance(name, options):
+    return SELECTED_TOL if name in ("toca", "duca") and options.get("score", "attention") != "random" else TOL
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +48,13 @@ def test_onnx_matches_eager(dit_s, name, options):
     got_latents, got_outputs, got_rng = run(cached, steps=STEPS)
     assert torch.equal(got_rng, rng)
     rel = max(max_rel(g, w) for g, w in zip(got_outputs, outputs))
-    assert rel < TOL, f"per-step outputs differ by {rel:.2e} of their scale"
-    assert max_rel(got_latents, latents) < TOL
+    tol = tolerance(name, options)
+    assert rel < tol, f"per-step outputs differ by {rel:.2e} of their scale"
+    assert max_rel(got_latents, latents) < tol
 
 
 def test_onnx_files_have_dynamic_batch_and_token_axes(dit_s):
-    cached = graphcache.optimize(dit_s, "toca", STEPS, backend="onnx")
+    cached = graphcache.optimize(dit_s, "toca", STEPS, backend="onnx", score="random")
     partial = next(v for v in cached.exported if any(n.startswith("gc_tokens") for n in v.sig.inputs))
     model = onnx.load(f"{cached.files.name}/v{partial.index}.onnx", load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
@@ -49,5 +63,5 @@ def test_onnx_files_have_dynamic_batch_and_token_axes(dit_s):
     assert isinstance(dims["cache__b1_mlp"][0], str) and dims["cache__b1_mlp"][1:] == [256, 384]
     # another batch than the export's example (4 rows) runs the same files
     one = run(cached, labels=[5], steps=STEPS)
-    want = run(graphcache.optimize(dit_s, "toca", STEPS), labels=[5], steps=STEPS)
+    want = run(graphcache.optimize(dit_s, "toca", STEPS, score="random"), labels=[5], steps=STEPS)
     assert max_rel(one[1], want[1]) < TOL
