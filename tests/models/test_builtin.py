@@ -13,7 +13,7 @@ from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
 
 
 def test_default_model_is_registered():
-    assert DEFAULT_MODEL == "builtin:dit-s2-random"
+    assert DEFAULT_MODEL == "builtin:mnist-dit"
     assert DEFAULT_MODEL in [m.spec for m in available()]
 
 
