@@ -16,6 +16,14 @@ CASES = [(name, {}) for name in METHODS] + [
 ]
 
 
+TOL = 1e-4  # exported vs eager graphcache, relative to the max |output|; measured < 1e-6
+SELECTED_TOL = 1e-2  # ToCa/DuCa with a computed score: a near-tied top-k choice may flip (test_onnx.py)
+
+
+def tolerance(name, options) -> float:
+    return SELECTED_TOL if name in ("toca", "duca") and options.get("score", "attention") != "random" else TOL
+
+
 def case_id(case) -> str:
     name, options = case
     return f"{name}-{'-'.join(map(str, options.values())) or 'default'}"
