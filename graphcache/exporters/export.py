@@ -14,6 +14,7 @@ receives in the run (TensorRT profiles and the manifest use it).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -81,13 +82,21 @@ def _dynamic_shapes(names, values, num_tokens: int) -> dict:
     return shapes
 
 
+@contextlib.contextmanager
+def quiet_torch():
+    """Silence torch's own FutureWarnings about pytree specs, printed while it exports, pickles
+    and packages programs (nothing a user of graphcache can act on)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
 def _export(gm, names, env, num_tokens) -> torch.export.ExportedProgram:
     values = tuple(env[n] for n in names)
     try:
         # size-oblivious: a batch of 2 rows gives rand(batch // 2 = 1, N) in ToCa's random score,
         # which must not become a guard "batch // 2 != 1"
-        with warnings.catch_warnings(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecation noise about pytree specs
+        with quiet_torch(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
             return torch.export.export(gm, values, dynamic_shapes=_dynamic_shapes(names, values, num_tokens))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -147,11 +156,10 @@ def build_files(cached, backend: str, directory: Path) -> list[ExportedVariant]:
     variants = export_variants(cached)
     for v in variants:
         files = variant_files(v.index, module.SUFFIX)
-        module.build(v, directory / files["main"])
-        for part in ("prologue", "epilogue"):
-            if getattr(v, part) is not None:
-                with warnings.catch_warnings():  # torch's own deprecation noise while pickling pytree specs
-                    warnings.simplefilter("ignore", FutureWarning)
+        with quiet_torch():
+            module.build(v, directory / files["main"])
+            for part in ("prologue", "epilogue"):
+                if getattr(v, part) is not None:
                     torch.export.save(getattr(v, part), directory / files[part])
     return variants
 
@@ -298,7 +306,8 @@ class ExportedModel(SteppedModel):
                 if not f.is_file():
                     raise GraphcacheError(f"{path}: the artifact has no {f.name} (incomplete or damaged)")
             main = module.Runner(files["main"], sig, device)
-            parts = {k: torch.export.load(files[k]).module() for k in ("prologue", "epilogue") if k in files}
+            with quiet_torch():
+                parts = {k: torch.export.load(files[k]).module() for k in ("prologue", "epilogue") if k in files}
             self.runners_by_variant.append(FunctionalRunner(sig, main, self.cache, self.arg_names, **parts))
         self.step_variants = [s["variant"] for s in manifest["steps"]]
         self.step_kwargs = [s["inputs"] for s in manifest["steps"]]
