@@ -279,15 +279,6 @@ def _open(args, *, default_method: str = "none"):
                                **given)
 
 
-def _input_dtype(cached):
-    """The dtype of the latents a model (or a loaded exported artifact) takes."""
-    if hasattr(cached, "model"):
-        return next(cached.model.parameters()).dtype
-    import torch
-
-    return getattr(torch, cached.inputs[cached.arg_names[0]]["dtype"])
-
-
 def _cache_bytes(cached) -> int:
     """Bytes the cache slots take at the capture batch size (2: one image with guidance)."""
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in cached.slot_specs().values())
@@ -354,7 +345,7 @@ def cmd_sample(args) -> int:
     cached = _open(args)
     _check_output(out, int(cached.in_channels))
     if noise is not None:
-        noise = noise.to(_input_dtype(cached))
+        noise = noise.to(cached.input_dtype)
     start = time.perf_counter()
     x = graphcache.sample(cached, args.labels, noise=noise, seed=args.seed, num_steps=cached.num_steps,
                           sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,

@@ -147,6 +147,17 @@ def is_mul(node: fx.Node) -> bool:
     )
 
 
+def graph_input(graph: fx.Graph, name: str, type_expr=None) -> fx.Node:
+    """The placeholder `name`, created after the last input on first use (passes add per-step
+    inputs, cache inputs and draws this way; callers pass them by name)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        if node.target == name:
+            return node
+    with insert_after(placeholders[-1]):
+        return graph.placeholder(name, type_expr=type_expr)
+
+
 def insert_after(node: fx.Node):
     """Context manager placing new nodes right after `node`, in the order they are created
     (fx's own `inserting_after` puts each new node directly after `node`, reversing the order)."""

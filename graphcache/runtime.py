@@ -27,7 +27,7 @@ from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.prune_modulation import PruneModulationPass
 from .schedule import StepPlan, step_inputs
 
-_MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
+MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
 
 
 def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
@@ -132,7 +132,7 @@ class CachedModel(SteppedModel):
         # Each step's extra graph inputs, resolved once: the sampling loop only indexes this list.
         self.step_kwargs = [extra_inputs(self.variants[p.variant], step_inputs(p)) for p in self.schedule.steps]
         self.step_index = 0
-        for attr in _MODEL_ATTRS:
+        for attr in MODEL_ATTRS:
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 
@@ -166,6 +166,11 @@ class CachedModel(SteppedModel):
             propagate_shapes(self.captured, args)
         device = next(self.model.parameters()).device
         self.cache.allocate(self.slot_specs(), device, signature)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of the latents the model takes."""
+        return next(self.model.parameters()).dtype
 
     def runner(self, index: int):
         plan = self.schedule[index]

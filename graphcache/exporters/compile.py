@@ -49,6 +49,7 @@ import torch.fx as fx
 
 from ..errors import GraphcacheError
 from ..schedule import is_token_input, step_inputs
+from .functional import ScalarTensors
 
 DEFAULT_COMPILER = "inductor"
 _KEYS = ("backend", "mode", "dynamic", "options", "fullgraph")
@@ -83,15 +84,7 @@ class CompiledVariant:
         self.token_inputs = tuple(n for n in inputs if is_token_input(n))
         self.tensor_inputs = tuple(n for n in inputs if not is_token_input(n))
         self.sources = ",".join(_source(n) for n in self.token_inputs)
-        self._scalars: dict[tuple, torch.Tensor] = {}
-
-    def _tensor(self, value, device) -> torch.Tensor:
-        key = (type(value), value, str(device))
-        t = self._scalars.get(key)
-        if t is None:
-            dtype = torch.float64 if isinstance(value, float) else torch.int64
-            t = self._scalars[key] = torch.tensor(value, dtype=dtype, device=device)
-        return t
+        self.scalars = ScalarTensors()
 
     def __call__(self, *args, **kwargs):
         if self.tensor_inputs:
@@ -99,7 +92,7 @@ class CompiledVariant:
             for name in self.tensor_inputs:
                 value = kwargs.get(name)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    kwargs[name] = self._tensor(value, device)
+                    kwargs[name] = self.scalars(value, device)
         if not self.sources:
             return self.fn(*args, **kwargs)
         theirs = torch.compiler.config.unbacked_sources

@@ -28,11 +28,15 @@ from ..capture import example_inputs, propagate_shapes
 from ..errors import GraphcacheError
 from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize
 from ..schedule import is_token_input, step_inputs
-from ..runtime import SteppedModel
+from ..runtime import MODEL_ATTRS, SteppedModel
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
 AHEAD_OF_TIME = ("aoti", "onnx", "tensorrt")
 EXAMPLE_BATCH = 4
+# Smallest batch an artifact accepts: one image with guidance. Size-oblivious export reports
+# ranges from 0, but the graphs branch on batch parity (ToCa's shared CFG draw) and were traced
+# with an even batch, so an odd batch of 1 is refused rather than trusted.
+MIN_BATCH = 2
 
 
 def backend_module(backend: str):
@@ -179,14 +183,9 @@ def install_runners(cached, backend: str, directory: Path) -> None:
     }
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # Artifacts: the exported files, and a model that runs them without the model's Python code
 # --------------------------------------------------------------------------------------------
-
-_MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
-
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -200,16 +199,27 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _batch_range(program: torch.export.ExportedProgram) -> list[int | None]:
-    """[min, max] of the exported batch (dim 0 of the first input); max None when unbounded."""
-    x = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name in
-             {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"})
-    size = x.meta["val"].shape[0]
-    if isinstance(size, int):
-        return [size, size]
+    """[min, max] batch the program accepts: the intersection of dim 0's range over its
+    batch-major inputs (every tensor input but the token counts) and [MIN_BATCH, ∞); max None
+    when unbounded."""
     from torch.utils._sympy.numbers import int_oo
 
-    r = program.range_constraints[size.node.expr]
-    return [int(r.lower), None if r.upper == int_oo else int(r.upper)]
+    users = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    low, high = MIN_BATCH, None
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in users or is_token_input(node.name):
+            continue
+        shape = node.meta["val"].shape
+        if not shape:
+            continue
+        if isinstance(shape[0], int):
+            lo = hi = shape[0]
+        else:
+            r = program.range_constraints[shape[0].node.expr]
+            lo, hi = int(r.lower), None if r.upper == int_oo else int(r.upper)
+        low = max(low, lo)
+        high = hi if high is None else (high if hi is None else min(high, hi))
+    return [low, high]
 
 
 def manifest_entries(cached, backend: str) -> dict:
@@ -217,12 +227,12 @@ def manifest_entries(cached, backend: str) -> dict:
     module = backend_module(backend)
     keys = cached.schedule.variants()
     param = next(cached.model.parameters())
-    batch = [2, None]
+    ranges = [_batch_range(v.main) for v in cached.exported]  # the artifact runs the batches all accept
+    highs = [high for _, high in ranges if high is not None]
+    batch = [max(low for low, _ in ranges), min(highs) if highs else None]
     variants = []
     for v in cached.exported:
         files = variant_files(v.index, module.SUFFIX)
-        low, high = _batch_range(v.main)
-        batch = [max(batch[0], low), high if batch[1] is None else (batch[1] if high is None else min(batch[1], high))]
         variants.append({
             "files": {k: f for k, f in files.items() if k == "main" or getattr(v, k) is not None},
             "signature": v.sig.names(),
@@ -236,7 +246,7 @@ def manifest_entries(cached, backend: str) -> dict:
         "batch": batch,
         "slots": {name: {"shape": list(shape[1:]), "dtype": _dtype_name(dtype)}
                   for name, (shape, dtype) in cached.slot_specs().items()},
-        "attributes": {a: getattr(cached.model, a) for a in _MODEL_ATTRS if hasattr(cached.model, a)},
+        "attributes": {a: getattr(cached.model, a) for a in MODEL_ATTRS if hasattr(cached.model, a)},
         "variants": variants,
         "steps": [{"variant": keys.index(p.variant), "inputs": kwargs}
                   for p, kwargs in zip(cached.schedule.steps, cached.step_kwargs)],
@@ -312,6 +322,10 @@ class ExportedModel(SteppedModel):
         self.step_variants = [s["variant"] for s in manifest["steps"]]
         self.step_kwargs = [s["inputs"] for s in manifest["steps"]]
         self.step_index = 0
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return _dtype(self.inputs[self.arg_names[0]]["dtype"])
 
     def runner(self, index: int):
         return self.runners_by_variant[self.step_variants[index]]

@@ -55,6 +55,10 @@ class FunctionalRunner:
         self.prologue = prologue if prologue is not None else sig.prologue
         self.epilogue = epilogue if epilogue is not None else sig.epilogue
         self.scalars = ScalarTensors()
+        # resolved once: (graph input name, cache slot) for every slot any of the three graphs reads
+        names = dict.fromkeys(sig.inputs + sig.prologue_inputs + sig.epilogue_inputs)
+        self.cache_inputs = [(n, n.removeprefix(CACHE_PREFIX)) for n in names if n.startswith(CACHE_PREFIX)]
+        self.cache_outputs = [(NEW_CACHE_PREFIX + slot, slot) for slot in sig.cache_outputs()]
 
     def values(self, args, kwargs) -> dict:
         """The named inputs of the three graphs for this call (cache slots included)."""
@@ -62,12 +66,9 @@ class FunctionalRunner:
         env = dict(zip(self.arg_names, args))
         for name, value in kwargs.items():
             env[name] = step_tensor(name, value, device, self.scalars)
-        for name in self.sig.inputs:
-            if name.startswith(CACHE_PREFIX):
-                env[name] = self.cache._buffers[name.removeprefix(CACHE_PREFIX)]
-        for name in self.sig.prologue_inputs + self.sig.epilogue_inputs:
-            if name.startswith(CACHE_PREFIX) and name not in env:
-                env[name] = self.cache._buffers[name.removeprefix(CACHE_PREFIX)]
+        buffers = self.cache._buffers
+        for name, slot in self.cache_inputs:
+            env[name] = buffers[slot]
         return env
 
     def __call__(self, *args, **kwargs):
@@ -80,8 +81,8 @@ class FunctionalRunner:
         if self.epilogue is not None:
             outs = self.epilogue(*(env[n] for n in self.sig.epilogue_inputs))
             env.update(zip(self.sig.epilogue_outputs, outs))
-        for slot in self.sig.cache_outputs():
-            self.cache._buffers[slot] = env[NEW_CACHE_PREFIX + slot]
+        for name, slot in self.cache_outputs:
+            self.cache._buffers[slot] = env[name]
         return env[OUTPUT]
 
 

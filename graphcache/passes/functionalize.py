@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .. import ir
 from ..cache import CACHE_ATTR
 from ..ops import HOST_OPS, RANDOM_FUNCTIONS, is_cache_write
 from ..schedule import is_token_input
@@ -73,9 +74,8 @@ class Signature:
 
 
 def signature(gm: fx.GraphModule) -> Signature:
-    sig = gm.meta.setdefault(FUNCTIONAL_KEY, Signature())
-    sig.inputs = placeholder_names(gm.graph)
-    return sig
+    """The graph's Signature (its `inputs` are filled in by `functionalize`, after every pass)."""
+    return gm.meta.setdefault(FUNCTIONAL_KEY, Signature())
 
 
 def placeholder_names(graph: fx.Graph) -> list[str]:
@@ -89,12 +89,6 @@ def _output_values(graph: fx.Graph) -> list:
 def _set_outputs(graph: fx.Graph, values: list) -> None:
     out = graph.output_node()
     out.args = (tuple(values),)
-
-
-def _new_placeholder(graph: fx.Graph, name: str) -> fx.Node:
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):
-        return graph.placeholder(name)
 
 
 class FunctionalizeCachePass(Pass):
@@ -111,7 +105,7 @@ class FunctionalizeCachePass(Pass):
             if node.op == "get_attr" and node.target.startswith(CACHE_ATTR + "."):
                 slot = node.target.removeprefix(CACHE_ATTR + ".")
                 if slot not in inputs:
-                    inputs[slot] = _new_placeholder(graph, CACHE_PREFIX + slot)
+                    inputs[slot] = ir.graph_input(graph, CACHE_PREFIX + slot)
                     self.counters["cache_input"] += 1
                 node.replace_all_uses_with(inputs[slot])
                 graph.erase_node(node)
@@ -192,12 +186,10 @@ class HoistRandomPass(Pass):
         sig.prologue_outputs = []
         for i, draw in enumerate(draws):
             name = f"{RANDOM_PREFIX}{i}"
-            draw.replace_all_uses_with(_new_placeholder(graph, name))
+            draw.replace_all_uses_with(ir.graph_input(graph, name))
             graph.erase_node(draw)
             sig.prologue_outputs.append(name)
             self.counters["draw"] += 1
-        graph.eliminate_dead_code()
-        signature(gm)
         return PassResult(gm, True)
 
     def ensures(self, gm):
@@ -279,7 +271,6 @@ class DropUnusedInputsPass(Pass):
             if node.op == "placeholder" and not node.users:
                 gm.graph.erase_node(node)
                 self.counters["dropped"] += 1
-        signature(gm)
         return PassResult(gm, self.counters["dropped"] > 0)
 
 
@@ -293,7 +284,9 @@ def functionalize(gm: fx.GraphModule) -> tuple[fx.GraphModule, Signature]:
     copy.meta.update({k: v for k, v in gm.meta.items() if k != FUNCTIONAL_KEY})
     PassManager([FunctionalizeCachePass(), HoistRandomPass(), SplitHostOpsPass(),
                  TokenCountAsShapePass(), DropUnusedInputsPass()])(copy)
-    return copy, signature(copy)
+    sig = signature(copy)
+    sig.inputs = placeholder_names(copy.graph)
+    return copy, sig
 
 
 __all__ = [

@@ -45,14 +45,9 @@ def declare_taylor_slots(gm: fx.GraphModule, branch: ir.Branch, order: int) -> N
         declare_slot(gm, CacheSlot(taylor_slot(branch, i), like=branch.branch_out))
 
 
-def scalar_input(gm: fx.GraphModule, name: str, type_expr=int) -> fx.Node:
-    """The graph input `name` (a per-step Python scalar), created after the last input on first use."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node in placeholders:
-        if node.target == name:
-            return node
-    with ir.insert_after(placeholders[-1]):
-        return gm.graph.placeholder(name, type_expr=type_expr)
+def scalar_input(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The graph input `name` (a per-step Python int), created on first use."""
+    return ir.graph_input(gm.graph, name, type_expr=int)
 
 
 def taylor_forecast(graph: fx.Graph, factors: list[fx.Node], dist: fx.Node) -> fx.Node:

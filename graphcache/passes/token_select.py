@@ -49,14 +49,7 @@ class SelectContext:
 
     def tokens(self) -> fx.Node:
         """The graph input carrying this block's fresh-token count (created on first use)."""
-        name = tokens_input(self.branch.block)
-        for node in self.gm.graph.nodes:
-            if node.op == "placeholder" and node.target == name:
-                return node
-        last = [n for n in self.gm.graph.nodes if n.op == "placeholder"][-1]
-        with ir.insert_after(last):
-            node = self.gm.graph.placeholder(name, type_expr=int)
-        return node
+        return ir.graph_input(self.gm.graph, tokens_input(self.branch.block), type_expr=int)
 
 
 class TokenSelector:
