@@ -185,6 +185,7 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
             "cache_bytes": cached.cache.nbytes(),
             "kinds": [list(p.kinds) for p in cached.schedule.steps],
         })
+        del cached  # exported variants hold their own weights: free them before building the next
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{name} {timing['seconds']:.2f}s")
