@@ -92,7 +92,7 @@ class CompiledVariant:
             for name in self.tensor_inputs:
                 value = kwargs.get(name)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    kwargs[name] = self.scalars(value, device)
+                    kwargs[name] = self.scalars(name, value, device)
         if not self.sources:
             return self.fn(*args, **kwargs)
         theirs = torch.compiler.config.unbacked_sources

@@ -19,14 +19,16 @@ from ..schedule import is_token_input
 
 
 class ScalarTensors:
-    """0-d tensors for per-step Python scalars, made once per (value, device): int64 for ints,
-    float64 for floats, so `tensor_f32 * t` computes as `tensor_f32 * python_scalar` does."""
+    """0-d tensors for per-step Python scalars, made once per (input, value, device): int64 for
+    ints, float64 for floats, so `tensor_f32 * t` computes as `tensor_f32 * python_scalar` does.
+    One tensor per input name: two inputs with the same value must not be the same object (a
+    compiled graph guards on which of its inputs alias and would recompile when that changes)."""
 
     def __init__(self):
         self._made: dict[tuple, torch.Tensor] = {}
 
-    def __call__(self, value, device) -> torch.Tensor:
-        key = (type(value), value, str(device))
+    def __call__(self, name: str, value, device) -> torch.Tensor:
+        key = (name, type(value), value, str(device))
         t = self._made.get(key)
         if t is None:
             dtype = torch.float64 if isinstance(value, float) else torch.int64
@@ -38,7 +40,7 @@ def step_tensor(name: str, value, device, scalars: ScalarTensors) -> torch.Tenso
     """The tensor a functional graph takes for the per-step input `name` = `value`."""
     if is_token_input(name):
         return torch.empty(int(value), device=device)
-    return scalars(value, device)
+    return scalars(name, value, device)
 
 
 class FunctionalRunner:

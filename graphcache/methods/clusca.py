@@ -38,16 +38,14 @@ def passes(plan, options):
     if k == 0:  # TaylorSeer
         return taylorseer.passes(plan, options)
     if plan.extra[0] == "full":
-        first = plan.extra[2]
+        first = plan.extra[1]
         return [*taylorseer.passes(plan, options), InsertClusterPass(k, init=first)]
-    factors = plan.extra[1]
     return [
-        ReplaceWithTaylorForecastPass(blocks, factors=factors, order=order,
-                                      kinds={ir.ATTENTION, ir.CROSS_ATTENTION}),
+        ReplaceWithTaylorForecastPass(blocks, order=order, kinds={ir.ATTENTION, ir.CROSS_ATTENTION}),
         InsertTokenSelectPass(
             blocks,
             ClusterRepresentativeSelector(k, options["tokens_per_cluster"]),
-            ClusterPropagationMerger(k, factors, order, options["propagation"]),
+            ClusterPropagationMerger(k, order, options["propagation"]),
             kind=ir.MLP,
         ),
         EliminateDeadBranchesPass(),

@@ -4,15 +4,16 @@ steps in between forecast them (METHODS.md §6.2, §6.3, §7): ClusCa with no cl
 Schedule (§6.2, decided once per forward): the first two steps are full (first_enhance = 2), then
 a counter makes every `interval`-th step full. A full step takes m = min(#old factors, order)
 finite differences (none at the first step), so the factors grow by one per full step up to
-`order`; d = activated_steps[-1] - activated_steps[-2] and dist = s - activated_steps[-1] are
-per-step inputs (both negative: steps count down). `activated_steps` starts as [49], as in the
+`order`; d = activated_steps[-1] - activated_steps[-2] and the forecast weights dist**i (dist =
+s - activated_steps[-1]; both negative: steps count down) are per-step inputs, and so is which
+factors exist (passes/taylor.py): one full and one forecast graph serve the whole run. `activated_steps` starts as [49], as in the
 official code (it only ever matters for DDIM-50).
 """
 
 from __future__ import annotations
 
 from ..passes.cache_passes import EliminateDeadBranchesPass
-from ..passes.taylor import DELTA_INPUT, DIST_INPUT, InsertTaylorUpdatePass, ReplaceWithTaylorForecastPass
+from ..passes.taylor import DELTA_INPUT, InsertTaylorUpdatePass, ReplaceWithTaylorForecastPass, forecast_weights
 from ..schedule import FORECAST, FULL, PARTIAL, StepPlan, descending
 from .base import Method, Option
 
@@ -21,8 +22,8 @@ FIRST_ENHANCE = 2
 
 def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, clustering=False):
     """The §6.2 schedule. Non-full steps are FORECAST, or PARTIAL with `partial_tokens` fresh MLP
-    tokens per block when given (ClusCa). `extra` holds what changes the graph: ("full", m, first)
-    with `first` only when `clustering` (the K-means initialisation step), or (kind, factors)."""
+    tokens per block when given (ClusCa). `extra` holds what changes the graph: ("full",), or
+    ("full", first) when `clustering` (`first`: the K-means initialisation step), or (kind,)."""
     plans = []
     cache_counter = 0
     activated_steps = [49]  # hard-coded in the official cache init
@@ -35,15 +36,16 @@ def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, cluster
             old = 0 if s == num_steps - 1 else factors  # taylor_cache_init at the first step
             m = min(old, order) if s < num_steps - FIRST_ENHANCE + 1 else 0
             factors = m + 1
-            extra = ("full", m, index == 0) if clustering else ("full", m)
-            inputs = {DELTA_INPUT: activated_steps[-1] - activated_steps[-2]} if m else {}
+            extra = ("full", index == 0) if clustering else ("full",)
+            # m = 0: no previous factors; d only has to be non-zero (passes/taylor.py)
+            inputs = {DELTA_INPUT: activated_steps[-1] - activated_steps[-2] if m else 1} if order else {}
             plans.append(StepPlan(index, s, (FULL,) * depth, extra=extra, inputs=inputs))
         else:
             cache_counter += 1
             kind = FORECAST if partial_tokens is None else PARTIAL
             tokens = None if partial_tokens is None else (partial_tokens,) * depth
-            inputs = {DIST_INPUT: s - activated_steps[-1]} if factors > 1 else {}
-            plans.append(StepPlan(index, s, (kind,) * depth, tokens=tokens, extra=(kind, factors), inputs=inputs))
+            inputs = forecast_weights(s - activated_steps[-1], factors, order)
+            plans.append(StepPlan(index, s, (kind,) * depth, tokens=tokens, extra=(kind,), inputs=inputs))
     return plans
 
 
@@ -54,9 +56,9 @@ def plan(num_steps, depth, num_tokens, options):
 def passes(plan, options):
     blocks = list(range(len(plan.kinds)))
     if plan.extra[0] == "full":
-        return [InsertTaylorUpdatePass(blocks, derivatives=plan.extra[1], order=options["order"])]
+        return [InsertTaylorUpdatePass(blocks, order=options["order"])]
     return [
-        ReplaceWithTaylorForecastPass(blocks, factors=plan.extra[1], order=options["order"]),
+        ReplaceWithTaylorForecastPass(blocks, order=options["order"]),
         EliminateDeadBranchesPass(),
     ]
 

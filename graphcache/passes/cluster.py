@@ -30,7 +30,7 @@ from .. import ir
 from ..cache import CacheSlot, declare_slot, read_slot, write_slot
 from ..ops import HOST_OPS
 from .base import Pass, PassResult
-from .taylor import DIST_INPUT, declare_taylor_slots, scalar_input, taylor_forecast, taylor_slot
+from .taylor import declare_taylor_slots, taylor_forecast, taylor_slot
 from .token_select import SelectContext, TokenMerger, TokenSelector, scatter_tokens
 
 LABELS_SLOT = "cluster_labels"
@@ -197,22 +197,21 @@ class ClusterRepresentativeSelector(TokenSelector):
 class ClusterPropagationMerger(TokenMerger):
     """Fresh tokens into the order-0 factor (+ propagation), written back; returns the forecast.
 
-    factors: how many Taylor factors the last full step left; order: the highest slot declared.
+    order: the highest Taylor factor (all are read; the forecast weights say which exist).
     """
 
-    def __init__(self, clusters: int, factors: int, order: int, propagation: float = 0.0):
-        self.clusters, self.factors, self.order, self.propagation = clusters, factors, order, propagation
+    def __init__(self, clusters: int, order: int, propagation: float = 0.0):
+        self.clusters, self.order, self.propagation = clusters, order, propagation
 
     def merge(self, ctx: SelectContext, idx: fx.Node, fresh: fx.Node) -> fx.Node:
         graph, branch = ctx.gm.graph, ctx.branch
         declare_taylor_slots(ctx.gm, branch, self.order)
-        old = [read_slot(graph, taylor_slot(branch, i)) for i in range(self.factors)]
+        old = [read_slot(graph, taylor_slot(branch, i)) for i in range(self.order + 1)]
         order0 = graph.call_function(scatter_tokens, (old[0], idx, fresh))
         if self.propagation > 0:
             labels = read_slot(graph, LABELS_SLOT)
             order0 = graph.call_function(
                 propagate_to_clusters, (order0, labels, idx, fresh, self.clusters, self.propagation))
-        dist = scalar_input(ctx.gm, DIST_INPUT) if self.factors > 1 else None
-        out = taylor_forecast(graph, [order0, *old[1:]], dist)
+        out = taylor_forecast(ctx.gm, [order0, *old[1:]])
         write_slot(graph, taylor_slot(branch, 0), order0)  # last: nothing reads the slot after it
         return out

@@ -6,19 +6,29 @@ slot each, `"{branch.name}_taylor{i}"` for i = 0..order:
 * at a full step (`InsertTaylorUpdatePass`) the branch computes F and the factors are refreshed by
   finite differences against the previous full step's factors,
 
-      new[0] = F,   new[i+1] = (new[i] - old[i]) / d   for i < m,
+      new[0] = F,   new[i+1] = (new[i] - old[i]) / d   for i < order,
 
   where d = activated_steps[-1] - activated_steps[-2] (negative: steps count down) is a per-step
-  input and m, the number of differences taken, is static for the variant (the schedule knows it);
+  input;
 * at a forecast step (`ReplaceWithTaylorForecastPass`) the branch output is replaced by
 
-      F̂ = Σ_{i < n} (1/i!) · new[i] · dist^i,   dist = s - activated_steps[-1] (negative),
+      F̂ = Σ_i (1/i!) · new[i] · w_i,   w_i = dist^i for the factors that exist, else 0,
 
-  with the number of factors n static and dist a per-step input. The current adaLN gate still
-  multiplies the forecast, as for every cache read.
+  dist = s - activated_steps[-1] (negative) and the w_i per-step inputs. The current adaLN gate
+  still multiplies the forecast, as for every cache read.
+
+How many factors exist is data, not graph: the official cache holds m + 1 factors after a full
+step that took m differences (m grows by one per full step up to `order`), and only those enter
+its forecasts. Here every full step takes all `order` differences and every forecast reads all
+`order + 1` factors, with w_i = 0 for the ones the official cache lacks: `0 · finite = 0` and
+`x + 0 = x`, so the result is bit-identical to leaving the term out, and one full variant and one
+forecast variant serve a whole run (instead of one per m — fewer graphs to compile and export).
+The differences beyond m are finite leftovers that nothing weights before a later full step
+overwrites them with real ones (it reads only old[i] for i < m' <= m + 1). The first full step of
+a run has no previous factors: its d input is 1 (any non-zero value keeps the leftovers finite).
 
 Per-step scalars are graph placeholders (Python ints at run time) named by `DELTA_INPUT` and
-`DIST_INPUT`; the schedule puts them in `StepPlan.inputs`.
+`weight_input(i)`; the schedule puts them in `StepPlan.inputs` (`forecast_weights`).
 """
 
 from __future__ import annotations
@@ -33,7 +43,16 @@ from ..cache import CacheSlot, declare_slot, read_slot, write_slot
 from .base import Pass, PassError, PassResult
 
 DELTA_INPUT = "gc_taylor_delta"  # activated_steps[-1] - activated_steps[-2] at a full step
-DIST_INPUT = "gc_taylor_dist"  # s - activated_steps[-1] at a forecast step
+
+
+def weight_input(i: int) -> str:
+    """The per-step input holding factor i's forecast weight: dist**i, or 0 if it does not exist."""
+    return f"gc_taylor_w{i}"
+
+
+def forecast_weights(dist: int, factors: int, order: int) -> dict[str, int]:
+    """Per-step inputs of a forecast from `factors` existing factors, `dist` steps away."""
+    return {weight_input(i): dist**i if i < factors else 0 for i in range(1, order + 1)}
 
 
 def taylor_slot(branch: ir.Branch, i: int) -> str:
@@ -50,13 +69,14 @@ def scalar_input(gm: fx.GraphModule, name: str) -> fx.Node:
     return ir.graph_input(gm.graph, name, type_expr=int)
 
 
-def taylor_forecast(graph: fx.Graph, factors: list[fx.Node], dist: fx.Node) -> fx.Node:
-    """Insert Σ_i (1/i!) · factors[i] · dist**i at the current insertion point (left to right)."""
+def taylor_forecast(gm: fx.GraphModule, factors: list[fx.Node]) -> fx.Node:
+    """Insert Σ_i (1/i!) · factors[i] · w_i at the current insertion point (left to right, the
+    official order of operations), w_i the per-step inputs `weight_input(i)`."""
+    graph = gm.graph
     out = factors[0]
     for i, factor in enumerate(factors[1:], start=1):
         term = graph.call_function(operator.mul, (1 / math.factorial(i), factor))
-        power = graph.call_function(operator.pow, (dist, i))
-        term = graph.call_function(operator.mul, (term, power))
+        term = graph.call_function(operator.mul, (term, scalar_input(gm, weight_input(i))))
         out = graph.call_function(operator.add, (out, term))
     return out
 
@@ -64,15 +84,14 @@ def taylor_forecast(graph: fx.Graph, factors: list[fx.Node], dist: fx.Node) -> f
 class InsertTaylorUpdatePass(Pass):
     """After each selected branch's ungated output, refresh its Taylor factors (writes last).
 
-    derivatives: m, how many finite differences this variant takes (0 <= m <= order).
-    order: the highest factor kept; every slot 0..order is declared so all variants agree.
+    order: the highest factor kept; every slot 0..order is declared, all `order` differences taken.
     """
 
-    def __init__(self, blocks=None, derivatives: int = 0, order: int = 1, kinds=None):
+    def __init__(self, blocks=None, order: int = 1, kinds=None):
         super().__init__()
-        if not 0 <= derivatives <= order:
-            raise ValueError(f"derivatives must be in 0..order ({order}), got {derivatives}")
-        self.blocks, self.derivatives, self.order, self.kinds = blocks, derivatives, order, kinds
+        if order < 0:
+            raise ValueError(f"order must be >= 0, got {order}")
+        self.blocks, self.order, self.kinds = blocks, order, kinds
 
     def call(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
@@ -83,34 +102,31 @@ class InsertTaylorUpdatePass(Pass):
                 self.decline(br.name, "its output is not computed in this variant")
                 continue
             declare_taylor_slots(gm, br, self.order)
-            delta = scalar_input(gm, DELTA_INPUT) if self.derivatives else None
+            delta = scalar_input(gm, DELTA_INPUT) if self.order else None
             with ir.insert_after(out):
-                old = [read_slot(graph, taylor_slot(br, i)) for i in range(self.derivatives)]
+                old = [read_slot(graph, taylor_slot(br, i)) for i in range(self.order)]
                 new = [out]
-                for i in range(self.derivatives):
+                for i in range(self.order):
                     diff = graph.call_function(operator.sub, (new[i], old[i]))
                     new.append(graph.call_function(operator.truediv, (diff, delta)))
                 for i, value in enumerate(new):
                     write_slot(graph, taylor_slot(br, i), value)
             self.counters["taylor_read"] += len(old)
-            self.counters["derivative"] += self.derivatives
+            self.counters["derivative"] += self.order
             self.counters["taylor_write"] += len(new)
             self.counters["branch"] += 1
         return PassResult(gm, self.counters["branch"] > 0)
 
 
 class ReplaceWithTaylorForecastPass(Pass):
-    """Replace each selected branch's ungated output by the Taylor forecast of its cached factors.
+    """Replace each selected branch's ungated output by the Taylor forecast of its cached factors
+    (order 0: plain reuse, as FORA)."""
 
-    factors: n, how many factors the last full step left (1 = plain reuse, as FORA).
-    """
-
-    def __init__(self, blocks=None, factors: int = 1, order: int | None = None, kinds=None):
+    def __init__(self, blocks=None, order: int = 1, kinds=None):
         super().__init__()
-        order = factors - 1 if order is None else order
-        if not 1 <= factors <= order + 1:
-            raise ValueError(f"factors must be in 1..order+1 ({order + 1}), got {factors}")
-        self.blocks, self.factors, self.order, self.kinds = blocks, factors, order, kinds
+        if order < 0:
+            raise ValueError(f"order must be >= 0, got {order}")
+        self.blocks, self.order, self.kinds = blocks, order, kinds
 
     def call(self, gm):
         nodes = ir.nodes_by_name(gm.graph)
@@ -121,12 +137,11 @@ class ReplaceWithTaylorForecastPass(Pass):
                 self.decline(br.name, "its output is not in this graph")
                 continue
             declare_taylor_slots(gm, br, self.order)
-            dist = scalar_input(gm, DIST_INPUT) if self.factors > 1 else None
             with ir.insert_after(out):
-                factors = [read_slot(graph, taylor_slot(br, i)) for i in range(self.factors)]
-                forecast = taylor_forecast(graph, factors, dist)
+                factors = [read_slot(graph, taylor_slot(br, i)) for i in range(self.order + 1)]
+                forecast = taylor_forecast(gm, factors)
             out.replace_all_uses_with(forecast)
-            self.counters["taylor_read"] += self.factors
+            self.counters["taylor_read"] += len(factors)
             self.counters["forecast"] += 1
         return PassResult(gm, self.counters["forecast"] > 0)
 

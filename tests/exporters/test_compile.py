@@ -35,6 +35,7 @@ from graphcache.exporters.compile import compile_kwargs, compile_options
 from graphcache.schedule import is_token_input
 from graphcache.methods import METHODS
 from graphcache.models.builtin import resolve_model
+from graphcache.passes.taylor import weight_input
 from run_helpers import CASES, case_id, max_rel, run
 
 STEPS = 10
@@ -75,15 +76,15 @@ def test_every_method_is_covered():
 
 
 def test_per_step_inputs_never_recompile(tiny):
-    # ToCa's token counts (0, 1 and larger: unbacked SymInts) and TaylorSeer's distances (0-d
-    # tensors) change from step to step inside one variant
+    # ToCa's token counts (0, 1 and larger: unbacked SymInts) and TaylorSeer's forecast weights
+    # (0-d tensors; 0 for the factors that do not exist yet) change from step to step inside one variant
     toca = graphcache.optimize(tiny, "toca", STEPS)
     partial = [p for p in toca.schedule.steps if p.variant == (("partial", "partial"), ())]
     assert len({p.tokens for p in partial}) >= 3 and any(0 in p.tokens for p in partial)
     taylor = graphcache.optimize(tiny, "taylorseer", STEPS)
-    dists = {p.inputs.get("gc_taylor_dist") for p in taylor.schedule.steps if p.extra[0] == "forecast"}
-    assert len(dists - {None}) >= 2
-    assert is_token_input("gc_tokens_b3") and not is_token_input("gc_taylor_dist")
+    weights = {p.inputs[weight_input(2)] for p in taylor.schedule.steps if p.extra[0] == "forecast"}
+    assert len(weights) >= 3 and 0 in weights
+    assert is_token_input("gc_tokens_b3") and not is_token_input(weight_input(2))
 
 
 def test_new_input_signature_compiles_each_variant_once_more(tiny):

@@ -31,7 +31,7 @@ import graphcache
 from graphcache.methods import get_method
 from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_, sincos_pos_embed_2d
 from graphcache.passes.cluster import KMEANS
-from graphcache.passes.taylor import DELTA_INPUT, DIST_INPUT
+from graphcache.passes.taylor import DELTA_INPUT, weight_input
 from graphcache.schedule import FORECAST, FULL, PARTIAL
 
 TOL = 1e-5
@@ -277,14 +277,16 @@ def test_schedule_follows_rule(num_steps, interval, order):
             activated.append(s)
             m = 0 if s == num_steps - 1 else min(factors, order)
             factors = m + 1
-            assert plan.extra == ("full", m, plan.index == 0)
-            assert plan.inputs == ({DELTA_INPUT: activated[-1] - activated[-2]} if m else {})
+            assert plan.extra == ("full", plan.index == 0)
+            # the first full step differences nothing: d = 1 only keeps the unused leftovers finite
+            assert plan.inputs == ({DELTA_INPUT: activated[-1] - activated[-2] if m else 1} if order else {})
             if m:
                 assert plan.inputs[DELTA_INPUT] < 0
         else:
             assert set(plan.kinds) == {PARTIAL} and plan.tokens == (k * per,) * 28
-            assert plan.extra == (PARTIAL, factors)
-            assert plan.inputs == ({DIST_INPUT: s - activated[-1]} if factors > 1 else {})
+            assert plan.extra == (PARTIAL,)
+            dist = s - activated[-1]
+            assert plan.inputs == {weight_input(i): dist**i if i < factors else 0 for i in range(1, order + 1)}
             assert plan.to_json()["tokens"] == [k * per] * 28
     assert sched.options == {"interval": interval, "clusters": k, "order": order, "propagation": 0.005,
                              "tokens_per_cluster": per}
@@ -295,8 +297,8 @@ def test_options_and_variants():
     assert {o.name: o.default for o in method.options} == {
         "interval": 5, "clusters": 16, "order": 4, "propagation": 0.005, "tokens_per_cluster": 1}
     sched = method.schedule(50, 28)
-    # full: m = 0 (with the K-means start), 1, 2, 3, 4; ClusCa: 2, 3, 4, 5 factors
-    assert len(sched.variants()) == 9
+    # full with the K-means start, full, ClusCa: how many Taylor factors exist is a per-step input
+    assert len(sched.variants()) == 3
     taylor = method.schedule(50, 28, {"clusters": 0})
     assert {p.kinds[0] for p in taylor.steps} == {FULL, FORECAST}
     assert all(p.tokens is None for p in taylor.steps)
@@ -321,18 +323,18 @@ def test_variant_structure():
         extra = key[1]
         if extra[0] == "full":
             assert count(gm, KMEANS) == 1 and count(gm, torch.rand) == 0
-            assert count(gm, torch.randint) == (1 if extra[2] else 0)
-            assert records["InsertTaylorUpdatePass"].counters["taylor_write"] == 2 * depth * (extra[1] + 1)
+            assert count(gm, torch.randint) == (1 if extra[1] else 0)
+            assert records["InsertTaylorUpdatePass"].counters == {  # order 2: 2 differences, 3 writes
+                "taylor_read": 2 * depth * 2, "derivative": 2 * depth * 2, "taylor_write": 2 * depth * 3,
+                "branch": 2 * depth}
             assert records["InsertClusterPass"].counters["kmeans"] == 1
         else:
             assert count(gm, KMEANS) == 0 and count(gm, torch.randint) == 0
             assert count(gm, torch.rand) == depth  # one draw per ClusCa block
-            assert records["ReplaceWithTaylorForecastPass"].counters == {
-                "taylor_read": depth * extra[1], "forecast": depth}
+            assert records["ReplaceWithTaylorForecastPass"].counters == {"taylor_read": depth * 3, "forecast": depth}
             assert records["InsertTokenSelectPass"].counters == {"token_select": depth}
         kinds[extra] = True
-    assert set(kinds) == {("full", 0, True), ("full", 1, False), ("full", 2, False),
-                          (PARTIAL, 2), (PARTIAL, 3)}
+    assert set(kinds) == {("full", True), ("full", False), (PARTIAL,)}
     assert sorted(cm.slots()) == sorted(
         [f"b{b}_{k}_taylor{i}" for b in range(depth) for k in ("attention", "mlp") for i in range(3)]
         + ["cluster_centroids", "cluster_labels"])

@@ -36,7 +36,7 @@ from graphcache.passes.cluster import (
     propagate_to_clusters,
 )
 from graphcache.passes.manager import PassManager
-from graphcache.passes.taylor import DIST_INPUT, ReplaceWithTaylorForecastPass
+from graphcache.passes.taylor import ReplaceWithTaylorForecastPass, forecast_weights
 from graphcache.passes.token_select import InsertTokenSelectPass
 from graphcache.runtime import new_variant
 
@@ -248,19 +248,19 @@ def test_propagation_matches_loop():
 # ---------------------------------------------------------------------------------------------
 
 
-def clusca_passes(factors, gamma, per_cluster=1, order=2):
+def clusca_passes(gamma, per_cluster=1, order=2):
     return [
-        ReplaceWithTaylorForecastPass(factors=factors, order=order, kinds={ir.ATTENTION}),
+        ReplaceWithTaylorForecastPass(order=order, kinds={ir.ATTENTION}),
         InsertTokenSelectPass(
             range(DEPTH), ClusterRepresentativeSelector(K, per_cluster),
-            ClusterPropagationMerger(K, factors, order, gamma)),
+            ClusterPropagationMerger(K, order, gamma)),
         EliminateDeadBranchesPass(),
     ]
 
 
 def test_clusca_step_structure(captured):
-    gm, records = build(captured, clusca_passes(factors=2, gamma=0.1))
-    assert records[0].counters == {"taylor_read": 2 * DEPTH, "forecast": DEPTH}
+    gm, records = build(captured, clusca_passes(gamma=0.1))
+    assert records[0].counters == {"taylor_read": 3 * DEPTH, "forecast": DEPTH}  # order 2: 3 factors
     assert records[1].counters == {"token_select": DEPTH} and not records[1].declined
     assert len(calls(gm, torch.rand)) == DEPTH  # exactly one draw per block
     assert not calls(gm, torch.randint) and not calls(gm, KMEANS)
@@ -278,9 +278,10 @@ def test_clusca_step_structure(captured):
 
 @pytest.mark.parametrize("gamma,per_cluster", [(0.0, 1), (0.2, 1), (0.2, 2)])
 def test_clusca_step_numbers(model, captured, gamma, per_cluster):
-    """The variant against the eager model, with §6.5 computed here block by block."""
+    """The variant against the eager model, with §6.5 computed here block by block. Two of the
+    three factors exist: the third holds random values its zero weight must leave out."""
     order, factors, dist = 2, 2, -2
-    gm, _ = build(captured, clusca_passes(factors, gamma, per_cluster, order))
+    gm, _ = build(captured, clusca_passes(gamma, per_cluster, order))
     cache = allocate(captured, gm)
     g = torch.Generator().manual_seed(4)
     for name, buf in cache.named_buffers():
@@ -292,7 +293,7 @@ def test_clusca_step_numbers(model, captured, gamma, per_cluster):
     args = inputs()
     torch.manual_seed(77)
     with torch.no_grad():
-        out = gm(*args, **{DIST_INPUT: dist})
+        out = gm(*args, **forecast_weights(dist, factors, order))
 
     torch.manual_seed(77)
     labels = old[LABELS_SLOT]
@@ -351,7 +352,7 @@ def test_token_select_declines_token_mixing_mlp():
     init_random_(model, seed=2).eval()
     captured = graphcache.capture(model)
     assert [br.kind for br in ir.structure_of(captured).branches] == ["attention", "mlp"] * DEPTH
-    gm, records = build(captured, clusca_passes(factors=1, gamma=0.1))
+    gm, records = build(captured, clusca_passes(gamma=0.1))
     assert records[1].counters == {"token_select": 1}
     (declined,) = records[1].declined
     assert declined.target == "b1_mlp" and declined.reason.startswith("node mean ")
