@@ -9,13 +9,14 @@ The "eager" and "compile" backends store no graphs: `load_artifact` loads the we
 the recorded `compile_options`: compiler, mode, dynamic, options; torch.compile then compiles each
 variant on its first call), then checks that it yields the recorded schedule.
 
-The ahead-of-time backends ("aoti", "onnx", "tensorrt") store the exported variants instead of
-the weights (which they contain):
+The ahead-of-time backends ("aoti", "onnx", "tensorrt") store the exported variants instead:
 
     OUT/
       manifest.json       also: device, input shapes, batch range, cache slots, per-variant
                           signatures and token-count ranges, the step -> variant table, versions
-      v<i>.pt2|.onnx      variant i's main graph (exporters/aoti.py, exporters/onnx.py)
+      v<i>.pt2|.onnx      variant i's main graph (exporters/aoti.py, exporters/onnx.py); an ONNX
+                          file carries its weights (v<i>.onnx.data), a .pt2 does not
+      weights.safetensors aoti: the weights every package loads at run time, stored once
       v<i>_prologue.pt2   its random draws, v<i>_epilogue.pt2 its K-means (torch.export programs)
 
 and `load_artifact` runs them without the model's Python code (exporters/export.py), refusing an

@@ -10,6 +10,11 @@ Dynamic dimensions: dim 0 of every tensor input (the batch: x, t, y, cache slots
 batch-major) is `Dim.AUTO`, exported at an example batch of 4; a token count `gc_tokens_b<i>`
 (a `(k,)` tensor) is `Dim(min=0, max=N-1)`. `token_ranges` gives the k each variant actually
 receives in the run (TensorRT profiles and the manifest use it).
+
+Weights: a backend module with `SHARED_WEIGHTS` (aoti) keeps them out of its files and takes them
+at load time (`shared_weights`: every constant of every variant's program, by name, once); an
+artifact of such a backend stores them once, as `WEIGHTS_FILE`. The others (onnx, tensorrt) carry
+the weights inside each variant's file.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ..runtime import MODEL_ATTRS, SteppedModel
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
 AHEAD_OF_TIME = ("aoti", "onnx", "tensorrt")
+WEIGHTS_FILE = "weights.safetensors"  # shared by the variants (backends with SHARED_WEIGHTS)
 EXAMPLE_BATCH = 4
 # Smallest batch an artifact accepts: one image with guidance. Size-oblivious export reports
 # ranges from 0, but the graphs branch on batch parity (ToCa's shared CFG draw) and were traced
@@ -168,6 +174,22 @@ def build_files(cached, backend: str, directory: Path) -> list[ExportedVariant]:
     return variants
 
 
+def shared_weights(variants: list[ExportedVariant]) -> dict[str, torch.Tensor]:
+    """{name: tensor} of every parameter, buffer and lifted tensor the variants' main programs
+    use, each once (the variants of one model share them: the same tensors, used in place)."""
+    weights: dict[str, torch.Tensor] = {}
+    for v in variants:
+        for name, t in {**v.main.state_dict, **v.main.constants}.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            t = t.detach()
+            seen = weights.setdefault(name, t)
+            if seen is not t and not (seen.shape == t.shape and seen.dtype == t.dtype and torch.equal(seen, t)):
+                raise GraphcacheError(f"two variants hold different values for the constant {name}: "
+                                      "their weights cannot be shared")
+    return weights
+
+
 def install_runners(cached, backend: str, directory: Path) -> None:
     """Build the files and make `cached` run them: one FunctionalRunner per variant key."""
     module = backend_module(backend)
@@ -175,9 +197,10 @@ def install_runners(cached, backend: str, directory: Path) -> None:
     device = next(cached.model.parameters()).device
     keys = cached.schedule.variants()
     cached.exported = variants
+    cached.weights = shared_weights(variants) if getattr(module, "SHARED_WEIGHTS", False) else None
     cached.runners = {
         keys[v.index]: FunctionalRunner(v.sig, module.Runner(directory / variant_files(v.index, module.SUFFIX)["main"],
-                                                             v.sig, device),
+                                                             v.sig, device, cached.weights),
                                         cached.cache, cached.structure.input_names)
         for v in variants
     }
@@ -250,8 +273,23 @@ def manifest_entries(cached, backend: str) -> dict:
         "variants": variants,
         "steps": [{"variant": keys.index(p.variant), "inputs": kwargs}
                   for p, kwargs in zip(cached.schedule.steps, cached.step_kwargs)],
+        "weights": WEIGHTS_FILE if cached.weights is not None else None,
         "backend_versions": module.versions(),
     }
+
+
+def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses tensors that share memory: a name whose storage was already written
+    (a tied or viewed weight) is saved as a copy."""
+    from safetensors.torch import save_file
+
+    seen, tensors = set(), {}
+    for name, t in weights.items():
+        t = t.contiguous()
+        storage = t.untyped_storage().data_ptr()
+        tensors[name] = t.clone() if storage in seen or t.numel() == 0 else t
+        seen.add(storage)
+    save_file(tensors, str(path))
 
 
 def copy_files(cached, backend: str, dest: Path) -> None:
@@ -265,6 +303,8 @@ def copy_files(cached, backend: str, dest: Path) -> None:
                 shutil.copy2(src, dest / name)
             for extra in Path(cached.files.name).glob(name + ".*"):  # ONNX external weights
                 shutil.copy2(extra, dest / extra.name)
+    if cached.weights is not None:
+        _save_weights(cached.weights, dest / WEIGHTS_FILE)
 
 
 def _release(version: str) -> str:
@@ -308,6 +348,17 @@ class ExportedModel(SteppedModel):
         self.inputs = manifest["inputs"]
         self.arg_names = list(self.inputs)
         self.cache = CacheState()
+        self.weights = None  # the runners use these tensors in place: they live as long as this model
+        if manifest.get("weights"):
+            from safetensors.torch import load_file
+
+            weights = self.path / manifest["weights"]
+            if not weights.is_file():
+                raise GraphcacheError(f"{path}: the artifact has no {weights.name} (incomplete or damaged)")
+            try:
+                self.weights = load_file(str(weights), device=str(device))
+            except Exception as e:
+                raise GraphcacheError(f"{path}: cannot read {weights.name}: {e}") from e
         self.runners_by_variant = []
         for v in manifest["variants"]:
             sig = Signature.from_names(v["signature"])
@@ -315,7 +366,7 @@ class ExportedModel(SteppedModel):
             for f in files.values():
                 if not f.is_file():
                     raise GraphcacheError(f"{path}: the artifact has no {f.name} (incomplete or damaged)")
-            main = module.Runner(files["main"], sig, device)
+            main = module.Runner(files["main"], sig, device, self.weights)
             with quiet_torch():
                 parts = {k: torch.export.load(files[k]).module() for k in ("prologue", "epilogue") if k in files}
             self.runners_by_variant.append(FunctionalRunner(sig, main, self.cache, self.arg_names, **parts))
@@ -358,6 +409,6 @@ def schedule_from_json(data: dict):
     return Schedule(data["method"], data["options"], data["num_steps"], data["depth"], steps)
 
 
-__all__ = ["AHEAD_OF_TIME", "ExportedModel", "ExportedVariant", "backend_module", "build_files", "check_compatible",
-           "copy_files", "export_variants", "install_runners", "manifest_entries", "schedule_from_json",
-           "token_ranges", "variant_files"]
+__all__ = ["AHEAD_OF_TIME", "WEIGHTS_FILE", "ExportedModel", "ExportedVariant", "backend_module", "build_files",
+           "check_compatible", "copy_files", "export_variants", "install_runners", "manifest_entries",
+           "schedule_from_json", "shared_weights", "token_ranges", "variant_files"]

@@ -60,7 +60,7 @@ def _sort_stable(self, *, stable=None, dim: int = -1, descending: bool = False):
 class Runner:
     """An onnxruntime session fed with the tensors of `sig.inputs` (those the file kept)."""
 
-    def __init__(self, path: Path, sig, device):
+    def __init__(self, path: Path, sig, device, weights=None):  # weights: inside the file
         ort = _require("onnxruntime")
         device = torch.device(device)
         providers = ["CPUExecutionProvider"]

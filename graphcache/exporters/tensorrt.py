@@ -115,7 +115,7 @@ def build(variant, path: Path) -> None:
 class Runner:
     """Runs an engine on torch CUDA tensors (execute_async_v3 on the current stream)."""
 
-    def __init__(self, path: Path, sig, device):
+    def __init__(self, path: Path, sig, device, weights=None):  # weights: inside the file
         trt = require_tensorrt()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(str(path) + ENGINE_SUFFIX).read_bytes())

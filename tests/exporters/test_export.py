@@ -3,6 +3,8 @@
 * `optimize --backend onnx|aoti -o OUT` writes the variant files and a manifest with what a
   loader needs; `graphcache.load(OUT)` runs them without the model (an `ExportedModel`) and
   gives the in-process backend's samples exactly, at the export's batch and at other batches;
+* an aoti artifact stores the weights once (weights.safetensors), and every package uses the
+  loaded tensors in place;
 * it refuses, with a message saying why, an artifact built by another torch release or for
   another device, inputs of another shape, dtype or a batch outside the exported range, and
   damaged artifacts; a failed export leaves no OUT behind;
@@ -24,7 +26,7 @@ from graphcache.artifact import MANIFEST, save_artifact
 from graphcache.cli import main
 from graphcache.errors import GraphcacheError
 from graphcache.exporters import tensorrt
-from graphcache.exporters.export import ExportedModel, token_ranges
+from graphcache.exporters.export import WEIGHTS_FILE, ExportedModel, token_ranges
 from graphcache.models.builtin import resolve_model
 from run_helpers import max_rel, run
 
@@ -89,12 +91,30 @@ def test_cli_optimize_and_sample(tmp_path):
     out = tmp_path / "fora"
     assert main(["optimize", "builtin:dit-tiny-random", "--method", "fora", "--steps", "4", "--backend", "aoti",
                  "-o", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {MANIFEST, "v0.pt2", "v1.pt2"}
+    assert {p.name for p in out.iterdir()} == {MANIFEST, "v0.pt2", "v1.pt2", WEIGHTS_FILE}
     assert main(["sample", str(out), "--labels", "1,2", "--seed", "3", "--quiet", "-o", str(tmp_path / "a.pt")]) == 0
     assert main(["sample", "builtin:dit-tiny-random", "--method", "fora", "--steps", "4", "--labels", "1,2",
                  "--seed", "3", "--quiet", "-o", str(tmp_path / "b.pt")]) == 0
     a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert max_rel(a, b) < 1e-4
+
+
+def test_aoti_weights_stored_once_and_used_in_place(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    cached = graphcache.optimize(tiny, "fora", 4, backend="aoti")
+    assert len(cached.runners) == 2
+    out = save_artifact(cached, tmp_path / "fora", model_spec="builtin:dit-tiny-random")
+    weights, state = load_file(out / WEIGHTS_FILE), tiny.state_dict()
+    assert weights and set(weights) <= set(state)  # the model's own names, each stored once
+    assert all(torch.equal(w, state[name]) for name, w in weights.items())
+    loaded = graphcache.load(out)
+    _, before, _ = run(loaded, labels=[1, 2], steps=4)
+    loaded.weights["final_layer.linear.bias"].add_(1.0)  # one tensor: both packages read it
+    _, after, _ = run(loaded, labels=[1, 2], steps=4)
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))  # every step, either variant
+    (out / WEIGHTS_FILE).unlink()
+    load_error(out, "has no weights.safetensors")
 
 
 def load_error(path, *needles):
