@@ -24,6 +24,7 @@ from .io import atomic_write
 from .models.builtin import DEFAULT_MODEL, available
 
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE
 PROG = "graphcache"
 _OUTPUT_SUFFIXES = (".pt", ".png")
 _PIXEL_CHANNELS = (1, 3)
@@ -741,6 +742,10 @@ def main(argv=None) -> int:
         if debug:
             traceback.print_exc()
         return _fail(str(e))
+    except BrokenPipeError:  # `graphcache schedule | head`: the reader left; stop quietly, as a shell tool does
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as e:  # disk full, permissions, ...: the user's to fix, not a bug
         if debug:
             traceback.print_exc()

@@ -80,6 +80,20 @@ def test_module_entry_point_help():
         assert command in r.stdout
 
 
+def test_closed_stdout_stops_quietly():
+    """`graphcache schedule | head -1`: the reader goes away; no error message, SIGPIPE's status."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    try:
+        r = subprocess.run([sys.executable, "-m", "graphcache", "schedule", "--method", "clusca"],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141
+    assert r.stderr == ""
+
+
 # ---------------------------------------------------------------------------------------------
 # optimize -> artifact -> sample
 # ---------------------------------------------------------------------------------------------
