@@ -14,9 +14,10 @@ The ahead-of-time backends ("aoti", "onnx", "tensorrt") store the exported varia
     OUT/
       manifest.json       also: device, input shapes, batch range, cache slots, per-variant
                           signatures and token-count ranges, the step -> variant table, versions
-      v<i>.pt2|.onnx      variant i's main graph (exporters/aoti.py, exporters/onnx.py); an ONNX
-                          file carries its weights (v<i>.onnx.data), a .pt2 does not
-      weights.safetensors aoti: the weights every package loads at run time, stored once
+      v<i>.pt2|.onnx      variant i's main graph (exporters/aoti.py, exporters/onnx.py), without
+                          the weights
+      weights.safetensors the weights, stored once: every .pt2 loads them at run time, every
+                          ONNX file references them as external data
       v<i>_prologue.pt2   its random draws, v<i>_epilogue.pt2 its K-means (torch.export programs)
 
 and `load_artifact` runs them without the model's Python code (exporters/export.py), refusing an

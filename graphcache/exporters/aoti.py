@@ -21,14 +21,14 @@ import torch
 from ..errors import GraphcacheError
 
 SUFFIX = ".pt2"
-SHARED_WEIGHTS = True  # packages load the model's weights at run time (export.shared_weights)
+WEIGHTS_IN_MEMORY = True  # the runner is handed the weights as tensors (export.shared_weights)
 
 
 def check(cached) -> None:
     """Nothing to check up front: AOTInductor ships with torch (it needs a C++ compiler on CPU)."""
 
 
-def build(variant, path: Path) -> None:
+def build(variant, path: Path, weights_file: Path) -> None:  # weights_file: read by ExportedModel
     torch._inductor.aoti_compile_and_package(variant.main, package_path=str(path),
                                              inductor_configs={"aot_inductor.package_constants_in_so": False})
 

@@ -11,10 +11,11 @@ batch-major) is `Dim.AUTO`, exported at an example batch of 4; a token count `gc
 (a `(k,)` tensor) is `Dim(min=0, max=N-1)`. `token_ranges` gives the k each variant actually
 receives in the run (TensorRT profiles and the manifest use it).
 
-Weights: a backend module with `SHARED_WEIGHTS` (aoti) keeps them out of its files and takes them
-at load time (`shared_weights`: every constant of every variant's program, by name, once); an
-artifact of such a backend stores them once, as `WEIGHTS_FILE`. The others (onnx, tensorrt) carry
-the weights inside each variant's file.
+Weights are stored once for all variants: `shared_weights` collects every constant of every
+variant's program, by name, once, and `build_files` writes them as `WEIGHTS_FILE` before
+building the files. AOTInductor packages leave
+them out and take the tensors at load time (`WEIGHTS_IN_MEMORY`: in-process the model's own
+parameters, from an artifact the loaded file); ONNX files reference the file as external data.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..runtime import MODEL_ATTRS, SteppedModel
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
 AHEAD_OF_TIME = ("aoti", "onnx", "tensorrt")
-WEIGHTS_FILE = "weights.safetensors"  # shared by the variants (backends with SHARED_WEIGHTS)
+WEIGHTS_FILE = "weights.safetensors"  # shared by the variants
 EXAMPLE_BATCH = 4
 # Smallest batch an artifact accepts: one image with guidance. Size-oblivious export reports
 # ranges from 0, but the graphs branch on batch parity (ToCa's shared CFG draw) and were traced
@@ -158,20 +159,23 @@ def variant_files(index: int, suffix: str) -> dict[str, str]:
     return {"main": f"v{index}{suffix}", "prologue": f"v{index}_prologue.pt2", "epilogue": f"v{index}_epilogue.pt2"}
 
 
-def build_files(cached, backend: str, directory: Path) -> list[ExportedVariant]:
-    """Export every variant of `cached` into `directory` with `backend`'s builder."""
+def build_files(cached, backend: str, directory: Path):
+    """Export every variant of `cached` into `directory` with `backend`'s builder: the variants,
+    and their shared weights ({name: tensor}, written to WEIGHTS_FILE first)."""
     module = backend_module(backend)
     module.check(cached)
     directory.mkdir(parents=True, exist_ok=True)
     variants = export_variants(cached)
+    weights = shared_weights(variants)
+    _save_weights(weights, directory / WEIGHTS_FILE)
     for v in variants:
         files = variant_files(v.index, module.SUFFIX)
         with quiet_torch():
-            module.build(v, directory / files["main"])
+            module.build(v, directory / files["main"], directory / WEIGHTS_FILE)
             for part in ("prologue", "epilogue"):
                 if getattr(v, part) is not None:
                     torch.export.save(getattr(v, part), directory / files[part])
-    return variants
+    return variants, weights
 
 
 def shared_weights(variants: list[ExportedVariant]) -> dict[str, torch.Tensor]:
@@ -193,11 +197,10 @@ def shared_weights(variants: list[ExportedVariant]) -> dict[str, torch.Tensor]:
 def install_runners(cached, backend: str, directory: Path) -> None:
     """Build the files and make `cached` run them: one FunctionalRunner per variant key."""
     module = backend_module(backend)
-    variants = build_files(cached, backend, directory)
+    variants, cached.weights = build_files(cached, backend, directory)
     device = next(cached.model.parameters()).device
     keys = cached.schedule.variants()
     cached.exported = variants
-    cached.weights = shared_weights(variants) if getattr(module, "SHARED_WEIGHTS", False) else None
     cached.runners = {
         keys[v.index]: FunctionalRunner(v.sig, module.Runner(directory / variant_files(v.index, module.SUFFIX)["main"],
                                                              v.sig, device, cached.weights),
@@ -273,7 +276,7 @@ def manifest_entries(cached, backend: str) -> dict:
         "variants": variants,
         "steps": [{"variant": keys.index(p.variant), "inputs": kwargs}
                   for p, kwargs in zip(cached.schedule.steps, cached.step_kwargs)],
-        "weights": WEIGHTS_FILE if cached.weights is not None else None,
+        "weights": WEIGHTS_FILE,
         "backend_versions": module.versions(),
     }
 
@@ -301,10 +304,9 @@ def copy_files(cached, backend: str, dest: Path) -> None:
             src = Path(cached.files.name) / name
             if src.exists():
                 shutil.copy2(src, dest / name)
-            for extra in Path(cached.files.name).glob(name + ".*"):  # ONNX external weights
+            for extra in Path(cached.files.name).glob(name + ".*"):  # a TensorRT engine beside its ONNX file
                 shutil.copy2(extra, dest / extra.name)
-    if cached.weights is not None:
-        _save_weights(cached.weights, dest / WEIGHTS_FILE)
+    shutil.copy2(Path(cached.files.name) / WEIGHTS_FILE, dest / WEIGHTS_FILE)
 
 
 def _release(version: str) -> str:
@@ -350,15 +352,16 @@ class ExportedModel(SteppedModel):
         self.cache = CacheState()
         self.weights = None  # the runners use these tensors in place: they live as long as this model
         if manifest.get("weights"):
-            from safetensors.torch import load_file
-
             weights = self.path / manifest["weights"]
             if not weights.is_file():
                 raise GraphcacheError(f"{path}: the artifact has no {weights.name} (incomplete or damaged)")
-            try:
-                self.weights = load_file(str(weights), device=str(device))
-            except Exception as e:
-                raise GraphcacheError(f"{path}: cannot read {weights.name}: {e}") from e
+            if module.WEIGHTS_IN_MEMORY:  # otherwise the variants' files reference the file themselves
+                from safetensors.torch import load_file
+
+                try:
+                    self.weights = load_file(str(weights), device=str(device))
+                except Exception as e:
+                    raise GraphcacheError(f"{path}: cannot read {weights.name}: {e}") from e
         self.runners_by_variant = []
         for v in manifest["variants"]:
             sig = Signature.from_names(v["signature"])

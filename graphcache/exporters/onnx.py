@@ -7,10 +7,20 @@ The runner keeps one `InferenceSession` per variant; on CPU, inputs and outputs 
 arrays that share memory with the torch tensors (no copies), on CUDA through IO binding.
 Inputs the exporter found unused (e.g. a token count only read for a shape it folded) are not
 fed.
+
+Weights are stored once for all variants: every file's initializers that are model weights are
+ONNX external data pointing into the shared `weights.safetensors` (a safetensors file is a JSON
+header followed by each tensor's raw little-endian bytes, which is exactly ONNX's external-data
+layout, so the offsets are read from its header). For that the exporter's optimizer must leave
+the weights as they are: it would otherwise fold `Transpose(W)` of every linear layer into a
+new, unshared initializer; onnxruntime folds those itself when it loads the session. Every file
+stays a plain ONNX model that any ONNX tool (TensorRT's parser included) reads on its own.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +29,7 @@ import torch
 from ..errors import GraphcacheError
 
 SUFFIX = ".onnx"
+WEIGHTS_IN_MEMORY = False  # the files reference the weights file beside them; onnxruntime reads it
 
 
 def _require(module: str):
@@ -38,14 +49,64 @@ def check(cached) -> None:
         _require(module)
 
 
-def build(variant, path: Path) -> None:
-    """The ONNX file of `variant`'s main graph at `path`, checked."""
+def build(variant, path: Path, weights_file: Path) -> None:
+    """The ONNX file of `variant`'s main graph at `path`, its weights read from `weights_file`
+    (in the same directory), checked."""
     onnx = _require("onnx")
+    optimizer = _require("onnxscript.optimizer")
     sig = variant.sig
-    torch.onnx.export(variant.main, f=str(path), dynamo=True, input_names=list(sig.inputs),
-                      output_names=list(sig.outputs), verbose=False,
-                      custom_translation_table={torch.ops.aten.sort.stable: _sort_stable})
+    program = torch.onnx.export(variant.main, dynamo=True, input_names=list(sig.inputs),
+                                output_names=list(sig.outputs), verbose=False, optimize=False,
+                                custom_translation_table={torch.ops.aten.sort.stable: _sort_stable})
+    stored = safetensors_layout(weights_file)
+    optimizer.optimize_ir(program.model, should_fold=lambda node: False if _reads(node, stored) else None)
+    model = _require("onnx_ir").serde.serialize_model(program.model)  # onnxscript's IR package
+    for tensor in model.graph.initializer:
+        _point_into(tensor, stored.get(tensor.name), weights_file.name)
+    onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path), full_check=False)
+
+
+# safetensors dtype codes -> ONNX TensorProto data types (those a model's weights may have)
+_ONNX_TYPES = {"F64": 11, "F32": 1, "F16": 10, "BF16": 16, "I64": 7, "I32": 6, "I16": 5, "I8": 3, "U8": 2,
+               "BOOL": 9}
+
+
+def safetensors_layout(path: Path) -> dict[str, tuple[int, list[int], int, int]]:
+    """{tensor name: (ONNX data type, shape, byte offset in the file, byte length)} of a
+    safetensors file, read from its header alone."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    layout = {}
+    for name, entry in header.items():
+        if name == "__metadata__" or entry["dtype"] not in _ONNX_TYPES:
+            continue
+        begin, end = entry["data_offsets"]
+        layout[name] = (_ONNX_TYPES[entry["dtype"]], list(entry["shape"]), 8 + size + begin, end - begin)
+    return layout
+
+
+def _reads(node, stored) -> bool:
+    """Whether the ONNX IR `node` reads one of the stored weights (folding it would copy it)."""
+    return any(v is not None and v.is_initializer() and v.name in stored for v in node.inputs)
+
+
+def _point_into(tensor, entry, location: str) -> None:
+    """Make the initializer `tensor` external data at `entry` of the weights file, when that
+    entry is the same tensor (name, type and shape); anything else stays in the ONNX file."""
+    if entry is None:
+        return
+    data_type, shape, offset, length = entry
+    if tensor.data_type != data_type or list(tensor.dims) != shape:
+        return
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                  "external_data"):
+        tensor.ClearField(field)
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    tensor.data_location = tensor.EXTERNAL
 
 
 def _sort_stable(self, *, stable=None, dim: int = -1, descending: bool = False):
@@ -60,7 +121,7 @@ def _sort_stable(self, *, stable=None, dim: int = -1, descending: bool = False):
 class Runner:
     """An onnxruntime session fed with the tensors of `sig.inputs` (those the file kept)."""
 
-    def __init__(self, path: Path, sig, device, weights=None):  # weights: inside the file
+    def __init__(self, path: Path, sig, device, weights=None):  # weights: the file references them
         ort = _require("onnxruntime")
         device = torch.device(device)
         providers = ["CPUExecutionProvider"]

@@ -31,6 +31,7 @@ from ..schedule import is_token_input
 from . import onnx as onnx_backend
 
 SUFFIX = ".onnx"  # the engine is written beside it as v<i>.onnx.engine
+WEIGHTS_IN_MEMORY = False  # the engines hold their own copy (their ONNX files reference the weights file)
 ENGINE_SUFFIX = ".engine"
 TOPK_LIMIT = 3840
 DEFAULT_BATCH = (2, 2, 16)
@@ -85,11 +86,11 @@ def check(cached) -> None:
     check_topk(cached.structure.num_tokens)
 
 
-def build(variant, path: Path) -> None:
+def build(variant, path: Path, weights_file: Path) -> None:
     """The ONNX file at `path`, then its engine at `<path>.engine`."""
     trt = require_tensorrt()
     program, sig = variant.main, variant.sig
-    onnx_backend.build(variant, path)
+    onnx_backend.build(variant, path, weights_file)
     shapes = {s.name: tuple(int(d) if isinstance(d, int) else 1 for d in s.meta["val"].shape)
               for s in program.graph.nodes if s.op == "placeholder" and s.name in sig.inputs}
     logger = trt.Logger(trt.Logger.WARNING)
@@ -115,7 +116,7 @@ def build(variant, path: Path) -> None:
 class Runner:
     """Runs an engine on torch CUDA tensors (execute_async_v3 on the current stream)."""
 
-    def __init__(self, path: Path, sig, device, weights=None):  # weights: inside the file
+    def __init__(self, path: Path, sig, device, weights=None):  # weights: inside the engine
         trt = require_tensorrt()
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(str(path) + ENGINE_SUFFIX).read_bytes())

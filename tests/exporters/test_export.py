@@ -3,8 +3,8 @@
 * `optimize --backend onnx|aoti -o OUT` writes the variant files and a manifest with what a
   loader needs; `graphcache.load(OUT)` runs them without the model (an `ExportedModel`) and
   gives the in-process backend's samples exactly, at the export's batch and at other batches;
-* an aoti artifact stores the weights once (weights.safetensors), and every package uses the
-  loaded tensors in place;
+* an artifact stores the weights once (weights.safetensors): every aoti package uses the
+  loaded tensors in place, every ONNX file references them as external data;
 * it refuses, with a message saying why, an artifact built by another torch release or for
   another device, inputs of another shape, dtype or a batch outside the exported range, and
   damaged artifacts; a failed export leaves no OUT behind;
@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -73,7 +74,7 @@ def test_manifest(saved, onnx_toca):
         assert v["token_ranges"] == token_ranges(onnx_toca.schedule, key)
         for f in v["files"].values():
             assert (saved / f).is_file()
-    assert not (saved / "model.safetensors").exists()  # the weights are inside the files
+    assert m["weights"] == WEIGHTS_FILE and not (saved / "model.safetensors").exists()
 
 
 def test_loaded_artifact_runs_without_the_model(saved, onnx_toca, tiny):
@@ -115,6 +116,46 @@ def test_aoti_weights_stored_once_and_used_in_place(tmp_path, tiny):
     assert all(not torch.equal(a, b) for a, b in zip(after, before))  # every step, either variant
     (out / WEIGHTS_FILE).unlink()
     load_error(out, "has no weights.safetensors")
+
+
+def test_onnx_weights_stored_once_as_external_data(saved, tiny):
+    """Every ONNX file's weight initializers are external data at the right bytes of the one
+    weights.safetensors; nothing else is written beside the files."""
+    import onnx
+    from safetensors.torch import load_file
+
+    weights, state = load_file(saved / WEIGHTS_FILE), tiny.state_dict()
+    assert weights and all(torch.equal(w, state[name]) for name, w in weights.items())
+    files = sorted(saved.glob("*.onnx"))
+    assert len(files) == 3 and not list(saved.glob("*.data"))
+    raw = (saved / WEIGHTS_FILE).read_bytes()
+    matrices = {w.numel() for w in weights.values() if w.ndim == 2}
+    for path in files:
+        linked = 0
+        for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
+            if tensor.name not in weights:  # the exporter's own constants, not folded copies of weights
+                assert math.prod(tensor.dims) not in matrices, tensor.name
+                continue
+            assert tensor.data_location == onnx.TensorProto.EXTERNAL
+            info = {e.key: e.value for e in tensor.external_data}
+            assert info["location"] == WEIGHTS_FILE
+            start, length = int(info["offset"]), int(info["length"])
+            want = weights[tensor.name].contiguous().view(-1).view(torch.uint8)
+            assert torch.equal(torch.frombuffer(bytearray(raw[start:start + length]), dtype=torch.uint8), want)
+            linked += 1
+        assert linked >= len([n for n in weights if n.startswith("blocks.1.")])  # at least one whole block
+
+
+def test_onnx_files_read_the_shared_weights(copy):
+    """Changing a weight in weights.safetensors changes what every variant computes."""
+    from safetensors.torch import load_file, save_file
+
+    _, before, _ = run(graphcache.load(copy), labels=[1, 2], steps=STEPS)
+    weights = load_file(copy / WEIGHTS_FILE)
+    weights["final_layer.linear.bias"] += 1.0
+    save_file(weights, str(copy / WEIGHTS_FILE))  # same names, shapes and order: same offsets
+    _, after, _ = run(graphcache.load(copy), labels=[1, 2], steps=STEPS)
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))
 
 
 def load_error(path, *needles):
