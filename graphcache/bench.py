@@ -159,8 +159,10 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
         bar = tqdm(total=len(methods), desc="bench", unit="method", file=sys.stderr)
     results, reference, base_seconds = [], None, None
     for name, options in methods:
+        start = time.perf_counter()
         cached = optimize(model, name, num_steps=num_steps, backend=backend, compile_options=compile_options,
                           **options)
+        build_seconds = time.perf_counter() - start  # capture + passes (+ export for aoti/onnx), not timed runs
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timing = time_sampling(cached, labels=labels, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
@@ -175,6 +177,7 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
             "options": cached.options,
             "seconds": timing["seconds"],
             "seconds_all": timing["all"],
+            "build_seconds": build_seconds,
             "speedup": speedup,
             "flops": flops["total"],
             "flops_uncached": flops["uncached"],
@@ -185,7 +188,7 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
             "cache_bytes": cached.cache.nbytes(),
             "kinds": [list(p.kinds) for p in cached.schedule.steps],
         })
-        del cached  # exported variants hold their own weights: free them before building the next
+        del cached  # free the variants (onnxruntime sessions: a copy of the weights each) before the next
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{name} {timing['seconds']:.2f}s")

@@ -23,8 +23,8 @@ def test_time_sampling_median():
         time_sampling(cached, labels=[1], num_steps=3, sampler="ddim", cfg_scale=1.5, repeats=0, warmup=0, seed=0)
 
 
-BENCH_FIELDS = {"method", "options", "seconds", "speedup", "flops", "flops_speedup", "realization", "psnr", "ssim",
-                "rel_l2", "accuracy", "fd", "peak_memory_bytes", "cache_bytes"}
+BENCH_FIELDS = {"method", "options", "seconds", "build_seconds", "speedup", "flops", "flops_speedup", "realization",
+                "psnr", "ssim", "rel_l2", "accuracy", "fd", "peak_memory_bytes", "cache_bytes"}
 
 
 def test_bench_cli_json_and_plots(tmp_path, capsys):
