@@ -104,8 +104,8 @@ def _point_into(tensor, entry, location: str) -> None:
                   "external_data"):
         tensor.ClearField(field)
     for key, value in (("location", location), ("offset", offset), ("length", length)):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, str(value)
+        item = tensor.external_data.add()
+        item.key, item.value = key, str(value)
     tensor.data_location = tensor.EXTERNAL
 
 
