@@ -28,7 +28,7 @@ def check(cached) -> None:
     """Nothing to check up front: AOTInductor ships with torch (it needs a C++ compiler on CPU)."""
 
 
-def build(variant, path: Path, weights_file: Path) -> None:  # weights_file: read by ExportedModel
+def build(variant, path: Path, weights_file: Path) -> None:  # weights_file unused: tensors come at load
     torch._inductor.aoti_compile_and_package(variant.main, package_path=str(path),
                                              inductor_configs={"aot_inductor.package_constants_in_so": False})
 

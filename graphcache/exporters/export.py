@@ -13,9 +13,9 @@ receives in the run (TensorRT profiles and the manifest use it).
 
 Weights are stored once for all variants: `shared_weights` collects every constant of every
 variant's program, by name, once, and `build_files` writes them as `WEIGHTS_FILE` before
-building the files. AOTInductor packages leave
-them out and take the tensors at load time (`WEIGHTS_IN_MEMORY`: in-process the model's own
-parameters, from an artifact the loaded file); ONNX files reference the file as external data.
+building the files. AOTInductor packages leave them out and take the tensors at load time
+(`WEIGHTS_IN_MEMORY`: in-process the model's own parameters, from an artifact the loaded file);
+ONNX files reference the file as external data.
 """
 
 from __future__ import annotations
