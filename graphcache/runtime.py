@@ -24,6 +24,7 @@ from .capture import capture, propagate_shapes
 from .errors import GraphcacheError
 from .methods import get_method
 from .passes.manager import PassManager, PassPipelineError, PassRecord
+from .passes.contiguous_stream import MakeStreamContiguousPass
 from .passes.prune_modulation import PruneModulationPass
 from .schedule import StepPlan, step_inputs
 
@@ -139,8 +140,10 @@ class CachedModel(SteppedModel):
     def _build(self, plan: StepPlan, dump_dir, dump) -> None:
         gm = new_variant(self.captured, self.cache)
         label = "_".join(f"{k}{n}" for k, n in _runs(plan.kinds))
-        # Every variant ends with the generic clean-up: modulation nobody reads is not computed.
-        manager = PassManager([*self.method.passes(plan, self.options), PruneModulationPass()],
+        # Every variant ends with the generic clean-up: modulation nobody reads is not computed, and
+        # the stream is row-major from the first block on (last: method passes rely on the structure).
+        manager = PassManager([*self.method.passes(plan, self.options), PruneModulationPass(),
+                               MakeStreamContiguousPass()],
                               dump_dir=f"{dump_dir}/{label}" if dump_dir else None, dump=dump)
         try:
             self.records[plan.variant] = manager(gm)

@@ -1,0 +1,45 @@
+"""tools/realization_bound.py on the tiny builtin model: the accounting, not the machine's speed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import graphcache
+from graphcache.models.builtin import resolve_model
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "realization_bound.py"
+STEPS = 6
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("realization_bound", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bounds_count_full_steps_whole_and_cached_blocks_by_their_work(tmp_path, capsys):
+    out = tmp_path / "bound.json"
+    assert _tool().main(["--model", "builtin:dit-tiny-random", "--methods", "none,fora,duca", "--steps", str(STEPS),
+                         "--repeats", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    full, chunk = report["full_step_seconds"], report["chunk_seconds"]
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["none"]["seconds"] == STEPS * full and rows["none"]["realization_bound"] == 1.0
+    model = resolve_model("builtin:dit-tiny-random")
+    for name in ("fora", "duca"):
+        schedule = graphcache.optimize(model, name, STEPS).schedule
+        full_steps = sum(all(k == "full" for k in p.kinds) for p in schedule.steps)
+        assert 0 < full_steps < STEPS
+        r = rows[name]
+        assert full_steps * full < r["seconds"] < STEPS * full
+        assert r["realization_bound"] == r["speedup"] / r["flops_speedup"]
+    fora = graphcache.optimize(model, "fora", STEPS).schedule
+    assert all(set(p.kinds) in ({"full"}, {"reuse"}) for p in fora.steps)
+    reused = sum(k == "reuse" for p in fora.steps for k in p.kinds)  # each reads its two gate chunks
+    assert abs(rows["fora"]["seconds"] - (full_steps_of(fora) * full + reused * 2 * chunk)) < 1e-9
+    assert "| fora |" in capsys.readouterr().out
+
+
+def full_steps_of(schedule) -> int:
+    return sum(all(k == "full" for k in p.kinds) for p in schedule.steps)

@@ -1,0 +1,129 @@
+"""The best realization a method can reach on this machine, whatever the implementation.
+
+Realization = wall-clock speedup / FLOPs speedup. The papers' FLOPs count a cached step's work in
+multiply-adds, but on a CPU (and at small token counts on any device) two costs of that work are
+not proportional to its FLOPs: the adaLN rows a block still reads (a GEMV over a C×C weight per
+modulation chunk: bound by memory bandwidth, ~0 FLOPs) and the MLP on k fresh tokens (a GEMM with
+2k rows runs far below the machine's full-step GEMM speed). This tool times exactly that work on
+the model's own layers and adds nothing else — no scoring, gathers, scatters, gates, residual adds,
+cache writes, forecasts or K-means:
+
+    full step          the uncached step, measured (median of --repeats forward calls)
+    partial block      4 adaLN chunks (gate_msa; shift, scale, gate of the MLP) + MLP on the
+                       step's fresh tokens (ToCa, DuCa, ClusCa)
+    reuse / forecast   2 adaLN chunks (the two gates; FORA, TaylorSeer)
+    skip               nothing (DuCa's aggressive steps)
+
+so the realization it prints is an upper bound for any implementation on this machine.
+
+    python tools/realization_bound.py                                  # DiT-XL/2 size, every method
+    python tools/realization_bound.py --methods toca,clusca --json bound.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import graphcache
+from graphcache import ir
+from graphcache.flops import flops_json
+from graphcache.methods import METHODS, get_method
+from graphcache.models.builtin import resolve_model
+
+CHUNKS_READ = {"partial": 4, "reuse": 2, "forecast": 2, "skip": 0}
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class WorkTimer:
+    """Times a block's unavoidable work at batch `batch` (CFG rows), cycling through every block's
+    own weights, so they are as cold in the caches as in a real step (one block's adaLN chunk
+    alone would stay in a CPU's L3 and time 2–3× too fast)."""
+
+    def __init__(self, model, batch: int, repeats: int):
+        self.blocks, self.repeats, self.batch = list(model.blocks), repeats, batch
+        self.hidden = self.blocks[0].adaLN_modulation[1].in_features
+        c = torch.randn(batch, self.hidden)
+        chunks = [(b.adaLN_modulation[1].weight[:self.hidden], b.adaLN_modulation[1].bias[:self.hidden])
+                  for b in self.blocks]  # one chunk: C rows of each block's 6C×C weight
+        self.chunk = self._per_block(lambda: [torch.nn.functional.linear(c, *rows) for rows in chunks])
+        self._mlp = {0: 0.0}
+
+    def _per_block(self, fn) -> float:
+        return median_seconds(fn, self.repeats) / len(self.blocks)
+
+    def mlp_seconds(self, tokens: int) -> float:
+        if tokens not in self._mlp:
+            x = torch.randn(self.batch, tokens, self.hidden)
+            self._mlp[tokens] = self._per_block(lambda: [b.mlp(x) for b in self.blocks])
+        return self._mlp[tokens]
+
+    def block_seconds(self, kind: str, tokens: int) -> float:
+        return CHUNKS_READ[kind] * self.chunk + (self.mlp_seconds(tokens) if kind == "partial" else 0.0)
+
+
+def bound(method: str, model, structure, full_step: float, timer: WorkTimer, steps: int) -> dict:
+    schedule = get_method(method).schedule(steps, structure.depth, {}, structure.num_tokens)
+    total = 0.0
+    for plan in schedule.steps:
+        tokens = plan.tokens or [0] * len(plan.kinds)
+        if all(kind == "full" for kind in plan.kinds):
+            total += full_step
+            continue
+        for kind, k in zip(plan.kinds, tokens):
+            total += full_step / len(plan.kinds) if kind == "full" else timer.block_seconds(kind, k)
+    flops_speedup = flops_json(schedule, model)["speedup"]
+    speedup = steps * full_step / total
+    return {"method": method, "seconds": total, "speedup": speedup, "flops_speedup": flops_speedup,
+            "realization_bound": speedup / flops_speedup}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="builtin:dit-xl2-random", help="a DiT (builtin:NAME or checkpoint)")
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m != "none"))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=2, help="rows per call (2 = one image with CFG)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = resolve_model(args.model).eval()
+    uncached = graphcache.optimize(model, "none", args.steps)
+    structure = ir.structure_of(uncached.captured)
+    size = model.input_size
+    x = torch.randn(args.batch, model.in_channels, size, size)
+    t, y = torch.full((args.batch,), 500), torch.zeros(args.batch, dtype=torch.long)
+    with torch.no_grad():
+        full_step = median_seconds(lambda: uncached(x, t, y), args.repeats)
+        timer = WorkTimer(model, args.batch, args.repeats)
+        results = [bound(m, model, structure, full_step, timer, args.steps) for m in args.methods.split(",")]
+    print(f"{args.model}: uncached step {full_step * 1e3:.0f} ms, adaLN chunk {timer.chunk * 1e3:.2f} ms "
+          f"(batch {args.batch}, {torch.get_num_threads()} threads)")
+    print("| method | bound s/run | speedup | FLOPs speedup | realization ≤ |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['method']} | {r['seconds']:.1f} | {r['speedup']:.2f}× | {r['flops_speedup']:.2f}× | "
+              f"{r['realization_bound']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "full_step_seconds": full_step, "chunk_seconds": timer.chunk,
+                       "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
