@@ -100,6 +100,17 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _draw_shape(graph: fx.Graph) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """(B, N, device) for a draw, read off the labels slot (B, N) rather than the stream: an
+    exporter moves each draw, with what its shape is computed from, to a prologue graph
+    (passes/functionalize.py), and sizes of the stream would bring the whole step's computation
+    along (DiT-XL/2 ClusCa on aoti: every step ran twice)."""
+    labels = read_slot(graph, LABELS_SLOT)
+    b = graph.call_method("size", (labels, 0))
+    n = graph.call_method("size", (labels, 1))
+    return b, n, graph.call_function(getattr, (labels, "device"))
+
+
 def declare_cluster_slots(gm: fx.GraphModule, clusters: int) -> None:
     end = ir.structure_of(gm).stream_end
     declare_slot(gm, CacheSlot(LABELS_SLOT, like=end, shape=lambda s: (s[0], s[1]), dtype=torch.int64))
@@ -122,9 +133,7 @@ class InsertClusterPass(Pass):
         declare_cluster_slots(gm, self.clusters)
         with ir.insert_after(x):
             if self.init:
-                b = graph.call_method("size", (x, 0))
-                n = graph.call_method("size", (x, 1))
-                device = graph.call_function(getattr, (x, "device"))
+                b, n, device = _draw_shape(graph)
                 start = graph.call_function(torch.randint, (0, n, (b, self.clusters)), {"device": device})
                 centroids = graph.call_function(gather_tokens, (x, start))
                 self.counters["randint"] += 1
@@ -186,9 +195,7 @@ class ClusterRepresentativeSelector(TokenSelector):
     def indices(self, ctx: SelectContext) -> fx.Node:
         graph = ctx.gm.graph
         declare_cluster_slots(ctx.gm, self.clusters)
-        b = graph.call_method("size", (ctx.stream_in, 0))
-        n = graph.call_method("size", (ctx.stream_in, 1))
-        device = graph.call_function(getattr, (ctx.stream_in, "device"))
+        b, n, device = _draw_shape(graph)
         r = graph.call_function(torch.rand, (b, n), {"device": device})
         labels = read_slot(graph, LABELS_SLOT)
         return graph.call_function(cluster_representatives, (r, labels, self.clusters, self.per_cluster))

@@ -107,6 +107,19 @@ def test_kmeans_moves_to_the_epilogue(tiny):
     assert sig.prologue_outputs == ["random__0"]  # the randint of the K-means start
 
 
+def test_draws_take_their_shape_from_the_cache_not_the_step(tiny):
+    """The prologue only draws: its inputs are the labels slot whose shape it reads, and it calls
+    nothing but the draws (sizes of the stream would drag the step's computation into it)."""
+    cached = graphcache.optimize(tiny, "clusca", STEPS)
+    for index in (0, 2):  # the first full step (K-means start), a ClusCa step (one draw per block)
+        gm, sig = functionalize(cached.variants[cached.schedule[index].variant])
+        assert sig.prologue_inputs == ["cache__cluster_labels"]
+        work = [n.target for n in sig.prologue.graph.nodes if n.op in ("call_module", "call_function")
+                and n.target not in RANDOM_FUNCTIONS and n.target is not getattr]
+        assert work == [], work
+        assert len(calls(sig.prologue, RANDOM_FUNCTIONS)) == (1 if index == 0 else 2)
+
+
 def test_host_op_feeding_the_output_is_declined():
     def forward(x):
         labels, centroids = KMEANS(x, x[:, :2], 10, 1e-4, 5)
