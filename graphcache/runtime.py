@@ -23,8 +23,8 @@ from .cache import CACHE_ATTR, CacheState, declared_slots
 from .capture import capture, propagate_shapes
 from .errors import GraphcacheError
 from .methods import get_method
-from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.contiguous_stream import MakeStreamContiguousPass
+from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.prune_modulation import PruneModulationPass
 from .schedule import StepPlan, step_inputs
 

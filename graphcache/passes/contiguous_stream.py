@@ -6,8 +6,9 @@ the stream stays transposed through every block. Each residual add then mixes a 
 row-major operand, and on a CPU that strided walk costs ~7× a row-major add (DiT-XL/2 size:
 ~0.5 ms instead of ~0.07 ms, 56 of them per step). Uncached steps hide it behind the GEMMs;
 cached steps, which are mostly such elementwise work, do not (a DiT-XL/2 ToCa step with few fresh
-tokens: 133 instead of 152 ms). One copy of the stream up front makes every later add row-major. Values are unchanged: elementwise ops do not depend on layout,
-and layer norms and linear layers read a row-major copy of a strided input anyway.
+tokens: 133 instead of 152 ms). One copy of the stream up front makes every later add row-major.
+Values are unchanged: elementwise ops do not depend on layout, and layer norms and linear layers
+read a row-major copy of a strided input anyway.
 """
 
 from __future__ import annotations
