@@ -100,12 +100,11 @@ def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _draw_shape(graph: fx.Graph) -> tuple[fx.Node, fx.Node, fx.Node]:
+def _draw_shape(graph: fx.Graph, labels: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
     """(B, N, device) for a draw, read off the labels slot (B, N) rather than the stream: an
     exporter moves each draw, with what its shape is computed from, to a prologue graph
     (passes/functionalize.py), and sizes of the stream would bring the whole step's computation
     along (DiT-XL/2 ClusCa on aoti: every step ran twice)."""
-    labels = read_slot(graph, LABELS_SLOT)
     b = graph.call_method("size", (labels, 0))
     n = graph.call_method("size", (labels, 1))
     return b, n, graph.call_function(getattr, (labels, "device"))
@@ -133,7 +132,7 @@ class InsertClusterPass(Pass):
         declare_cluster_slots(gm, self.clusters)
         with ir.insert_after(x):
             if self.init:
-                b, n, device = _draw_shape(graph)
+                b, n, device = _draw_shape(graph, read_slot(graph, LABELS_SLOT))
                 start = graph.call_function(torch.randint, (0, n, (b, self.clusters)), {"device": device})
                 centroids = graph.call_function(gather_tokens, (x, start))
                 self.counters["randint"] += 1
@@ -195,9 +194,9 @@ class ClusterRepresentativeSelector(TokenSelector):
     def indices(self, ctx: SelectContext) -> fx.Node:
         graph = ctx.gm.graph
         declare_cluster_slots(ctx.gm, self.clusters)
-        b, n, device = _draw_shape(graph)
-        r = graph.call_function(torch.rand, (b, n), {"device": device})
         labels = read_slot(graph, LABELS_SLOT)
+        b, n, device = _draw_shape(graph, labels)
+        r = graph.call_function(torch.rand, (b, n), {"device": device})
         return graph.call_function(cluster_representatives, (r, labels, self.clusters, self.per_cluster))
 
 

@@ -13,6 +13,8 @@ read a row-major copy of a strided input anyway.
 
 from __future__ import annotations
 
+import torch
+
 from .. import ir
 from .base import Pass, PassResult
 
@@ -23,8 +25,8 @@ class MakeStreamContiguousPass(Pass):
         if stream is None or not stream.users:
             self.decline("stream", "the stream entering the first block is not used in this variant")
             return PassResult(gm, False)
-        meta = stream.meta.get("tensor_meta")
-        if meta is None or _is_row_major(meta.shape, meta.stride):
+        meta = stream.meta.get("tensor_meta")  # ShapeProp's: memory_format is None for a strided view
+        if meta is None or meta.memory_format == torch.contiguous_format:
             self.decline(stream.name, "the stream is already row-major")
             return PassResult(gm, False)
         users = list(stream.users)
@@ -35,11 +37,3 @@ class MakeStreamContiguousPass(Pass):
         self.counters["contiguous"] += 1
         return PassResult(gm, True)
 
-
-def _is_row_major(shape, stride) -> bool:
-    expected = 1
-    for size, step in zip(reversed(shape), reversed(stride)):
-        if size != 1 and step != expected:
-            return False
-        expected *= size
-    return True
