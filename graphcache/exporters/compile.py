@@ -15,10 +15,11 @@ What it guarantees (tests/exporters/test_compile.py checks each point for every 
     (patched only around this variant's own calls). Backed dynamic ints would be specialised
     for the values 0 and 1 (which ToCa's schedules produce) and `dynamic=None`'s automatic
     dynamic would recompile once per changed count; unbacked ones compile once for every k;
-  - every other per-step scalar (Taylor distances `gc_taylor_dist` / `gc_taylor_delta`, which
-    are negative ints, so not size-like) is passed as a 0-d tensor on the inputs' device (int64
-    for ints, float64 for floats): tensor values are not guarded, and eager promotion makes
-    `tensor_f32 * t0d` compute exactly as `tensor_f32 * python_scalar`;
+  - every other per-step scalar (the Taylor difference step `gc_taylor_delta`, a negative int,
+    so not size-like, and the forecast coefficients `gc_taylor_c<i>`, floats) is passed as a 0-d
+    tensor on the inputs' device (int64 for ints, float32 for floats): tensor values are not
+    guarded, and eager promotion makes `tensor_f32 * t0d` compute exactly as
+    `tensor_f32 * python_scalar`;
   - every other shape is static (`dynamic=False` by default), so the model's matmuls and
     attention are specialised. A new input signature compiles each variant once more.
 
@@ -28,7 +29,9 @@ What it guarantees (tests/exporters/test_compile.py checks each point for every 
   `torch.randint` (ToCa's `score=random`, ClusCa's representatives and K-means start) call the
   ATen kernels and draw from the global RNG in graph order, exactly as eager does.
 * **Numerics.** `aot_eager` runs the same ATen kernels as eager: samples, per-step outputs and
-  the RNG state after a run are bit-identical. Inductor generates its own fused kernels
+  the RNG state after a run are bit-identical, except that a Taylor forecast rounds differently
+  once traced (passes/taylor.py `evaluate_taylor`: eager adds each term as a fused
+  multiply-add), a few ulps per forecast. Inductor generates its own fused kernels
   (reassociated reductions, fused softmax): per-step outputs agree with eager graphcache to
   ~5e-7 of their scale on CPU (the tests allow 1e-4).
 

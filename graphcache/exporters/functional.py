@@ -7,7 +7,7 @@ named values, and keeps the cache between calls by swapping the `CacheState` buf
 graphs' new cache values (no copies).
 
 Per-step inputs become tensors: a token count k becomes `torch.empty(k)` (its size is read in the
-graph), every other scalar a 0-d tensor (int64 / float64), cached per value.
+graph), every other scalar a 0-d tensor (int64 / float32), cached per value.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from ..schedule import is_token_input
 
 class ScalarTensors:
     """0-d tensors for per-step Python scalars, made once per (input, value, device): int64 for
-    ints, float64 for floats, so `tensor_f32 * t` computes as `tensor_f32 * python_scalar` does.
+    ints, float32 for floats, so `tensor_f32 * t` computes as `tensor_f32 * python_scalar` does
+    (the scalar is rounded to float32 either way; a float64 0-d input would also make Dynamo
+    recompile a variant once, as it does for the Python floats it turns into tensors).
     One tensor per input name: two inputs with the same value must not be the same object (a
     compiled graph guards on which of its inputs alias and would recompile when that changes)."""
 
@@ -31,7 +33,7 @@ class ScalarTensors:
         key = (name, type(value), value, str(device))
         t = self._made.get(key)
         if t is None:
-            dtype = torch.float64 if isinstance(value, float) else torch.int64
+            dtype = torch.float32 if isinstance(value, float) else torch.int64
             t = self._made[key] = torch.tensor(value, dtype=dtype, device=device)
         return t
 

@@ -4,16 +4,17 @@ steps in between forecast them (METHODS.md §6.2, §6.3, §7): ClusCa with no cl
 Schedule (§6.2, decided once per forward): the first two steps are full (first_enhance = 2), then
 a counter makes every `interval`-th step full. A full step takes m = min(#old factors, order)
 finite differences (none at the first step), so the factors grow by one per full step up to
-`order`; d = activated_steps[-1] - activated_steps[-2] and the forecast weights dist**i (dist =
-s - activated_steps[-1]; both negative: steps count down) are per-step inputs, and so is which
-factors exist (passes/taylor.py): one full and one forecast graph serve the whole run. `activated_steps` starts as [49], as in the
-official code (it only ever matters for DDIM-50).
+`order`; d = activated_steps[-1] - activated_steps[-2] and the forecast coefficients
+dist**i / i! (dist = s - activated_steps[-1]; both negative: steps count down) are per-step
+inputs, and so is which factors exist (passes/taylor.py): one full and one forecast graph serve
+the whole run. `activated_steps` starts as [49], as in the official code (it only ever matters
+for DDIM-50).
 """
 
 from __future__ import annotations
 
 from ..passes.cache_passes import EliminateDeadBranchesPass
-from ..passes.taylor import DELTA_INPUT, InsertTaylorUpdatePass, ReplaceWithTaylorForecastPass, forecast_weights
+from ..passes.taylor import DELTA_INPUT, InsertTaylorUpdatePass, ReplaceWithTaylorForecastPass, forecast_coefficients
 from ..schedule import FORECAST, FULL, PARTIAL, StepPlan, descending
 from .base import Method, Option
 
@@ -44,7 +45,7 @@ def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, cluster
             cache_counter += 1
             kind = FORECAST if partial_tokens is None else PARTIAL
             tokens = None if partial_tokens is None else (partial_tokens,) * depth
-            inputs = forecast_weights(s - activated_steps[-1], factors, order)
+            inputs = forecast_coefficients(s - activated_steps[-1], factors, order)
             plans.append(StepPlan(index, s, (kind,) * depth, tokens=tokens, extra=(kind,), inputs=inputs))
     return plans
 

@@ -11,7 +11,10 @@ tiny builtin DiT (2 blocks, 16 tokens), DDIM-10 with CFG (batch 4; the variants 
   backend itself and by Dynamo's `unique_graphs`; a second run compiles nothing; a new input
   signature compiles each variant exactly once more;
 * with `aot_eager` (the same ATen kernels as eager) every per-step model output, the final
-  latents and the global RNG state after the run are bit-identical to eager graphcache;
+  latents and the global RNG state after the run are bit-identical to eager graphcache — except
+  where a Taylor forecast runs (TaylorSeer, ClusCa): eager adds each term as one fused
+  multiply-add, a traced graph as `out + factor * c` (passes/taylor.py `evaluate_taylor`), so
+  those outputs agree to TOL of their scale (the RNG state still exactly);
 * with Inductor (one end-to-end test, short runs to bound the CPU compile time: ClusCa DDIM-3,
   its 3 variants with randint/rand/K-means/Taylor inputs; ToCa with the random score DDIM-5,
   2 variants, token counts 1 to 7 in one of them), per-step outputs agree with eager graphcache
@@ -39,8 +42,8 @@ from graphcache.exporters.compile import compile_kwargs, compile_options
 from graphcache.schedule import is_token_input
 from graphcache.methods import METHODS
 from graphcache.models.builtin import resolve_model
-from graphcache.passes.taylor import weight_input
-from run_helpers import CASES, case_id, max_rel, run, tolerance
+from graphcache.passes.taylor import coefficient_input
+from run_helpers import CASES, TOL, case_id, max_rel, run, tolerance
 
 STEPS = 10
 INDUCTOR_TOL = 1e-4  # per-step model outputs, relative to their max (measured: ~5e-7)
@@ -72,12 +75,23 @@ def test_aot_eager_run_no_breaks_one_graph_per_variant_bitwise(tiny, name, optio
     assert dict(counters["graph_break"]) == {}
     assert counter.frame_count == len(cached.variants)
     assert counters["stats"]["unique_graphs"] == len(cached.variants)
-    for got, want in zip(compiled, eager):
-        assert torch.equal(got, want)
+    assert_same_run(compiled, eager, exact=name not in FORECASTING)
     again = run(cached)  # a second run: nothing recompiles, same samples
     assert counter.frame_count == len(cached.variants)
-    for got, want in zip(again, eager):
-        assert torch.equal(got, want)
+    assert_same_run(again, eager, exact=name not in FORECASTING)
+
+
+FORECASTING = {"taylorseer", "clusca"}  # their Taylor forecasts round differently when traced
+
+
+def assert_same_run(got, want, exact):
+    (latents, outputs, rng), (want_latents, want_outputs, want_rng) = got, want
+    assert torch.equal(rng, want_rng)
+    if exact:
+        assert torch.equal(latents, want_latents) and torch.equal(outputs, want_outputs)
+    else:
+        assert max(max_rel(g, w) for g, w in zip(outputs, want_outputs)) < TOL
+        assert max_rel(latents, want_latents) < TOL
 
 
 def test_every_method_is_covered():
@@ -85,15 +99,15 @@ def test_every_method_is_covered():
 
 
 def test_per_step_inputs_never_recompile(tiny):
-    # ToCa's token counts (0, 1 and larger: unbacked SymInts) and TaylorSeer's forecast weights
+    # ToCa's token counts (0, 1 and larger: unbacked SymInts) and TaylorSeer's forecast coefficients
     # (0-d tensors; 0 for the factors that do not exist yet) change from step to step inside one variant
     toca = graphcache.optimize(tiny, "toca", STEPS)
     partial = [p for p in toca.schedule.steps if p.variant == (("partial", "partial"), ())]
     assert len({p.tokens for p in partial}) >= 3 and any(0 in p.tokens for p in partial)
     taylor = graphcache.optimize(tiny, "taylorseer", STEPS)
-    weights = {p.inputs[weight_input(2)] for p in taylor.schedule.steps if p.extra[0] == "forecast"}
-    assert len(weights) >= 3 and 0 in weights
-    assert is_token_input("gc_tokens_b3") and not is_token_input(weight_input(2))
+    coefficients = {p.inputs[coefficient_input(2)] for p in taylor.schedule.steps if p.extra[0] == "forecast"}
+    assert len(coefficients) >= 3 and 0 in coefficients
+    assert is_token_input("gc_tokens_b3") and not is_token_input(coefficient_input(2))
 
 
 def test_new_input_signature_compiles_each_variant_once_more(tiny):

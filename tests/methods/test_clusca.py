@@ -31,7 +31,7 @@ import graphcache
 from graphcache.methods import get_method
 from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_, sincos_pos_embed_2d
 from graphcache.passes.cluster import KMEANS
-from graphcache.passes.taylor import DELTA_INPUT, weight_input
+from graphcache.passes.taylor import DELTA_INPUT, coefficient_input
 from graphcache.schedule import FORECAST, FULL, PARTIAL
 
 TOL = 1e-5
@@ -286,7 +286,8 @@ def test_schedule_follows_rule(num_steps, interval, order):
             assert set(plan.kinds) == {PARTIAL} and plan.tokens == (k * per,) * 28
             assert plan.extra == (PARTIAL,)
             dist = s - activated[-1]
-            assert plan.inputs == {weight_input(i): dist**i if i < factors else 0 for i in range(1, order + 1)}
+            assert plan.inputs == {coefficient_input(i): dist**i / math.factorial(i) if i < factors else 0.0
+                                   for i in range(1, order + 1)}
             assert plan.to_json()["tokens"] == [k * per] * 28
     assert sched.options == {"interval": interval, "clusters": k, "order": order, "propagation": 0.005,
                              "tokens_per_cluster": per}

@@ -15,7 +15,7 @@ import graphcache
 from graphcache.methods import METHODS, Method, fora, get_method
 from graphcache.methods.taylorseer import taylor_plans
 from graphcache.passes.cluster import KMEANS
-from graphcache.passes.taylor import DELTA_INPUT, weight_input
+from graphcache.passes.taylor import DELTA_INPUT, coefficient_input
 from graphcache.schedule import FORECAST, FULL, REUSE, StepPlan
 from test_clusca import (  # the reference and its helpers live with the ClusCa tests
     TOL,
@@ -51,11 +51,11 @@ def test_schedule_anchors():
     assert [p.extra for p in plans] == [
         ("full",), ("full",), (FORECAST,), ("full",), (FORECAST,),
         ("full",), (FORECAST,), ("full",), (FORECAST,), ("full",)]
-    # the first full step has no factors to difference (d = 1, unused); a forecast's weights are
-    # dist**i for the factors the last full step left (2, then 3), 0 for the rest
-    w1, w2 = weight_input(1), weight_input(2)
-    assert [p.inputs for p in plans[:5]] == [{DELTA_INPUT: 1}, {DELTA_INPUT: -1}, {w1: -1, w2: 0},
-                                            {DELTA_INPUT: -2}, {w1: -1, w2: 1}]
+    # the first full step has no factors to difference (d = 1, unused); a forecast's coefficients are
+    # dist**i / i! for the factors the last full step left (2, then 3), 0 for the rest
+    c1, c2 = coefficient_input(1), coefficient_input(2)
+    assert [p.inputs for p in plans[:5]] == [{DELTA_INPUT: 1}, {DELTA_INPUT: -1}, {c1: -1.0, c2: 0.0},
+                                            {DELTA_INPUT: -2}, {c1: -1.0, c2: 0.5}]
 
 
 def existing_factors(plan) -> int:

@@ -36,7 +36,7 @@ from graphcache.passes.cluster import (
     propagate_to_clusters,
 )
 from graphcache.passes.manager import PassManager
-from graphcache.passes.taylor import ReplaceWithTaylorForecastPass, forecast_weights
+from graphcache.passes.taylor import ReplaceWithTaylorForecastPass, forecast_coefficients
 from graphcache.passes.token_select import InsertTokenSelectPass
 from graphcache.runtime import new_variant
 
@@ -293,7 +293,7 @@ def test_clusca_step_numbers(model, captured, gamma, per_cluster):
     args = inputs()
     torch.manual_seed(77)
     with torch.no_grad():
-        out = gm(*args, **forecast_weights(dist, factors, order))
+        out = gm(*args, **forecast_coefficients(dist, factors, order))
 
     torch.manual_seed(77)
     labels = old[LABELS_SLOT]

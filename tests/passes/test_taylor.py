@@ -24,8 +24,8 @@ from graphcache.passes.taylor import (
     DELTA_INPUT,
     InsertTaylorUpdatePass,
     ReplaceWithTaylorForecastPass,
-    forecast_weights,
-    weight_input,
+    forecast_coefficients,
+    coefficient_input,
 )
 from graphcache.runtime import new_variant
 
@@ -135,12 +135,12 @@ def test_forecast_replaces_every_branch(model, captured, factors):
     assert not [c for c in calls if ".attn." in c or ".mlp." in c or c.endswith(("norm1", "norm2"))]
     assert sum(c.endswith("adaLN_modulation.1") for c in calls) == DEPTH
     assert not [n for n in gm.graph.nodes if is_cache_write(n)]
-    assert [p for p in placeholders(gm) if p.startswith("gc_")] == [weight_input(i) for i in range(1, ORDER + 1)]
+    assert [p for p in placeholders(gm) if p.startswith("gc_")] == [coefficient_input(i) for i in range(1, ORDER + 1)]
 
     cache = allocate(captured, gm, seed=factors)
     args, dist = inputs(), -2
     with torch.no_grad():
-        out = gm(*args, **forecast_weights(dist, factors, ORDER))
+        out = gm(*args, **forecast_coefficients(dist, factors, ORDER))
 
     def forecast(b, kind):
         return sum(slot(cache, b, kind, i) * dist**i / math.factorial(i) for i in range(factors))
