@@ -170,9 +170,10 @@ def cluster_representatives(r: Tensor, labels: Tensor, clusters: int, per_cluste
     return order.reshape(r.shape[0], clusters * per_cluster)
 
 
-def propagate_to_clusters(order0: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
+def propagate_to_clusters(old0: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
                           gamma: float) -> Tensor:
-    """γ · rep[cluster(b, i)] + (1 - γ) · order0, rep[b, k] = Σ fresh over picks in cluster k.
+    """γ · rep[cluster(b, i)] + (1 - γ) · order0, where order0 is old0 with the fresh values
+    scattered in (`scatter_tokens`) and rep[b, k] = Σ fresh over picks in cluster k.
 
     A pick's cluster is that of the token actually picked, so an empty cluster's token 0 counts for
     token 0's cluster, and duplicates count twice.
@@ -182,8 +183,10 @@ def propagate_to_clusters(order0: Tensor, labels: Tensor, idx: Tensor, fresh: Te
     rep = fresh.new_zeros(fresh.shape[0], clusters, channels)
     rep = rep.scatter_add(1, picked.unsqueeze(-1).expand(-1, -1, channels), fresh)
     per_token = rep.gather(1, labels.unsqueeze(-1).expand(-1, -1, channels))
-    # in place on the fresh gather: one temporary instead of three, the same roundings
-    return per_token.mul_(gamma).add_((1 - gamma) * order0)
+    # in place on the two new full-size tensors (the scatter and the gather) instead of three more
+    # temporaries; the same roundings, in the same order
+    order0 = scatter_tokens(old0, idx, fresh).mul_(1 - gamma)
+    return order0.add_(per_token.mul_(gamma))
 
 
 class ClusterRepresentativeSelector(TokenSelector):
@@ -214,11 +217,12 @@ class ClusterPropagationMerger(TokenMerger):
         graph, branch = ctx.gm.graph, ctx.branch
         declare_taylor_slots(ctx.gm, branch, self.order)
         old = [read_slot(graph, taylor_slot(branch, i)) for i in range(self.order + 1)]
-        order0 = graph.call_function(scatter_tokens, (old[0], idx, fresh))
         if self.propagation > 0:
             labels = read_slot(graph, LABELS_SLOT)
             order0 = graph.call_function(
-                propagate_to_clusters, (order0, labels, idx, fresh, self.clusters, self.propagation))
+                propagate_to_clusters, (old[0], labels, idx, fresh, self.clusters, self.propagation))
+        else:
+            order0 = graph.call_function(scatter_tokens, (old[0], idx, fresh))
         out = taylor_forecast(ctx.gm, [order0, *old[1:]])
         write_slot(graph, taylor_slot(branch, 0), order0)  # last: nothing reads the slot after it
         return out

@@ -233,14 +233,18 @@ def test_propagation_matches_loop():
     labels = torch.randint(0, k, (b, n), generator=g)
     idx = torch.tensor([[3, 0, 0, 9], [1, 2, 19, 1]])  # duplicates double-count
     fresh = torch.randn(b, 4, c, generator=g)
-    order0 = torch.randn(b, n, c, generator=g)
+    old0 = torch.randn(b, n, c, generator=g)
     gamma = 0.3
     rep = torch.zeros(b, k, c)
+    order0 = old0.clone()
     for bb in range(b):
         for j in range(idx.shape[1]):
             rep[bb, labels[bb, idx[bb, j]]] += fresh[bb, j]
+            order0[bb, idx[bb, j]] = fresh[bb, j]  # a duplicate pick: the last one wins, as in scatter
     want = torch.stack([gamma * rep[bb, labels[bb]] + (1 - gamma) * order0[bb] for bb in range(b)])
-    torch.testing.assert_close(propagate_to_clusters(order0, labels, idx, fresh, k, gamma), want)
+    before = old0.clone()
+    torch.testing.assert_close(propagate_to_clusters(old0, labels, idx, fresh, k, gamma), want)
+    assert torch.equal(old0, before)  # the cached factor itself is written by the graph, not here
 
 
 # ---------------------------------------------------------------------------------------------
