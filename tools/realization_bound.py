@@ -27,12 +27,14 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import graphcache
 from graphcache import ir
 from graphcache.flops import flops_json
+from graphcache.io import atomic_write
 from graphcache.methods import METHODS, get_method
 from graphcache.models.builtin import resolve_model
 
@@ -119,9 +121,9 @@ def main(argv=None) -> int:
         print(f"| {r['method']} | {r['seconds']:.1f} | {r['speedup']:.2f}× | {r['flops_speedup']:.2f}× | "
               f"{r['realization_bound']:.2f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "full_step_seconds": full_step, "chunk_seconds": timer.chunk,
-                       "results": results}, f, indent=2)
+        report = {"model": args.model, "full_step_seconds": full_step, "chunk_seconds": timer.chunk,
+                  "results": results}
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     return 0
 
 

@@ -60,7 +60,7 @@ def coefficient_input(i: int) -> str:
 
 def forecast_coefficients(dist: int, factors: int, order: int) -> dict[str, float]:
     """Per-step inputs of a forecast from `factors` existing factors, `dist` steps away (floats
-    throughout, zeros included: an exported graph takes them as float64 0-d tensors)."""
+    throughout, zeros included: an exported graph takes them as float32 0-d tensors)."""
     return {coefficient_input(i): dist**i / math.factorial(i) if i < factors else 0.0
             for i in range(1, order + 1)}
 
