@@ -1,8 +1,9 @@
 """Custom ops the passes insert.
 
 Cache writes must survive dead-code elimination: fx treats `call_method` and module calls as pure,
-so a plain `buf.copy_(x)` node would be deleted by `eliminate_dead_code()`. `cache_write` is a
-custom op that declares its mutation, which fx (and torch.compile's functionalization) respect.
+so a plain `buf.copy_(x)` node would be deleted by `eliminate_dead_code()`. `cache_write` and
+`cache_scatter` are custom ops that declare their mutation, which fx (and torch.compile's
+functionalization) respect.
 """
 
 from __future__ import annotations
@@ -22,11 +23,36 @@ def _(dst, src):
     return None
 
 
+def token_index(idx: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, k) token indices expanded to (B, k, channels), for gather/scatter along dim 1."""
+    return idx.unsqueeze(-1).expand(-1, -1, channels)
+
+
+def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """base with base[b, idx[b, j]] = values[b, j] (out of place)."""
+    return base.scatter(1, token_index(idx, base.shape[-1]), values)
+
+
+@torch.library.custom_op("graphcache::cache_scatter", mutates_args=("dst",))
+def cache_scatter(dst: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """`scatter_tokens` in place: (B, N, C) dst, (B, k) idx, (B, k, C) values. Updating k tokens
+    of a slot this way touches k rows, instead of making a new (B, N, C) tensor and copying it."""
+    dst.scatter_(1, token_index(idx, dst.shape[-1]), values)
+
+
+@cache_scatter.register_fake
+def _(dst, idx, values):
+    return None
+
+
 CACHE_WRITE = torch.ops.graphcache.cache_write.default
+CACHE_SCATTER = torch.ops.graphcache.cache_scatter.default
+CACHE_WRITES = (CACHE_WRITE, CACHE_SCATTER)  # both take the slot as their first argument
 
 
 def is_cache_write(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is CACHE_WRITE
+    """A node that writes a cache slot (all of it, or some of its tokens in place)."""
+    return node.op == "call_function" and node.target in CACHE_WRITES
 
 
 # Functions whose graph nodes draw from the global RNG, and ops that must run on the host (they

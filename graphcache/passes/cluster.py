@@ -27,11 +27,11 @@ import torch.fx as fx
 from torch import Tensor
 
 from .. import ir
-from ..cache import CacheSlot, declare_slot, read_slot, write_slot
-from ..ops import HOST_OPS
+from ..cache import CacheSlot, declare_slot, read_slot, scatter_into_slot, write_slot
+from ..ops import HOST_OPS, scatter_tokens, token_index
 from .base import Pass, PassResult
 from .taylor import declare_taylor_slots, taylor_forecast, taylor_slot
-from .token_select import SelectContext, TokenMerger, TokenSelector, scatter_tokens
+from .token_select import SelectContext, TokenMerger, TokenSelector
 
 LABELS_SLOT = "cluster_labels"
 CENTROIDS_SLOT = "cluster_centroids"
@@ -97,7 +97,7 @@ HOST_OPS.add(KMEANS)  # it syncs with the host; exporters run it after the expor
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     """x[b, idx[b, j]] -> (B, k, C)."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.gather(x, 1, token_index(idx, x.shape[-1]))
 
 
 def _draw_shape(graph: fx.Graph, labels: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
@@ -181,8 +181,8 @@ def propagate_to_clusters(old0: Tensor, labels: Tensor, idx: Tensor, fresh: Tens
     channels = fresh.shape[-1]
     picked = labels.gather(1, idx)  # (B, k)
     rep = fresh.new_zeros(fresh.shape[0], clusters, channels)
-    rep = rep.scatter_add(1, picked.unsqueeze(-1).expand(-1, -1, channels), fresh)
-    per_token = rep.gather(1, labels.unsqueeze(-1).expand(-1, -1, channels))
+    rep = rep.scatter_add(1, token_index(picked, channels), fresh)
+    per_token = rep.gather(1, token_index(labels, channels))
     # in place on the two new full-size tensors (the scatter and the gather) instead of three more
     # temporaries; the same roundings, in the same order
     order0 = scatter_tokens(old0, idx, fresh).mul_(1 - gamma)
@@ -216,13 +216,12 @@ class ClusterPropagationMerger(TokenMerger):
     def merge(self, ctx: SelectContext, idx: fx.Node, fresh: fx.Node) -> fx.Node:
         graph, branch = ctx.gm.graph, ctx.branch
         declare_taylor_slots(ctx.gm, branch, self.order)
-        old = [read_slot(graph, taylor_slot(branch, i)) for i in range(self.order + 1)]
+        old = [read_slot(graph, taylor_slot(branch, i)) for i in range(1, self.order + 1)]
         if self.propagation > 0:
             labels = read_slot(graph, LABELS_SLOT)
-            order0 = graph.call_function(
-                propagate_to_clusters, (old[0], labels, idx, fresh, self.clusters, self.propagation))
+            order0 = graph.call_function(propagate_to_clusters, (
+                read_slot(graph, taylor_slot(branch, 0)), labels, idx, fresh, self.clusters, self.propagation))
+            write_slot(graph, taylor_slot(branch, 0), order0)
         else:
-            order0 = graph.call_function(scatter_tokens, (old[0], idx, fresh))
-        out = taylor_forecast(ctx.gm, [order0, *old[1:]])
-        write_slot(graph, taylor_slot(branch, 0), order0)  # last: nothing reads the slot after it
-        return out
+            order0 = scatter_into_slot(graph, taylor_slot(branch, 0), idx, fresh)
+        return taylor_forecast(ctx.gm, [order0, *old])

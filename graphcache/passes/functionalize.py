@@ -5,8 +5,9 @@ mutating `cache_write` op, draws from the global RNG, receives token counts as P
 runs K-means (a host-synchronising custom op). Exporters need a pure function of tensors, so a
 copy of the variant is rewritten by, in order:
 
-* `FunctionalizeCachePass`: every slot read becomes a graph input `cache__<slot>`, every write a
-  graph output `new_cache__<slot>`; the variant is `(x, t, y, …, cache…) -> (out, cache…)`.
+* `FunctionalizeCachePass`: every slot read becomes a graph input `cache__<slot>` (or the value
+  written before it), a slot's last write a graph output `new_cache__<slot>` (an in-place token
+  scatter becomes an out-of-place one); the variant is `(x, t, y, …, cache…) -> (out, cache…)`.
 * `HoistRandomPass`: the random draws move to a *prologue* graph (the draws and what their
   shapes are computed from), run eagerly before the main graph, in graph order, so they consume
   the global RNG exactly as the eager variant does; the main graph gets them as `random__<i>`.
@@ -28,7 +29,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..cache import CACHE_ATTR
-from ..ops import HOST_OPS, RANDOM_FUNCTIONS, is_cache_write
+from ..ops import CACHE_SCATTER, HOST_OPS, RANDOM_FUNCTIONS, is_cache_write, scatter_tokens
 from ..schedule import is_token_input
 from .base import Pass, PassError, PassResult
 
@@ -92,7 +93,11 @@ def _set_outputs(graph: fx.Graph, values: list) -> None:
 
 
 class FunctionalizeCachePass(Pass):
-    """Cache reads become inputs and cache writes outputs: `(…, cache…) -> (out, cache…)`."""
+    """Cache reads become inputs and cache writes outputs: `(…, cache…) -> (out, cache…)`.
+
+    Slots are followed in graph order, as eager runs them: a read sees the slot's input or the
+    last value written before it; `cache_write` sets that value, `cache_scatter` sets it to
+    `scatter_tokens(value, idx, values)` (out of place); the last value is the slot's output."""
 
     def requires(self, gm):
         if FUNCTIONAL_KEY in gm.meta:
@@ -100,24 +105,29 @@ class FunctionalizeCachePass(Pass):
 
     def call(self, gm):
         graph = gm.graph
+        prefix = CACHE_ATTR + "."
+        slot_of = {n: n.args[0].target.removeprefix(prefix) for n in graph.nodes if is_cache_write(n)}
         inputs: dict[str, fx.Node] = {}
+        current: dict[str, fx.Node] = {}  # each slot's value at this point of the graph
         for node in list(graph.nodes):
-            if node.op == "get_attr" and node.target.startswith(CACHE_ATTR + "."):
-                slot = node.target.removeprefix(CACHE_ATTR + ".")
-                if slot not in inputs:
-                    inputs[slot] = ir.graph_input(graph, CACHE_PREFIX + slot)
+            if node.op == "get_attr" and node.target.startswith(prefix):
+                slot = node.target.removeprefix(prefix)
+                if slot not in current:
+                    inputs[slot] = current[slot] = ir.graph_input(graph, CACHE_PREFIX + slot)
                     self.counters["cache_input"] += 1
-                node.replace_all_uses_with(inputs[slot])
+                node.replace_all_uses_with(current[slot])
                 graph.erase_node(node)
-        written: dict[str, fx.Node] = {}
-        for node in list(graph.nodes):
-            if is_cache_write(node):
-                slot = node.args[0].target.removeprefix(CACHE_PREFIX)
-                if slot in written:
-                    raise PassError(f"slot {slot} is written twice in one variant")
-                written[slot] = node.args[1]
+            elif node in slot_of:
+                if node.target is CACHE_SCATTER:
+                    with graph.inserting_before(node):
+                        value = graph.call_function(scatter_tokens, node.args)
+                else:
+                    value = node.args[1]
+                current[slot_of[node]] = value
                 graph.erase_node(node)
-                self.counters["cache_output"] += 1
+        written = {slot: current[slot] for slot in dict.fromkeys(slot_of.values())}
+        if written:
+            self.counters["cache_output"] = len(written)
         for slot, node in list(inputs.items()):
             if not node.users:  # written here, read only by other variants
                 graph.erase_node(node)

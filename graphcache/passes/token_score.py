@@ -22,10 +22,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import ir
-from ..cache import CacheSlot, declare_slot, read_slot, write_slot
+from ..cache import CacheSlot, declare_slot, read_slot, scatter_into_slot, write_slot
 from ..ops import random_function
 from .base import Pass, PassResult
-from .token_select import SelectContext, TokenMerger, TokenSelector, scatter_tokens
+from .token_select import SelectContext, TokenMerger, TokenSelector
 
 SCORES = ("attention", "kv-norm", "random")
 
@@ -168,11 +168,8 @@ class ToCaSelector(TokenSelector):
 
 class ScatterIntoCacheMerger(TokenMerger):
     """The branch output becomes the cached output with the k fresh tokens scattered in (and the
-    cache keeps them for the next steps)."""
+    cache keeps them for the next steps): one in-place `cache_scatter` into the slot."""
 
     def merge(self, ctx: SelectContext, idx: fx.Node, fresh: fx.Node) -> fx.Node:
-        g, name = ctx.gm.graph, ctx.branch.name
-        declare_slot(ctx.gm, CacheSlot(name, like=ctx.branch.branch_out))
-        new = g.call_function(scatter_tokens, (read_slot(g, name), idx, fresh))
-        write_slot(g, name, new)
-        return new
+        declare_slot(ctx.gm, CacheSlot(ctx.branch.name, like=ctx.branch.branch_out))
+        return scatter_into_slot(ctx.gm.graph, ctx.branch.name, idx, fresh)

@@ -64,11 +64,6 @@ class TokenMerger:
         raise NotImplementedError
 
 
-def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """base with base[b, idx[b, j]] = values[b, j] (out of place)."""
-    return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values)
-
-
 def token_locality_problem(gm: fx.GraphModule, branch: ir.Branch) -> str | None:
     """None if the branch treats tokens independently, else why not (naming the node)."""
     nodes = ir.nodes_by_name(gm.graph)

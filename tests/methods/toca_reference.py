@@ -428,10 +428,12 @@ def module_calls(gm, suffix, block=None):
 
 
 def check_token_wise_structure(cached, score):
-    """Per variant: exactly one token select per partial block (and none elsewhere); one explicit
-    attention per full block when score == 'attention', none otherwise (SDPA stays); no attention
-    work in partial blocks. Returns the set of step letters of the variants seen."""
+    """Per variant: exactly one token select and one in-place cache scatter (into its MLP slot) per
+    partial block, and none elsewhere; one explicit attention per full block when
+    score == 'attention', none otherwise (SDPA stays); no attention work in partial blocks.
+    Returns the set of step letters of the variants seen."""
     import torch.nn.functional as F
+    from graphcache.ops import CACHE_SCATTER, CACHE_WRITE
     from graphcache.passes import token_score
 
     seen = set()
@@ -451,6 +453,11 @@ def check_token_wise_structure(cached, score):
         else:
             assert (explicit, sdpa) == (0, len(full)), (kinds, explicit, sdpa)
             assert vnorm == (len(full) if score == "kv-norm" else 0), (kinds, vnorm)
+        # a partial block's fresh MLP tokens go into its slot in place, and the slot is not copied
+        scatters = sorted(n.args[0].target.split(".")[-1] for n in gm.graph.nodes if n.target is CACHE_SCATTER)
+        assert scatters == sorted(f"b{b}_mlp" for b in partial), (kinds, scatters)
+        copies = {n.args[0].target.split(".")[-1] for n in gm.graph.nodes if n.target is CACHE_WRITE}
+        assert not copies & set(scatters), (kinds, copies)
         for b in partial:
             assert not module_calls(gm, "attn.qkv", b) and not module_calls(gm, "attn.proj", b), (kinds, b)
             assert len(module_calls(gm, "mlp.fc1", b)) == 1, (kinds, b)  # the MLP on the k fresh tokens

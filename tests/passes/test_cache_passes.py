@@ -13,9 +13,9 @@ import torch.fx as fx
 
 import graphcache
 from graphcache import ir
-from graphcache.cache import CACHE_ATTR, CacheSlot, CacheState, declare_slot, read_slot, write_slot
+from graphcache.cache import CACHE_ATTR, CacheSlot, CacheState, declare_slot, read_slot, scatter_into_slot, write_slot
 from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
-from graphcache.ops import CACHE_WRITE, is_cache_write
+from graphcache.ops import CACHE_SCATTER, CACHE_WRITE, is_cache_write, scatter_tokens
 from graphcache.passes.base import Pass, PassResult
 from graphcache.passes.cache_passes import (
     EliminateDeadBranchesPass,
@@ -409,3 +409,48 @@ def test_cache_write_op_is_registered():
     a, b = g.placeholder("a"), g.placeholder("b")
     node = g.call_function(CACHE_WRITE, (a, b))
     assert is_cache_write(node) and node.is_impure()
+
+
+def test_cache_scatter_op_is_registered():
+    assert CACHE_SCATTER is torch.ops.graphcache.cache_scatter.default
+    torch.manual_seed(0)
+    dst, values = torch.randn(2, 5, 3), torch.randn(2, 2, 3)
+    idx = torch.tensor([[4, 1], [0, 3]])
+    want = scatter_tokens(dst, idx, values)
+    storage = dst.data_ptr()
+    torch.ops.graphcache.cache_scatter(dst, idx, values)
+    assert torch.equal(dst, want) and dst.data_ptr() == storage  # in place
+    assert torch.equal(dst[0, 4], values[0, 0]) and torch.equal(dst[1, 0], values[1, 0])
+    g = fx.Graph()
+    a, i, v = g.placeholder("a"), g.placeholder("i"), g.placeholder("v")
+    node = g.call_function(CACHE_SCATTER, (a, i, v))
+    assert is_cache_write(node) and node.is_impure()
+
+
+class ScatterPass(Pass):
+    """Scatter the first two tokens of block 1's MLP output into its slot; `stale` uses a read made
+    BEFORE the scatter after it (an error), otherwise the read scatter_into_slot returns."""
+
+    def __init__(self, stale: bool):
+        super().__init__()
+        self.stale = stale
+
+    def call(self, gm):
+        br = ir.structure_of(gm).branch(1, ir.MLP)
+        out = ir.nodes_by_name(gm.graph)[br.branch_out]
+        declare_slot(gm, CacheSlot(br.name, like=br.branch_out))
+        with ir.insert_after(out):
+            old = read_slot(gm.graph, br.name)
+            idx = gm.graph.call_function(torch.zeros, (2, 2), {"dtype": torch.long})
+            part = gm.graph.call_method("narrow", (out, 1, 0, 2))
+            merged = scatter_into_slot(gm.graph, br.name, idx, part)
+            mixed = gm.graph.call_function(torch.add, (merged, old if self.stale else out))
+        out.replace_all_uses_with(mixed, delete_user_cb=lambda n: n not in (mixed, part))
+        return PassResult(gm, True)
+
+
+def test_lint_stale_read_across_a_scatter(captured):
+    with pytest.raises(PassPipelineError, match=f"{CACHE_ATTR}.b1_mlp"):
+        PassManager([ScatterPass(stale=True)])(new_variant(captured, CacheState()))
+    records = PassManager([ScatterPass(stale=False)])(new_variant(captured, CacheState()))
+    assert records[0].modified

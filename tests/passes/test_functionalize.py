@@ -9,6 +9,7 @@ bit-identical per-step outputs, latents and RNG state to the eager variants them
 
 from __future__ import annotations
 
+import operator
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch.fx as fx
 import graphcache
 from graphcache.exporters.functional import FunctionalRunner
 from graphcache.models.builtin import resolve_model
-from graphcache.ops import RANDOM_FUNCTIONS
+from graphcache.ops import CACHE_SCATTER, RANDOM_FUNCTIONS, scatter_tokens
 from graphcache.passes.cluster import KMEANS
 from graphcache.passes.functionalize import (
     FUNCTIONAL_KEY,
@@ -149,3 +150,22 @@ def test_functional_graphs_run_bitwise_like_the_variants(tiny, name, options):
     got = run(cached, steps=STEPS)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_slots_follow_graph_order(tiny):
+    """A ToCa partial step scatters fresh tokens into each MLP slot in place and then reads the
+    slot: functional, the scatter is out of place and that read is its result (not the input)."""
+    cached = graphcache.optimize(tiny, "toca", STEPS)
+    eager = variant(cached, ("partial", "partial"))
+    assert len(calls(eager, {CACHE_SCATTER})) == 2 and not calls(eager, {scatter_tokens})
+    gm, sig = functionalize(eager)
+    assert not calls(gm, {CACHE_SCATTER})
+    scatters = calls(gm, {scatter_tokens})
+    assert [s.args[0].target for s in scatters] == ["cache__b0_mlp", "cache__b1_mlp"]
+    outputs = dict(zip(sig.outputs, gm.graph.output_node().args[0]))
+    for b, scatter in enumerate(scatters):
+        assert outputs[f"new_cache__b{b}_mlp"] is scatter
+        # the gated residual reads the updated slot: the scatter, never the slot's old value
+        assert any(u.target in (operator.mul, torch.mul) for u in scatter.users), list(scatter.users)
+        assert all(u is scatter or u.target is torch.ops.aten.sym_size.int
+                   for u in gm.graph.find_nodes(op="placeholder", target=f"cache__b{b}_mlp")[0].users)
