@@ -28,6 +28,19 @@ def token_index(idx: torch.Tensor, channels: int) -> torch.Tensor:
     return idx.unsqueeze(-1).expand(-1, -1, channels)
 
 
+def _rows(idx: torch.Tensor) -> torch.Tensor:
+    """(B, 1) batch-row numbers: with idx, the advanced index of the tokens idx of each row."""
+    return torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[b, idx[b, j]] -> (B, k, C)."""
+    if torch.compiler.is_compiling():  # compile and export trace one gather node
+        return torch.gather(x, 1, token_index(idx, x.shape[-1]))
+    # eager: advanced indexing copies whole rows; gather's per-element index costs ~3x on CPU
+    return x[_rows(idx), idx]
+
+
 def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """base with base[b, idx[b, j]] = values[b, j] (out of place)."""
     return base.scatter(1, token_index(idx, base.shape[-1]), values)
@@ -36,8 +49,10 @@ def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) 
 @torch.library.custom_op("graphcache::cache_scatter", mutates_args=("dst",))
 def cache_scatter(dst: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     """`scatter_tokens` in place: (B, N, C) dst, (B, k) idx, (B, k, C) values. Updating k tokens
-    of a slot this way touches k rows, instead of making a new (B, N, C) tensor and copying it."""
-    dst.scatter_(1, token_index(idx, dst.shape[-1]), values)
+    of a slot this way touches k rows, instead of making a new (B, N, C) tensor and copying it.
+    (Whole rows by index_put_: ~4x faster than scatter_'s per-element index on CPU. The op is
+    opaque to compile, and exporters replace it by `scatter_tokens`.)"""
+    dst.index_put_((_rows(idx), idx), values)
 
 
 @cache_scatter.register_fake

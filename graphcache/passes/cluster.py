@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import ir
 from ..cache import CacheSlot, declare_slot, read_slot, scatter_into_slot, write_slot
-from ..ops import HOST_OPS, scatter_tokens, token_index
+from ..ops import HOST_OPS, gather_tokens, scatter_tokens, token_index
 from .base import Pass, PassResult
 from .taylor import declare_taylor_slots, taylor_forecast, taylor_slot
 from .token_select import SelectContext, TokenMerger, TokenSelector
@@ -93,11 +93,6 @@ def _(x, centroids, max_iter, rtol, check_every):
 
 KMEANS = torch.ops.graphcache.kmeans_l1.default
 HOST_OPS.add(KMEANS)  # it syncs with the host; exporters run it after the exported graph
-
-
-def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """x[b, idx[b, j]] -> (B, k, C)."""
-    return torch.gather(x, 1, token_index(idx, x.shape[-1]))
 
 
 def _draw_shape(graph: fx.Graph, labels: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:

@@ -3,7 +3,7 @@
 For each selected branch, the pass inserts (just before the branch output's first use):
 
     idx   = selector.indices(...)                       # (B, k) token indices, method-specific
-    x_k   = gather(stream_in, 1, idx)                   # (B, k, C)
+    x_k   = gather_tokens(stream_in, idx)               # (B, k, C)
     y_k   = <the branch's own work, cloned, on x_k>     # (B, k, C): norm, modulation, MLP, …
     new   = merger.merge(..., idx, y_k)                 # (B, N, C), method-specific (scatter, …)
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ir
+from ..ops import gather_tokens
 from ..schedule import tokens_input
 from .base import Pass, PassResult
 
@@ -123,9 +124,7 @@ class InsertTokenSelectPass(Pass):
             first_use = min(users, key=_position)
             with gm.graph.inserting_before(first_use):
                 idx = self.selector.indices(ctx)
-                channels = gm.graph.call_method("size", (stream_in, -1))
-                expanded = gm.graph.call_method("expand", (gm.graph.call_method("unsqueeze", (idx, -1)), -1, -1, channels))
-                gathered = gm.graph.call_function(torch.gather, (stream_in, 1, expanded))
+                gathered = gm.graph.call_function(gather_tokens, (stream_in, idx))
                 env = {stream_in: gathered}
                 for name in branch.work:
                     node = nodes[name]

@@ -15,7 +15,7 @@ import graphcache
 from graphcache import ir
 from graphcache.cache import CACHE_ATTR, CacheSlot, CacheState, declare_slot, read_slot, scatter_into_slot, write_slot
 from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
-from graphcache.ops import CACHE_SCATTER, CACHE_WRITE, is_cache_write, scatter_tokens
+from graphcache.ops import CACHE_SCATTER, CACHE_WRITE, gather_tokens, is_cache_write, scatter_tokens
 from graphcache.passes.base import Pass, PassResult
 from graphcache.passes.cache_passes import (
     EliminateDeadBranchesPass,
@@ -425,6 +425,24 @@ def test_cache_scatter_op_is_registered():
     a, i, v = g.placeholder("a"), g.placeholder("i"), g.placeholder("v")
     node = g.call_function(CACHE_SCATTER, (a, i, v))
     assert is_cache_write(node) and node.is_impure()
+
+
+def test_gather_tokens_eager_and_traced():
+    """Eager indexes whole rows, a traced graph gathers: both are x[b, idx[b, j]], bit for bit."""
+    torch.manual_seed(0)
+    x, idx = torch.randn(3, 7, 5), torch.tensor([[6, 0], [2, 2], [1, 5]])
+    want = torch.stack([x[b, idx[b]] for b in range(3)])
+    assert torch.equal(gather_tokens(x, idx), want)
+    traced = torch.compile(gather_tokens, backend="eager", fullgraph=True)
+    assert torch.equal(traced(x, idx), want)
+
+    class Gather(torch.nn.Module):
+        def forward(self, x, idx):
+            return gather_tokens(x, idx)
+
+    exported = torch.export.export(Gather(), (x, idx))
+    assert [n.target for n in exported.graph.nodes if n.op == "call_function"][-1] is torch.ops.aten.gather.default
+    assert torch.equal(exported.module()(x, idx), want)
 
 
 class ScatterPass(Pass):
