@@ -4,7 +4,7 @@ What it guarantees (tests/exporters/test_compile.py checks each point for every 
 
 * **No graph breaks.** Each variant's whole forward is one graph (`fullgraph=True` raises
   otherwise). The cache slots are buffers of the `CacheState` submodule, written by the mutating
-  `graphcache::cache_write` op, so the compiled graph writes them in place (functionalization
+  `graphcache::cache_write` / `cache_scatter` ops, so the compiled graph writes them in place (functionalization
   turns the mutation into a copy back into the buffer); K-means is the opaque custom op
   `graphcache::kmeans_l1`.
 * **One compilation per variant** for a given input signature (batch, resolution, dtype,
