@@ -3,7 +3,7 @@
 A pass that needs state declares a `CacheSlot` on the graph it rewrites (shape and dtype given as
 "like this node of the captured graph", optionally transformed), and reads/writes it through nodes
 it creates: a `get_attr` of `graphcache_cache.<slot>` to read, the `cache_write` op to write (or
-`cache_scatter` to overwrite some tokens in place).
+an in-place update such as `cache_scatter`, which overwrites some tokens).
 The runtime owns one `CacheState` per model, allocates every declared slot for the actual input
 shapes, and attaches the same `CacheState` to every variant.
 """
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .ops import CACHE_SCATTER, CACHE_WRITE
+from .ops import CACHE_UPDATES, CACHE_WRITE
 
 CACHE_ATTR = "graphcache_cache"
 SLOTS_KEY = "graphcache_slots"
@@ -58,10 +58,13 @@ def write_slot(graph: fx.Graph, name: str, value: fx.Node) -> fx.Node:
     return graph.call_function(CACHE_WRITE, (dst, value))
 
 
-def scatter_into_slot(graph: fx.Graph, name: str, idx: fx.Node, values: fx.Node) -> fx.Node:
-    """Insert `cache_scatter(slot, idx, values)` (the tokens idx of the slot become values, in
-    place) at the current insertion point; returns a read of the updated slot."""
-    graph.call_function(CACHE_SCATTER, (read_slot(graph, name), idx, values))
+def update_slot(graph: fx.Graph, name: str, op, *args) -> fx.Node:
+    """Insert the in-place update `op(slot, *args)` (an op of `ops.CACHE_UPDATES`, e.g.
+    `CACHE_SCATTER` with (idx, values)) at the current insertion point; returns a read of the
+    updated slot."""
+    if op not in CACHE_UPDATES:
+        raise ValueError(f"{op} is not a registered in-place cache update")
+    graph.call_function(op, (read_slot(graph, name), *args))
     return read_slot(graph, name)
 
 

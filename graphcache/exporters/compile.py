@@ -4,8 +4,9 @@ What it guarantees (tests/exporters/test_compile.py checks each point for every 
 
 * **No graph breaks.** Each variant's whole forward is one graph (`fullgraph=True` raises
   otherwise). The cache slots are buffers of the `CacheState` submodule, written by the mutating
-  `graphcache::cache_write` / `cache_scatter` ops, so the compiled graph writes them in place (functionalization
-  turns the mutation into a copy back into the buffer); K-means is the opaque custom op
+  `graphcache::cache_write` op and the in-place updates of `ops.CACHE_UPDATES` (`cache_scatter`,
+  `cache_propagate`), so the compiled graph writes them in place (functionalization turns the
+  mutation into a copy back into the buffer); K-means is the opaque custom op
   `graphcache::kmeans_l1`.
 * **One compilation per variant** for a given input signature (batch, resolution, dtype,
   device). The per-step inputs a plan passes (`schedule.step_inputs`) never recompile:

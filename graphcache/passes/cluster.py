@@ -10,8 +10,9 @@ compute the MLP on one random member per cluster, propagating its update to the 
   `torch.rand(B, N)` per block, and per cluster the member with the largest draw (the top
   `per_cluster` ones when > 1), so (B, K * per_cluster) indices.
 * `ClusterPropagationMerger` (its `TokenMerger`): scatter the fresh MLP outputs into the order-0
-  Taylor factor, optionally pull every token towards its cluster's fresh value (γ), write that
-  factor back (the change persists), and return the Taylor forecast over the updated factor.
+  Taylor factor and, with γ > 0, pull every token towards its cluster's fresh value, both in place
+  on the cached factor (`cache_scatter`, `cache_propagate`: the change persists, as in the official
+  code), and return the Taylor forecast over the updated factor.
 
 The K-means loop is data-dependent (it stops on convergence), so it is one custom op,
 `graphcache::kmeans_l1`: opaque to tracing compilers, no graph break, no RNG inside (tagged
@@ -27,8 +28,8 @@ import torch.fx as fx
 from torch import Tensor
 
 from .. import ir
-from ..cache import CacheSlot, declare_slot, read_slot, scatter_into_slot, write_slot
-from ..ops import HOST_OPS, gather_tokens, scatter_tokens, token_index
+from ..cache import CacheSlot, declare_slot, read_slot, update_slot, write_slot
+from ..ops import CACHE_SCATTER, CACHE_UPDATES, HOST_OPS, gather_tokens, put_tokens_, scatter_tokens, token_index
 from .base import Pass, PassResult
 from .taylor import declare_taylor_slots, taylor_forecast, taylor_slot
 from .token_select import SelectContext, TokenMerger, TokenSelector
@@ -165,10 +166,8 @@ def cluster_representatives(r: Tensor, labels: Tensor, clusters: int, per_cluste
     return order.reshape(r.shape[0], clusters * per_cluster)
 
 
-def propagate_to_clusters(old0: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
-                          gamma: float) -> Tensor:
-    """γ · rep[cluster(b, i)] + (1 - γ) · order0, where order0 is old0 with the fresh values
-    scattered in (`scatter_tokens`) and rep[b, k] = Σ fresh over picks in cluster k.
+def cluster_sums(labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int) -> Tensor:
+    """rep (B, K, C): rep[b, k] = Σ fresh[b, j] over the picks idx[b, j] in cluster k.
 
     A pick's cluster is that of the token actually picked, so an empty cluster's token 0 counts for
     token 0's cluster, and duplicates count twice.
@@ -176,12 +175,36 @@ def propagate_to_clusters(old0: Tensor, labels: Tensor, idx: Tensor, fresh: Tens
     channels = fresh.shape[-1]
     picked = labels.gather(1, idx)  # (B, k)
     rep = fresh.new_zeros(fresh.shape[0], clusters, channels)
-    rep = rep.scatter_add(1, token_index(picked, channels), fresh)
-    per_token = rep.gather(1, token_index(labels, channels))
-    # in place on the two new full-size tensors (the scatter and the gather) instead of three more
-    # temporaries; the same roundings, in the same order
-    order0 = scatter_tokens(old0, idx, fresh).mul_(1 - gamma)
-    return order0.add_(per_token.mul_(gamma))
+    return rep.scatter_add_(1, token_index(picked, channels), fresh)
+
+
+def propagate_to_clusters(old0: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
+                          gamma: float) -> Tensor:
+    """γ · rep[cluster(b, i)] + (1 - γ) · order0, where order0 is old0 with the fresh values
+    scattered in (`scatter_tokens`) and rep = `cluster_sums` (out of place)."""
+    # γ · rep scaled before the gather (the same products: the gather only copies them), then in
+    # place on the scatter's new full-size tensor: the official roundings, in the official order
+    per_token = gather_tokens(cluster_sums(labels, idx, fresh, clusters).mul_(gamma), labels)
+    return scatter_tokens(old0, idx, fresh).mul_(1 - gamma).add_(per_token)
+
+
+@torch.library.custom_op("graphcache::cache_propagate", mutates_args=("dst",))
+def cache_propagate(dst: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
+                    gamma: float) -> None:
+    """`propagate_to_clusters` in place on the cached order-0 factor, as the official code updates
+    it: the same values, with one new full-size tensor (the gathered cluster sums) instead of two
+    and a copy back into the slot."""
+    per_token = gather_tokens(cluster_sums(labels, idx, fresh, clusters).mul_(gamma), labels)
+    put_tokens_(dst, idx, fresh).mul_(1 - gamma).add_(per_token)
+
+
+@cache_propagate.register_fake
+def _(dst, labels, idx, fresh, clusters, gamma):
+    return None
+
+
+CACHE_PROPAGATE = torch.ops.graphcache.cache_propagate.default
+CACHE_UPDATES[CACHE_PROPAGATE] = propagate_to_clusters
 
 
 class ClusterRepresentativeSelector(TokenSelector):
@@ -200,7 +223,7 @@ class ClusterRepresentativeSelector(TokenSelector):
 
 
 class ClusterPropagationMerger(TokenMerger):
-    """Fresh tokens into the order-0 factor (+ propagation), written back; returns the forecast.
+    """Fresh tokens into the order-0 factor (+ propagation), in place; returns the forecast.
 
     order: the highest Taylor factor (all are read; the forecast coefficients say which exist).
     """
@@ -212,11 +235,10 @@ class ClusterPropagationMerger(TokenMerger):
         graph, branch = ctx.gm.graph, ctx.branch
         declare_taylor_slots(ctx.gm, branch, self.order)
         old = [read_slot(graph, taylor_slot(branch, i)) for i in range(1, self.order + 1)]
+        slot0 = taylor_slot(branch, 0)
         if self.propagation > 0:
             labels = read_slot(graph, LABELS_SLOT)
-            order0 = graph.call_function(propagate_to_clusters, (
-                read_slot(graph, taylor_slot(branch, 0)), labels, idx, fresh, self.clusters, self.propagation))
-            write_slot(graph, taylor_slot(branch, 0), order0)
+            order0 = update_slot(graph, slot0, CACHE_PROPAGATE, labels, idx, fresh, self.clusters, self.propagation)
         else:
-            order0 = scatter_into_slot(graph, taylor_slot(branch, 0), idx, fresh)
+            order0 = update_slot(graph, slot0, CACHE_SCATTER, idx, fresh)
         return taylor_forecast(ctx.gm, [order0, *old])

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from .. import ir
 from ..cache import CACHE_ATTR
-from ..ops import CACHE_SCATTER, HOST_OPS, RANDOM_FUNCTIONS, is_cache_write, scatter_tokens
+from ..ops import CACHE_UPDATES, HOST_OPS, RANDOM_FUNCTIONS, is_cache_write
 from ..schedule import is_token_input
 from .base import Pass, PassError, PassResult
 
@@ -96,8 +96,9 @@ class FunctionalizeCachePass(Pass):
     """Cache reads become inputs and cache writes outputs: `(…, cache…) -> (out, cache…)`.
 
     Slots are followed in graph order, as eager runs them: a read sees the slot's input or the
-    last value written before it; `cache_write` sets that value, `cache_scatter` sets it to
-    `scatter_tokens(value, idx, values)` (out of place); the last value is the slot's output."""
+    last value written before it; `cache_write` sets that value, an in-place update sets it to the
+    update's out-of-place form (`ops.CACHE_UPDATES`: `cache_scatter(slot, idx, values)` becomes
+    `scatter_tokens(value, idx, values)`); the last value is the slot's output."""
 
     def requires(self, gm):
         if FUNCTIONAL_KEY in gm.meta:
@@ -118,9 +119,9 @@ class FunctionalizeCachePass(Pass):
                 node.replace_all_uses_with(current[slot])
                 graph.erase_node(node)
             elif node in slot_of:
-                if node.target is CACHE_SCATTER:
+                if node.target in CACHE_UPDATES:
                     with graph.inserting_before(node):
-                        value = graph.call_function(scatter_tokens, node.args)
+                        value = graph.call_function(CACHE_UPDATES[node.target], node.args)
                 else:
                     value = node.args[1]
                 current[slot_of[node]] = value

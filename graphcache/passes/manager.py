@@ -64,8 +64,9 @@ class PassManager:
 def lint(gm: fx.GraphModule) -> None:
     """fx's structural lint, plus: no node reads a cache slot after a write to that slot.
 
-    A cache read is a get_attr of the live buffer (an alias); once a write (`cache_write` or
-    `cache_scatter`) has mutated the buffer, an earlier read would silently see the new value.
+    A cache read is a get_attr of the live buffer (an alias); once a write (`cache_write` or an
+    in-place update such as `cache_scatter`) has mutated the buffer, an earlier read would
+    silently see the new value.
     Passes must order writes after such reads (a read made after the write is fine).
     """
     gm.graph.lint()

@@ -22,8 +22,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import ir
-from ..cache import CacheSlot, declare_slot, read_slot, scatter_into_slot, write_slot
-from ..ops import random_function
+from ..cache import CacheSlot, declare_slot, read_slot, update_slot, write_slot
+from ..ops import CACHE_SCATTER, random_function
 from .base import Pass, PassResult
 from .token_select import SelectContext, TokenMerger, TokenSelector
 
@@ -172,4 +172,4 @@ class ScatterIntoCacheMerger(TokenMerger):
 
     def merge(self, ctx: SelectContext, idx: fx.Node, fresh: fx.Node) -> fx.Node:
         declare_slot(ctx.gm, CacheSlot(ctx.branch.name, like=ctx.branch.branch_out))
-        return scatter_into_slot(ctx.gm.graph, ctx.branch.name, idx, fresh)
+        return update_slot(ctx.gm.graph, ctx.branch.name, CACHE_SCATTER, idx, fresh)

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 import graphcache
 from graphcache import ir
-from graphcache.cache import CACHE_ATTR, CacheSlot, CacheState, declare_slot, read_slot, scatter_into_slot, write_slot
+from graphcache.cache import CACHE_ATTR, CacheSlot, CacheState, declare_slot, read_slot, update_slot, write_slot
 from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
 from graphcache.ops import CACHE_SCATTER, CACHE_WRITE, gather_tokens, is_cache_write, scatter_tokens
 from graphcache.passes.base import Pass, PassResult
@@ -427,6 +427,13 @@ def test_cache_scatter_op_is_registered():
     assert is_cache_write(node) and node.is_impure()
 
 
+def test_update_slot_takes_only_in_place_cache_updates(captured):
+    gm = new_variant(captured, CacheState())
+    declare_slot(gm, CacheSlot("s", like="x"))
+    with pytest.raises(ValueError, match="not a registered in-place cache update"):
+        update_slot(gm.graph, "s", CACHE_WRITE, gm.graph.find_nodes(op="placeholder")[0])
+
+
 def test_gather_tokens_eager_and_traced():
     """Eager indexes whole rows, a traced graph gathers: both are x[b, idx[b, j]], bit for bit."""
     torch.manual_seed(0)
@@ -447,7 +454,7 @@ def test_gather_tokens_eager_and_traced():
 
 class ScatterPass(Pass):
     """Scatter the first two tokens of block 1's MLP output into its slot; `stale` uses a read made
-    BEFORE the scatter after it (an error), otherwise the read scatter_into_slot returns."""
+    BEFORE the scatter after it (an error), otherwise the read update_slot returns."""
 
     def __init__(self, stale: bool):
         super().__init__()
@@ -461,7 +468,7 @@ class ScatterPass(Pass):
             old = read_slot(gm.graph, br.name)
             idx = gm.graph.call_function(torch.zeros, (2, 2), {"dtype": torch.long})
             part = gm.graph.call_method("narrow", (out, 1, 0, 2))
-            merged = scatter_into_slot(gm.graph, br.name, idx, part)
+            merged = update_slot(gm.graph, br.name, CACHE_SCATTER, idx, part)
             mixed = gm.graph.call_function(torch.add, (merged, old if self.stale else out))
         out.replace_all_uses_with(mixed, delete_user_cb=lambda n: n not in (mixed, part))
         return PassResult(gm, True)

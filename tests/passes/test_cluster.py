@@ -3,7 +3,8 @@
 * K-means: the batched, chunk-checked op against the literal loop (a host check every iteration),
   bit for bit, converged or not, with empty clusters; `InsertClusterPass`'s nodes, its single
   global-RNG `randint` at the first full step, and the labels/centroids it stores.
-* Representatives and propagation against loops written here from §6.5.
+* Representatives and propagation against loops written here from §6.5; the in-place
+  propagation op (`cache_propagate`) against its out-of-place form, and its registration.
 * The ClusCa token-select variant: one `rand` per block, counts, and its numbers against the eager
   model; the negative case: a branch whose MLP mixes tokens is declined, naming the node.
 """
@@ -14,6 +15,7 @@ import math
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,9 +23,10 @@ import graphcache
 from graphcache import ir
 from graphcache.cache import CACHE_ATTR, CacheState
 from graphcache.models.dit import DiT, DiTConfig, init_random_
-from graphcache.ops import is_cache_write
+from graphcache.ops import CACHE_SCATTER, CACHE_UPDATES, is_cache_write
 from graphcache.passes.cache_passes import EliminateDeadBranchesPass
 from graphcache.passes.cluster import (
+    CACHE_PROPAGATE,
     CENTROIDS_SLOT,
     KMEANS,
     LABELS_SLOT,
@@ -243,8 +246,22 @@ def test_propagation_matches_loop():
             order0[bb, idx[bb, j]] = fresh[bb, j]  # a duplicate pick: the last one wins, as in scatter
     want = torch.stack([gamma * rep[bb, labels[bb]] + (1 - gamma) * order0[bb] for bb in range(b)])
     before = old0.clone()
-    torch.testing.assert_close(propagate_to_clusters(old0, labels, idx, fresh, k, gamma), want)
-    assert torch.equal(old0, before)  # the cached factor itself is written by the graph, not here
+    got = propagate_to_clusters(old0, labels, idx, fresh, k, gamma)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(old0, before)  # out of place: the functional form exporters use
+    # the in-place op eager graphs use: the slot itself becomes the same values
+    storage = old0.data_ptr()
+    torch.ops.graphcache.cache_propagate(old0, labels, idx, fresh, k, gamma)
+    assert torch.equal(old0, got) and old0.data_ptr() == storage
+
+
+def test_cache_propagate_is_an_in_place_cache_update():
+    assert CACHE_PROPAGATE is torch.ops.graphcache.cache_propagate.default
+    assert CACHE_UPDATES[CACHE_PROPAGATE] is propagate_to_clusters  # what FunctionalizeCachePass substitutes
+    g = fx.Graph()
+    args = [g.placeholder(name) for name in ("slot", "labels", "idx", "fresh")]
+    node = g.call_function(CACHE_PROPAGATE, (*args, K, 0.5))
+    assert is_cache_write(node) and node.is_impure()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,14 +279,16 @@ def clusca_passes(gamma, per_cluster=1, order=2):
     ]
 
 
-def test_clusca_step_structure(captured):
-    gm, records = build(captured, clusca_passes(gamma=0.1))
+@pytest.mark.parametrize("gamma,update", [(0.1, CACHE_PROPAGATE), (0.0, CACHE_SCATTER)])
+def test_clusca_step_structure(captured, gamma, update):
+    gm, records = build(captured, clusca_passes(gamma=gamma))
     assert records[0].counters == {"taylor_read": 3 * DEPTH, "forecast": DEPTH}  # order 2: 3 factors
     assert records[1].counters == {"token_select": DEPTH} and not records[1].declined
     assert len(calls(gm, torch.rand)) == DEPTH  # exactly one draw per block
     assert not calls(gm, torch.randint) and not calls(gm, KMEANS)
-    writes = [n.args[0].target for n in gm.graph.nodes if is_cache_write(n)]
-    assert writes == [f"{CACHE_ATTR}.b{b}_mlp_taylor0" for b in range(DEPTH)]  # the order-0 MLP factor persists
+    # the order-0 MLP factor is updated in place (it persists), with propagation only when γ > 0
+    writes = [(n.target, n.args[0].target) for n in gm.graph.nodes if is_cache_write(n)]
+    assert writes == [(update, f"{CACHE_ATTR}.b{b}_mlp_taylor0") for b in range(DEPTH)]
     mlp = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.")
            and ".mlp." in n.target]
     assert len(mlp) == 3 * DEPTH  # fc1, act, fc2 once per block, on the gathered tokens only

@@ -21,7 +21,7 @@ import graphcache
 from graphcache.exporters.functional import FunctionalRunner
 from graphcache.models.builtin import resolve_model
 from graphcache.ops import CACHE_SCATTER, RANDOM_FUNCTIONS, scatter_tokens
-from graphcache.passes.cluster import KMEANS
+from graphcache.passes.cluster import CACHE_PROPAGATE, KMEANS, propagate_to_clusters
 from graphcache.passes.functionalize import (
     FUNCTIONAL_KEY,
     FunctionalizeCachePass,
@@ -30,6 +30,7 @@ from graphcache.passes.functionalize import (
     functionalize,
 )
 from graphcache.passes.manager import PassPipelineError, PassManager
+from graphcache.passes.taylor import evaluate_taylor
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "exporters"))
 from run_helpers import CASES, case_id, run  # noqa: E402
@@ -152,20 +153,25 @@ def test_functional_graphs_run_bitwise_like_the_variants(tiny, name, options):
         assert torch.equal(g, w)
 
 
-def test_slots_follow_graph_order(tiny):
-    """A ToCa partial step scatters fresh tokens into each MLP slot in place and then reads the
-    slot: functional, the scatter is out of place and that read is its result (not the input)."""
-    cached = graphcache.optimize(tiny, "toca", STEPS)
-    eager = variant(cached, ("partial", "partial"))
-    assert len(calls(eager, {CACHE_SCATTER})) == 2 and not calls(eager, {scatter_tokens})
+@pytest.mark.parametrize("method,update,functional,slot,consumer", [
+    ("toca", CACHE_SCATTER, scatter_tokens, "mlp", {operator.mul, torch.mul}),  # the gated residual
+    ("clusca", CACHE_PROPAGATE, propagate_to_clusters, "mlp_taylor0", {evaluate_taylor}),  # the forecast
+])
+def test_slots_follow_graph_order(tiny, method, update, functional, slot, consumer):
+    """A partial step updates each MLP slot in place (ToCa: scatters the fresh tokens; ClusCa:
+    scatters and propagates them into the order-0 factor) and then reads the slot: functional, the
+    update is out of place and that read is its result (not the input)."""
+    cached = graphcache.optimize(tiny, method, STEPS)
+    eager = next(gm for gm in cached.variants.values() if len(calls(gm, {update})) == 2)  # both blocks
+    assert not calls(eager, {functional})
     gm, sig = functionalize(eager)
-    assert not calls(gm, {CACHE_SCATTER})
-    scatters = calls(gm, {scatter_tokens})
-    assert [s.args[0].target for s in scatters] == ["cache__b0_mlp", "cache__b1_mlp"]
+    assert not calls(gm, {update})
+    updates = calls(gm, {functional})
+    assert [u.args[0].target for u in updates] == [f"cache__b0_{slot}", f"cache__b1_{slot}"]
     outputs = dict(zip(sig.outputs, gm.graph.output_node().args[0]))
-    for b, scatter in enumerate(scatters):
-        assert outputs[f"new_cache__b{b}_mlp"] is scatter
-        # the gated residual reads the updated slot: the scatter, never the slot's old value
-        assert any(u.target in (operator.mul, torch.mul) for u in scatter.users), list(scatter.users)
-        assert all(u is scatter or u.target is torch.ops.aten.sym_size.int
-                   for u in gm.graph.find_nodes(op="placeholder", target=f"cache__b{b}_mlp")[0].users)
+    for b, updated in enumerate(updates):
+        assert outputs[f"new_cache__b{b}_{slot}"] is updated
+        # what reads the slot after the update reads the updated value, never the slot's old one
+        assert any(u.target in consumer for u in updated.users), list(updated.users)
+        assert all(u is updated or u.target is torch.ops.aten.sym_size.int
+                   for u in gm.graph.find_nodes(op="placeholder", target=f"cache__b{b}_{slot}")[0].users)
