@@ -166,36 +166,37 @@ def cluster_representatives(r: Tensor, labels: Tensor, clusters: int, per_cluste
     return order.reshape(r.shape[0], clusters * per_cluster)
 
 
-def cluster_sums(labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int) -> Tensor:
-    """rep (B, K, C): rep[b, k] = Σ fresh[b, j] over the picks idx[b, j] in cluster k.
+def cluster_pull(labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int, gamma: float) -> Tensor:
+    """γ · rep[cluster(b, i)] (B, N, C), where rep[b, k] = Σ fresh[b, j] over the picks idx[b, j]
+    in cluster k.
 
     A pick's cluster is that of the token actually picked, so an empty cluster's token 0 counts for
-    token 0's cluster, and duplicates count twice.
+    token 0's cluster, and duplicates count twice. γ scales the (B, K, C) sums before the gather:
+    the same products, since the gather only copies them.
     """
     channels = fresh.shape[-1]
     picked = labels.gather(1, idx)  # (B, k)
-    rep = fresh.new_zeros(fresh.shape[0], clusters, channels)
-    return rep.scatter_add_(1, token_index(picked, channels), fresh)
+    rep = fresh.new_zeros(fresh.shape[0], clusters, channels).scatter_add_(1, token_index(picked, channels), fresh)
+    return gather_tokens(rep.mul_(gamma), labels)
 
 
 def propagate_to_clusters(old0: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
                           gamma: float) -> Tensor:
-    """γ · rep[cluster(b, i)] + (1 - γ) · order0, where order0 is old0 with the fresh values
-    scattered in (`scatter_tokens`) and rep = `cluster_sums` (out of place)."""
-    # γ · rep scaled before the gather (the same products: the gather only copies them), then in
-    # place on the scatter's new full-size tensor: the official roundings, in the official order
-    per_token = gather_tokens(cluster_sums(labels, idx, fresh, clusters).mul_(gamma), labels)
-    return scatter_tokens(old0, idx, fresh).mul_(1 - gamma).add_(per_token)
+    """(1 - γ) · order0 + `cluster_pull`, where order0 is old0 with the fresh values scattered in
+    (`scatter_tokens`), out of place: in place on the scatter's new full-size tensor, with the
+    official roundings in the official order."""
+    pull = cluster_pull(labels, idx, fresh, clusters, gamma)
+    return scatter_tokens(old0, idx, fresh).mul_(1 - gamma).add_(pull)
 
 
 @torch.library.custom_op("graphcache::cache_propagate", mutates_args=("dst",))
 def cache_propagate(dst: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
                     gamma: float) -> None:
     """`propagate_to_clusters` in place on the cached order-0 factor, as the official code updates
-    it: the same values, with one new full-size tensor (the gathered cluster sums) instead of two
-    and a copy back into the slot."""
-    per_token = gather_tokens(cluster_sums(labels, idx, fresh, clusters).mul_(gamma), labels)
-    put_tokens_(dst, idx, fresh).mul_(1 - gamma).add_(per_token)
+    it: the same values, with one new full-size tensor (the pull) instead of two and a copy back
+    into the slot."""
+    pull = cluster_pull(labels, idx, fresh, clusters, gamma)
+    put_tokens_(dst, idx, fresh).mul_(1 - gamma).add_(pull)
 
 
 @cache_propagate.register_fake

@@ -66,8 +66,8 @@ def lint(gm: fx.GraphModule) -> None:
 
     A cache read is a get_attr of the live buffer (an alias); once a write (`cache_write` or an
     in-place update such as `cache_scatter`) has mutated the buffer, an earlier read would
-    silently see the new value.
-    Passes must order writes after such reads (a read made after the write is fine).
+    silently see the new value. Passes must order writes after such reads (a read made after the
+    write is fine).
     """
     gm.graph.lint()
     from ..ops import is_cache_write
