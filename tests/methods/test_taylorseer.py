@@ -1,5 +1,5 @@
 """TaylorSeer (METHODS.md §6.2, §6.3, §7): schedule, variants, whole runs against the reference
-of tests/methods/test_clusca.py (with clusters = 0 it is TaylorSeer, §7), and the §10(e)
+of tests/methods/clusca_reference.py (with clusters = 0 it is TaylorSeer, §7), and the §10(e)
 identity: order 0 is FORA with the same full steps.
 
 Tolerance: as in test_clusca.py, 1e-5 * max(1, max|reference|) elementwise on the final latents
@@ -17,9 +17,9 @@ from graphcache.methods.taylorseer import taylor_plans
 from graphcache.passes.cluster import KMEANS
 from graphcache.passes.taylor import DELTA_INPUT, coefficient_input
 from graphcache.schedule import FORECAST, FULL, REUSE, StepPlan
-from test_clusca import (  # the reference and its helpers live with the ClusCa tests
+from clusca_reference import ClusCaReference
+from test_clusca import (  # the comparison helpers live with the ClusCa tests
     TOL,
-    ClusCaReference,
     Recorder,
     assert_run_matches,
     caching_effect,
