@@ -12,10 +12,15 @@ import torch
 import torch.fx as fx
 
 
+def copy_into_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst[...] = src: `cache_write`'s kernel."""
+    return dst.copy_(src)
+
+
 @torch.library.custom_op("graphcache::cache_write", mutates_args=("dst",))
 def cache_write(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst[...] = src (same shape and dtype: the runtime allocates slots from the source's shape)."""
-    dst.copy_(src)
+    copy_into_(dst, src)
 
 
 @cache_write.register_fake
@@ -75,6 +80,12 @@ CACHE_SCATTER = torch.ops.graphcache.cache_scatter.default
 # to its out-of-place form `f(slot value, *rest) -> new value`, which FunctionalizeCachePass puts in
 # its place (exported graphs mutate nothing). Modules that define such an op register it here.
 CACHE_UPDATES: dict = {CACHE_SCATTER: scatter_tokens}
+
+# Each cache op's kernel: the plain in-place function the op runs. Eager runners call these
+# directly (runtime.eager_runner): on a CPU a custom op's dispatch costs ~20 µs a call, more than
+# the work of most cache writes of a small model. The variants keep the ops, whose declared
+# mutation is what dead-code elimination, torch.compile and the exporters go by.
+EAGER_KERNELS: dict = {CACHE_WRITE: copy_into_, CACHE_SCATTER: put_tokens_}
 
 
 def is_cache_write(node: fx.Node) -> bool:

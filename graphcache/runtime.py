@@ -5,13 +5,15 @@ Each distinct step kind of the schedule gets one variant: a GraphModule over the
 plan — host-side, from the index alone — and calls that variant with the original inputs plus the
 plan's per-step inputs (token counts, forecast distances).
 
-`backend` picks what runs a variant: "eager" calls the GraphModule itself; "compile" calls its
-`torch.compile`d forward (graphcache/exporters/compile.py); "aoti", "onnx" and "tensorrt" run
-files exported from its functional form (graphcache/exporters/export.py). Both install `runners`.
+`backend` picks what runs a variant: "eager" calls a copy of the GraphModule with each cache op
+replaced by its kernel (`eager_runner`); "compile" calls its `torch.compile`d forward
+(graphcache/exporters/compile.py); "aoti", "onnx" and "tensorrt" run files exported from its
+functional form (graphcache/exporters/export.py). Each installs `runners`.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -23,6 +25,7 @@ from .cache import CACHE_ATTR, CacheState, declared_slots
 from .capture import capture, propagate_shapes
 from .errors import GraphcacheError
 from .methods import get_method
+from .ops import EAGER_KERNELS
 from .passes.contiguous_stream import MakeStreamContiguousPass
 from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.prune_modulation import PruneModulationPass
@@ -40,6 +43,22 @@ def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
     gm.meta[ir.META_KEY] = ir.structure_of(captured)
     setattr(gm, CACHE_ATTR, cache)
     return gm
+
+
+def eager_runner(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` for eager runs: the same graph over the same modules, with each cache op replaced by
+    its kernel (`ops.EAGER_KERNELS`). Safe because nothing rewrites this copy: no dead-code
+    elimination will drop a kernel call whose result nobody reads."""
+    graph = copy.deepcopy(gm.graph)  # new nodes (their meta shared, not copied) and the same codegen
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in EAGER_KERNELS:
+            node.target = EAGER_KERNELS[node.target]
+    runner = fx.GraphModule(gm, graph)
+    # GraphModule copies only what the graph names, under new parent modules; share the variant's
+    # own children instead, so slots the cache (re-)allocates later are the ones the runner reads
+    for name, child in gm.named_children():
+        setattr(runner, name, child)
+    return runner
 
 
 def extra_inputs(gm: fx.GraphModule, inputs: dict) -> dict:
@@ -117,11 +136,13 @@ class CachedModel(SteppedModel):
         self.backend = backend
         self.compile_options: dict | None = None
         self.runners: dict[tuple, object] = {}  # variant key -> callable replacing the GraphModule
-        if backend == "compile":
+        if backend == "eager":
+            self.runners = {key: eager_runner(gm) for key, gm in self.variants.items()}
+        elif backend == "compile":
             from .exporters.compile import compile_variants
 
             compile_variants(self, compile_options)
-        elif backend != "eager":
+        else:
             import tempfile
             from pathlib import Path
 

@@ -8,6 +8,7 @@ plain model bit for bit; FORA's reuse steps must equal a reuse step written here
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ import torch
 import graphcache
 from graphcache import CachedModel, GraphcacheError, optimize, sample
 from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
+from graphcache.ops import CACHE_SCATTER, CACHE_WRITE, EAGER_KERNELS
+from graphcache.passes.cluster import CACHE_PROPAGATE
 from graphcache.schedule import FULL, REUSE
 
 S = 8  # sampling steps of the step-by-step tests
@@ -195,6 +198,30 @@ def test_variants_share_parameters(which, request):
 def test_variants_share_one_cache(fora3):
     caches = {id(gm.graphcache_cache) for gm in fora3.variants.values()}
     assert caches == {id(fora3.cache)}
+
+
+@pytest.mark.parametrize("method", ["toca", "clusca"])
+def test_eager_runners_call_the_cache_kernels(model, method):
+    """Eager runs call each cache op's kernel (ops.EAGER_KERNELS) instead of the custom op: the
+    variant's nodes otherwise, over the variant's own modules and cache, with the same samples —
+    also after a batch change re-allocates the slots."""
+    cached = optimize(model, method, num_steps=8, **({"propagation": 0.1} if method == "clusca" else {}))
+    replaced = Counter()
+    for key, gm in cached.variants.items():
+        runner = cached.runners[key]
+        calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert [n.target for n in runner.graph.nodes if n.op == "call_function"] == [
+            EAGER_KERNELS.get(target, target) for target in calls]
+        replaced.update(target for target in calls if target in EAGER_KERNELS)
+        assert all(getattr(runner, name) is child for name, child in gm.named_children())
+    update = CACHE_PROPAGATE if method == "clusca" else CACHE_SCATTER
+    assert replaced[CACHE_WRITE] > 0 and replaced[update] > 0
+    runners = cached.runners
+    for labels in ([1], [2, 3]):
+        fast = sample(cached, labels, num_steps=8)
+        cached.runners = {}  # the variants themselves, with the custom ops
+        assert torch.equal(fast, sample(cached, labels, num_steps=8))
+        cached.runners = runners
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,16 @@ from torch import Tensor
 
 from .. import ir
 from ..cache import CacheSlot, declare_slot, read_slot, update_slot, write_slot
-from ..ops import CACHE_SCATTER, CACHE_UPDATES, HOST_OPS, gather_tokens, put_tokens_, scatter_tokens, token_index
+from ..ops import (
+    CACHE_SCATTER,
+    CACHE_UPDATES,
+    EAGER_KERNELS,
+    HOST_OPS,
+    gather_tokens,
+    put_tokens_,
+    scatter_tokens,
+    token_index,
+)
 from .base import Pass, PassResult
 from .taylor import declare_taylor_slots, taylor_forecast, taylor_slot
 from .token_select import SelectContext, TokenMerger, TokenSelector
@@ -189,14 +198,20 @@ def propagate_to_clusters(old0: Tensor, labels: Tensor, idx: Tensor, fresh: Tens
     return scatter_tokens(old0, idx, fresh).mul_(1 - gamma).add_(pull)
 
 
+def propagate_into_(dst: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
+                    gamma: float) -> Tensor:
+    """`propagate_to_clusters` in place on `dst`: `cache_propagate`'s kernel."""
+    pull = cluster_pull(labels, idx, fresh, clusters, gamma)
+    return put_tokens_(dst, idx, fresh).mul_(1 - gamma).add_(pull)
+
+
 @torch.library.custom_op("graphcache::cache_propagate", mutates_args=("dst",))
 def cache_propagate(dst: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clusters: int,
                     gamma: float) -> None:
     """`propagate_to_clusters` in place on the cached order-0 factor, as the official code updates
     it: the same values, with one new full-size tensor (the pull) instead of two and a copy back
     into the slot."""
-    pull = cluster_pull(labels, idx, fresh, clusters, gamma)
-    put_tokens_(dst, idx, fresh).mul_(1 - gamma).add_(pull)
+    propagate_into_(dst, labels, idx, fresh, clusters, gamma)
 
 
 @cache_propagate.register_fake
@@ -206,6 +221,7 @@ def _(dst, labels, idx, fresh, clusters, gamma):
 
 CACHE_PROPAGATE = torch.ops.graphcache.cache_propagate.default
 CACHE_UPDATES[CACHE_PROPAGATE] = propagate_to_clusters
+EAGER_KERNELS[CACHE_PROPAGATE] = propagate_into_
 
 
 class ClusterRepresentativeSelector(TokenSelector):
