@@ -200,7 +200,9 @@ def test_artifact_records_and_recreates_the_backend(tiny, tmp_path):
     assert counters["stats"]["unique_graphs"] == len(loaded.variants)
     want = run(graphcache.optimize(tiny, "fora", 4), steps=4)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    assert load_artifact(out, backend="eager").runners == {}  # the backend can be overridden
+    eager = load_artifact(out, backend="eager")  # the backend can be overridden
+    assert eager.backend == "eager" and eager.compile_options is None
+    assert all(isinstance(r, torch.fx.GraphModule) for r in eager.runners.values())  # nothing compiled
     counter = CompileCounterWithBackend("aot_eager")  # a Python callable cannot be recorded
     custom = graphcache.optimize(tiny, "fora", 4, backend="compile", compile_options={"backend": counter})
     with pytest.raises(GraphcacheError, match="callable"):
