@@ -1,27 +1,17 @@
 """tools/realization_bound.py on the tiny builtin model: the accounting, not the machine's speed."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import graphcache
 from graphcache.models.builtin import resolve_model
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "realization_bound.py"
 STEPS = 6
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("realization_bound", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bounds_count_full_steps_whole_and_cached_blocks_by_their_work(tmp_path, capsys):
+def test_bounds_count_full_steps_whole_and_cached_blocks_by_their_work(tmp_path, capsys, load_tool):
     out = tmp_path / "bound.json"
-    assert _tool().main(["--model", "builtin:dit-tiny-random", "--methods", "none,fora,duca", "--steps", str(STEPS),
-                         "--repeats", "1", "--json", str(out)]) == 0
+    assert load_tool("realization_bound").main(["--model", "builtin:dit-tiny-random", "--methods", "none,fora,duca",
+                                                "--steps", str(STEPS), "--repeats", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     full, chunk = report["full_step_seconds"], report["chunk_seconds"]
     rows = {r["method"]: r for r in report["results"]}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +10,10 @@ import torch
 import graphcache
 from graphcache.models.dit import DiT, DiTConfig
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "train_mnist_dit.py"
-
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("train_mnist_dit", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("train_mnist_dit")
 
 
 TINY = ["--skip-classifier", "--steps", "3", "--batch-size", "4", "--hidden", "32", "--depth", "1",

@@ -1,26 +1,17 @@
 """tools/versus_reference.py on the tiny builtin model: the agreement check and the accounting,
 not the machine's speed."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "versus_reference.py"
 ARGS = ["--model", "builtin:dit-tiny-random", "--steps", "6", "--repeats", "2"]
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("versus_reference", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_reference_agrees_and_the_ratios_are_the_medians(tmp_path, capsys):
+def test_every_reference_agrees_and_the_ratios_are_the_medians(tmp_path, capsys, load_tool):
     out = tmp_path / "versus.json"
-    assert _tool().main([*ARGS, "--methods", "toca,duca,clusca,taylorseer", "--json", str(out)]) == 0
+    tool = load_tool("versus_reference")
+    assert tool.main([*ARGS, "--methods", "toca,duca,clusca,taylorseer", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [r["method"] for r in report["results"]] == ["toca", "duca", "clusca", "taylorseer"]
     plain = report["uncached_seconds"]
@@ -42,9 +33,9 @@ def test_every_reference_agrees_and_the_ratios_are_the_medians(tmp_path, capsys)
     assert "| clusca |" in capsys.readouterr().out
 
 
-def test_a_reference_that_disagrees_stops_the_comparison(tmp_path, monkeypatch, capsys):
+def test_a_reference_that_disagrees_stops_the_comparison(tmp_path, monkeypatch, capsys, load_tool):
     """Timing two runs that computed different things would compare nothing: status 1, no report."""
-    tool = _tool()
+    tool = load_tool("versus_reference")
     right = tool.reference_for
 
     def every_step_full(method, dit, num_steps, options):
@@ -56,7 +47,7 @@ def test_a_reference_that_disagrees_stops_the_comparison(tmp_path, monkeypatch, 
     assert "disagree" in capsys.readouterr().err and not out.exists()
 
 
-def test_methods_without_a_reference_are_refused(capsys):
+def test_methods_without_a_reference_are_refused(capsys, load_tool):
     with pytest.raises(SystemExit) as exit_info:
-        _tool().main([*ARGS, "--methods", "toca,fora"])
+        load_tool("versus_reference").main([*ARGS, "--methods", "toca,fora"])
     assert exit_info.value.code == 2 and "no reference for 'fora'" in capsys.readouterr().err
