@@ -5,9 +5,10 @@
       model.safetensors   the weights (config in the metadata; see graphcache.io.save_model)
 
 The "eager" and "compile" backends store no graphs: `load_artifact` loads the weights and runs
-`graphcache.optimize` again with the recorded method, options and backend (for "compile" also
-the recorded `compile_options`: compiler, mode, dynamic, options; torch.compile then compiles each
-variant on its first call), then checks that it yields the recorded schedule.
+`graphcache.optimize` again with the recorded method, options, backend and `hoist_conditioning`
+(for "compile" also the recorded `compile_options`: compiler, mode, dynamic, options;
+torch.compile then compiles each variant on its first call), then checks that it yields the
+recorded schedule.
 
 The ahead-of-time backends ("aoti", "onnx", "tensorrt") store the exported variants instead:
 
@@ -88,6 +89,8 @@ def build_manifest(cached_model, *, model_spec: str) -> dict:
         from .exporters.compile import portable_options
 
         manifest["compile_options"] = portable_options(cached_model.compile_options)
+    if backend not in AHEAD_OF_TIME:
+        manifest["hoist_conditioning"] = cached_model.hoists_conditioning
     if backend in AHEAD_OF_TIME:
         from .exporters.export import manifest_entries
 
@@ -228,7 +231,8 @@ def load_artifact(path, *, map_location="cpu", backend: str | None = None, compi
         compile_options = manifest.get("compile_options")
     try:
         cached = optimize(model, manifest["method"], manifest["num_steps"], backend=backend,
-                          compile_options=compile_options, **manifest["options"])
+                          compile_options=compile_options,
+                          hoist_conditioning=bool(manifest.get("hoist_conditioning", True)), **manifest["options"])
     except GraphcacheError as e:
         raise GraphcacheError(f"{path}: cannot rebuild the artifact: {e}") from e
     recorded = manifest.get("schedule")

@@ -27,6 +27,7 @@ from .errors import GraphcacheError
 from .methods import get_method
 from .ops import EAGER_KERNELS
 from .passes.contiguous_stream import MakeStreamContiguousPass
+from .passes.hoist_conditioning import CONDITIONING_KEY, HoistConditioningPass, conditioning_inputs
 from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.prune_modulation import PruneModulationPass
 from .schedule import StepPlan, step_inputs
@@ -72,7 +73,9 @@ class SteppedModel(nn.Module):
     a step counter, the cache for the current input signature, one runner per step.
 
     Subclasses set `schedule`, `cache`, `step_kwargs` (each step's extra inputs) and implement
-    `_allocate(args, signature)` and `runner(index)`."""
+    `_allocate(args, signature)` and `runner(index)`; they may override `conditioning_inputs`."""
+
+    announced: list[tuple] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -88,10 +91,23 @@ class SteppedModel(nn.Module):
         self.reset()
 
     def reset(self) -> None:
-        """Start a new sampling run: step 0 next, cache contents cleared."""
+        """Start a new sampling run: step 0 next, cache contents cleared, nothing announced."""
         self.step_index = 0
+        self.announced = None
         for buf in self.cache.buffers():
             buf.zero_()
+
+    def announce_inputs(self, step_args) -> None:
+        """Called by graphcache.sample after `start_sampling`: every step's inputs after the
+        latents (t, y), the very tensors the steps will pass. A step that passes exactly these
+        objects may use values precomputed from them; any other input is computed as it comes."""
+        if len(step_args) != self.num_steps:
+            raise GraphcacheError(f"announced {len(step_args)} steps' inputs for a {self.num_steps}-step run")
+        self.announced = [tuple(a) for a in step_args]
+
+    def conditioning_inputs(self, index: int, args) -> dict:
+        """Extra graph inputs computed from the conditioning (none unless a subclass hoists it)."""
+        return {}
 
     def forward(self, *args):
         signature = tuple((tuple(a.shape), a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor))
@@ -104,8 +120,9 @@ class SteppedModel(nn.Module):
                 )
                 self.step_index = 0
             self._allocate(args, signature)
-        out = self.runner(self.step_index)(*args, **self.step_kwargs[self.step_index])
-        self.step_index = (self.step_index + 1) % self.num_steps
+        index = self.step_index
+        out = self.runner(index)(*args, **self.step_kwargs[index], **self.conditioning_inputs(index, args))
+        self.step_index = (index + 1) % self.num_steps
         return out
 
 
@@ -113,7 +130,8 @@ class CachedModel(SteppedModel):
     """An nn.Module with the wrapped model's forward signature that runs the cached variants."""
 
     def __init__(self, model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None,
-                 dump_dir=None, dump=(), backend: str = "eager", compile_options: dict | None = None, **options):
+                 dump_dir=None, dump=(), backend: str = "eager", compile_options: dict | None = None,
+                 hoist_conditioning: bool = True, **options):
         super().__init__()
         from .exporters import BACKENDS
 
@@ -127,12 +145,18 @@ class CachedModel(SteppedModel):
         self.structure = ir.structure_of(self.captured)
         self.schedule = self.method.schedule(num_steps, self.structure.depth, options, self.structure.num_tokens)
         self.options = self.schedule.options
+        # The ahead-of-time backends export each variant alone, so they keep the conditioning in it
+        self.hoists_conditioning = hoist_conditioning and backend in ("eager", "compile")
         self.cache = CacheState()
         self.variants: dict[tuple, fx.GraphModule] = {}
         self.records: dict[tuple, list[PassRecord]] = {}
         for plan in self.schedule.steps:
             if plan.variant not in self.variants:
                 self._build(plan, dump_dir, dump)
+        self.conditionings = {key: gm.meta[CONDITIONING_KEY] for key, gm in self.variants.items()
+                              if CONDITIONING_KEY in gm.meta}
+        self.condition_table: list[dict] | None = None  # per step: the hoisted values, computed at step 0
+        self.conditioning_is_rowwise: bool | None = None  # checked once, on the first table
         self.backend = backend
         self.compile_options: dict | None = None
         self.runners: dict[tuple, object] = {}  # variant key -> callable replacing the GraphModule
@@ -163,14 +187,58 @@ class CachedModel(SteppedModel):
         label = "_".join(f"{k}{n}" for k, n in _runs(plan.kinds))
         # Every variant ends with the generic clean-up: modulation nobody reads is not computed, and
         # the stream is row-major from the first block on (last: method passes rely on the structure).
+        hoist = [HoistConditioningPass(conditioning_inputs(self.captured))] if self.hoists_conditioning else []
         manager = PassManager([*self.method.passes(plan, self.options), PruneModulationPass(),
-                               MakeStreamContiguousPass()],
+                               MakeStreamContiguousPass(), *hoist],
                               dump_dir=f"{dump_dir}/{label}" if dump_dir else None, dump=dump)
         try:
             self.records[plan.variant] = manager(gm)
         except PassPipelineError as e:
             raise GraphcacheError(f"{self.method.name}: building the variant {label} failed: {e}") from e
         self.variants[plan.variant] = gm
+
+    def reset(self) -> None:
+        super().reset()
+        self.condition_table = None
+
+    def conditioning_inputs(self, index: int, args) -> dict:
+        """The values this step's variant reads from the conditioning (HoistConditioningPass).
+
+        When the step passes the announced inputs, every step's values come from one evaluation
+        per variant on all its steps' inputs stacked along the batch, made at the first such step;
+        otherwise this step's are computed from its own inputs."""
+        conditioning = self.conditionings.get(self.schedule[index].variant)
+        if conditioning is None:
+            return {}
+        announced = self.announced[index] if self.announced is not None else None
+        if announced is not None and all(0 < p <= len(announced) and args[p] is announced[p - 1]
+                                         for p in conditioning.inputs):
+            if self.condition_table is None:
+                self.condition_table = self._tabulate_conditioning(index, args)
+            if self.condition_table:
+                return self.condition_table[index]
+        return dict(zip(conditioning.names, conditioning.graph(*(args[p] for p in conditioning.inputs))))
+
+    def _tabulate_conditioning(self, index: int, args) -> list[dict]:
+        """Every step's hoisted values from the announced inputs ([] if the conditioning turned
+        out to mix batch rows, so that stacking steps would change it)."""
+        table: list[dict] = [{} for _ in range(self.num_steps)]
+        for key, conditioning in self.conditionings.items():
+            steps = [p.index for p in self.schedule.steps if p.variant == key]
+            stacked = [torch.cat([self.announced[i][p - 1] for i in steps]) for p in conditioning.inputs]
+            for name, value in zip(conditioning.names, conditioning.graph(*stacked)):
+                for i, per_step in zip(steps, value.unflatten(0, (len(steps), -1)).unbind(0)):
+                    table[i][name] = per_step
+        if self.conditioning_is_rowwise is None:
+            conditioning = self.conditionings[self.schedule[index].variant]
+            direct = conditioning.graph(*(args[p] for p in conditioning.inputs))
+            self.conditioning_is_rowwise = all(
+                torch.allclose(table[index][name], value, rtol=1e-4, atol=1e-6 * float(value.abs().max()))
+                for name, value in zip(conditioning.names, direct))
+            if not self.conditioning_is_rowwise:
+                warnings.warn("the model's conditioning mixes batch rows: it is computed step by step",
+                              stacklevel=3)
+        return table if self.conditioning_is_rowwise else []
 
     def slots(self) -> dict:
         slots = {}
@@ -242,11 +310,15 @@ def _runs(kinds):
 
 
 def optimize(model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None, *, backend: str = "eager",
-             compile_options: dict | None = None, **options) -> CachedModel:
+             compile_options: dict | None = None, hoist_conditioning: bool = True, **options) -> CachedModel:
     """Compile `method` into `model` for a `num_steps` sampling run. Options are the method's own.
 
     backend: "eager" runs the variants as GraphModules; "compile" runs each under
     `torch.compile(fullgraph=True)`, configured by `compile_options` (keys backend, mode,
-    dynamic, options; see graphcache/exporters/compile.py)."""
+    dynamic, options; see graphcache/exporters/compile.py).
+    hoist_conditioning (eager and compile): compute what depends only on (t, y) — the adaLN
+    modulation — for every step at once at the first step of a `graphcache.sample` run
+    (passes/hoist_conditioning.py). Values then differ from step-by-step ones by float rounding
+    (a batched GEMM sums in another order); False keeps the plain model's arithmetic exactly."""
     return CachedModel(model, method=method, num_steps=num_steps, inputs=inputs, backend=backend,
-                       compile_options=compile_options, **options)
+                       compile_options=compile_options, hoist_conditioning=hoist_conditioning, **options)

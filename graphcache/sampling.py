@@ -280,7 +280,8 @@ def sample(
 
     model: callable `model(x, t, y)` with `in_channels`, `input_size`, `learn_sigma`,
       `num_classes`; t are ORIGINAL timesteps. If it has `start_sampling(num_steps)`, that is
-      called once before the loop (cached models reset there). The model is called exactly once
+      called once before the loop (cached models reset there), then `announce_inputs` (if it has
+      one) with every step's `(t, y)`, the tensors the loop will pass. The model is called exactly once
       per step (with CFG, once on the 2n-row batch).
     labels: class ids in [0, num_classes), a list of ints or a long tensor.
     noise: the initial latents (n, C, H, W); drawn with `torch.randn` after seeding if None.
@@ -327,18 +328,23 @@ def sample(
             y = torch.cat([y, torch.full_like(y, int(model.num_classes))], dim=0)
             net = guided(model, cfg_scale, guidance)
 
+        steps = [torch.full((x.shape[0],), i, dtype=torch.long, device=device)
+                 for i in range(diffusion.num_steps - 1, -1, -1)]
+        timesteps = [diffusion.original_timesteps(t, x) for t in steps]
         start = getattr(model, "start_sampling", None)
         if callable(start):
             start(num_steps)
+        announce = getattr(model, "announce_inputs", None)
+        if callable(announce):  # the very tensors passed below: a cached model may precompute from them
+            announce([(t, y) for t in timesteps])
 
-        indices = range(diffusion.num_steps - 1, -1, -1)
+        loop = zip(steps, timesteps)
         if progress:
             from tqdm.auto import tqdm
 
-            indices = tqdm(indices, desc=f"{sampler} {num_steps}", total=diffusion.num_steps)
-        for i in indices:
-            t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
-            out = net(x, diffusion.original_timesteps(t, x), y)
+            loop = tqdm(loop, desc=f"{sampler} {num_steps}", total=diffusion.num_steps)
+        for t, model_t in loop:
+            out = net(x, model_t, y)
             x = step(out, x, t)
 
     return x.chunk(2, dim=0)[0] if use_cfg else x

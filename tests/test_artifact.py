@@ -56,6 +56,18 @@ def test_manifest_fields(saved):
     assert m["model"]["config"]["depth"] == 2
     assert m["schedule"]["method"] == "fora" and len(m["schedule"]["steps"]) == STEPS
     assert m["versions"]["torch"] == torch.__version__
+    assert m["hoist_conditioning"] is True
+
+
+def test_round_trip_keeps_the_conditioning_in_the_variants_when_asked(saved, tmp_path):
+    cached, _ = saved
+    plain = graphcache.optimize(cached.model, "fora", STEPS, hoist_conditioning=False, interval=2)
+    out = tmp_path / "plain"
+    save_artifact(plain, out, model_spec=TINY)
+    assert read_manifest(out)["hoist_conditioning"] is False
+    loaded = load_artifact(out)
+    assert not loaded.hoists_conditioning and not loaded.conditionings
+    assert torch.equal(graphcache.sample(loaded, [1], num_steps=STEPS), graphcache.sample(plain, [1], num_steps=STEPS))
 
 
 def _load_error(path, *needles):

@@ -151,8 +151,8 @@ def test_sample_options_reach_the_sampler(capsys, tmp_path):
     code, _, err = run(capsys, "sample", TINY, "--labels", "3", "--steps", "3", "--sampler", "ddpm",
                        "--cfg-scale", "1", "--guidance", "eps", "--seed", "7", "-q", "-o", out)
     assert code == 0, err
-    expected = graphcache.sample(resolve_model(TINY), [3], seed=7, num_steps=3, sampler="ddpm", cfg_scale=1.0,
-                                 guidance="eps")
+    uncached = graphcache.optimize(resolve_model(TINY), "none", 3)  # the CLI's default method
+    expected = graphcache.sample(uncached, [3], seed=7, num_steps=3, sampler="ddpm", cfg_scale=1.0, guidance="eps")
     assert torch.equal(torch.load(out, weights_only=True), expected)
 
 

@@ -2,7 +2,9 @@
 
 The model is a random DiT-S/2 at 8x8 latents (16 tokens) (every weight N(0, 0.02), adaLN gates included, so
 a reused branch really changes the output). `none` and FORA with interval 1 must reproduce the
-plain model bit for bit; FORA's reuse steps must equal a reuse step written here by hand.
+plain model bit for bit; FORA's reuse steps must equal a reuse step written here by hand. Those
+models are built with `hoist_conditioning=False`: hoisting computes every step's adaLN modulation
+in one batched GEMM, whose sums may round differently; its own tests compare to a tolerance.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def dit_s2():
 
 @pytest.fixture(scope="module")
 def dit_s2_none(dit_s2):
-    return optimize(dit_s2, "none", num_steps=SAMPLE_STEPS)
+    return optimize(dit_s2, "none", num_steps=SAMPLE_STEPS, hoist_conditioning=False)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def none_model(model):
-    return optimize(model, "none", num_steps=S)
+    return optimize(model, "none", num_steps=S, hoist_conditioning=False)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def fora3(model):
 
 @pytest.fixture(scope="module")
 def fora1(model):
-    return optimize(model, "fora", num_steps=S, interval=1)
+    return optimize(model, "fora", num_steps=S, interval=1, hoist_conditioning=False)
 
 
 def step_inputs(i, batch=2):
@@ -222,6 +224,72 @@ def test_eager_runners_call_the_cache_kernels(model, method):
         cached.runners = {}  # the variants themselves, with the custom ops
         assert torch.equal(fast, sample(cached, labels, num_steps=8))
         cached.runners = runners
+
+
+# --------------------------------------------------------------------------------------------
+# Hoisted conditioning
+# --------------------------------------------------------------------------------------------
+
+
+class Unannounced:
+    """`cached` for graphcache.sample without `announce_inputs`: every step computes its own."""
+
+    def __init__(self, cached):
+        self.cached = cached
+        for attr in ("in_channels", "input_size", "learn_sigma", "num_classes", "start_sampling"):
+            setattr(self, attr, getattr(cached, attr))
+
+    def __call__(self, *args):
+        return self.cached(*args)
+
+
+def _count_calls(module, calls):
+    return module.register_forward_pre_hook(lambda *_: calls.append(1))
+
+
+@pytest.mark.parametrize("method", ["toca", "duca"])
+def test_announced_runs_evaluate_each_conditioning_once(model, method):
+    cached = optimize(model, method, num_steps=S)
+    plain_arith = optimize(model, method, num_steps=S, hoist_conditioning=False)
+    assert set(cached.conditionings) == set(cached.variants) and not plain_arith.conditionings
+    calls = []
+    hooks = [_count_calls(c.graph, calls) for c in cached.conditionings.values()]
+    try:
+        kw = dict(labels=[3, 207], seed=6, num_steps=S, cfg_scale=4.0)
+        first = sample(cached, **kw)
+        assert len(calls) == len(cached.variants) + 1  # one per variant, plus the one-off row check
+        assert cached.conditioning_is_rowwise is True
+        assert [set(row) for row in cached.condition_table] == [
+            set(cached.conditionings[plan.variant].names) for plan in cached.schedule.steps]
+        calls.clear()
+        assert torch.equal(sample(cached, **kw), first)  # a second run tabulates again, bit for bit
+        assert len(calls) == len(cached.variants)
+        calls.clear()
+        stepwise = sample(Unannounced(cached), **kw)
+        assert len(calls) == S
+    finally:
+        for hook in hooks:
+            hook.remove()
+    want = sample(plain_arith, **kw)
+    assert torch.equal(stepwise, want)  # step by step: the plain model's arithmetic exactly
+    assert torch.allclose(first, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_steps_with_other_inputs_than_announced_compute_their_own(model, fora3):
+    fora3.start_sampling(S)
+    announced = [step_inputs(i)[1:] for i in range(S)]
+    fora3.announce_inputs(announced)
+    x, t, y = step_inputs(0)
+    with torch.no_grad():
+        assert torch.equal(fora3(x, t.clone(), y), plain(model, x, t, y))  # equal values, other tensors
+        assert fora3.condition_table is None
+        x, t, y = step_inputs(1)
+        fora3(x, *announced[1])
+    assert fora3.condition_table is not None
+    with pytest.raises(GraphcacheError, match=f"announced 2 steps' inputs for a {S}-step run"):
+        fora3.announce_inputs(announced[:2])
+    fora3.reset()
+    assert fora3.announced is None and fora3.condition_table is None
 
 
 # --------------------------------------------------------------------------------------------

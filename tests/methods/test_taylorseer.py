@@ -90,15 +90,19 @@ def test_variant_structure():
                 and (".attn." in n.target or ".mlp." in n.target)]
         assert not [n for n in gm.graph.nodes if n.target in (KMEANS, torch.rand, torch.randint)]
         if key[1] == ("full",):
-            assert names == ["InsertTaylorUpdatePass", "PruneModulationPass", "MakeStreamContiguousPass"]
+            assert names == ["InsertTaylorUpdatePass", "PruneModulationPass", "MakeStreamContiguousPass",
+                             "HoistConditioningPass"]
             assert cm.records[key][0].counters == {  # 3 blocks x 2 branches, order 2
                 "taylor_read": 2 * 3 * 2, "derivative": 2 * 3 * 2, "taylor_write": 2 * 3 * 3, "branch": 2 * 3}
             assert len(work) == 3 * (2 + 3)  # qkv, proj, fc1, act, fc2 per block
+            # per block both branches' shift, 1 + scale and gate; the final layer's shift and 1 + scale
+            assert cm.records[key][-1].counters["hoisted_values"] == 3 * 6 + 2
         else:
             assert names == ["ReplaceWithTaylorForecastPass", "EliminateDeadBranchesPass", "PruneModulationPass",
-                             "MakeStreamContiguousPass"]
+                             "MakeStreamContiguousPass", "HoistConditioningPass"]
             assert cm.records[key][0].counters == {"taylor_read": 2 * 3 * 3, "forecast": 2 * 3}
             assert not work
+            assert cm.records[key][-1].counters["hoisted_values"] == 3 * 2 + 2  # the gates only
     assert len(cm.slots()) == 3 * 2 * 3
 
 

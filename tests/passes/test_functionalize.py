@@ -5,6 +5,9 @@ Structural: each pass's inputs/outputs and counters on known variants of the tin
 running the passes in the wrong order fails. Numerical: for every method (random draws and
 K-means included), running the functional graphs eagerly through `FunctionalRunner` gives
 bit-identical per-step outputs, latents and RNG state to the eager variants themselves.
+
+The variants are built as the ahead-of-time backends build them: with the conditioning inside
+(`hoist_conditioning=False`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from run_helpers import CASES, case_id, run  # noqa: E402
 STEPS = 10
 
 
+def optimize(model, method, steps, **options):
+    return graphcache.optimize(model, method, steps, hoist_conditioning=False, **options)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return resolve_model("builtin:dit-tiny-random")
@@ -60,7 +67,7 @@ def calls(gm, targets):
 
 
 def test_fora_full_and_reuse_variants(tiny):
-    cached = graphcache.optimize(tiny, "fora", STEPS)
+    cached = optimize(tiny, "fora", STEPS)
     slots = ["b0_attention", "b0_mlp", "b1_attention", "b1_mlp"]
     full, sig = functionalize(variant(cached, ("full", "full")))
     assert sig.inputs == ["x", "t", "y"]  # a full step reads nothing
@@ -74,7 +81,7 @@ def test_fora_full_and_reuse_variants(tiny):
 
 
 def test_counters(tiny):
-    cached = graphcache.optimize(tiny, "toca", STEPS, score="random")
+    cached = optimize(tiny, "toca", STEPS, score="random")
     copy = graph_copy(variant(cached, ("partial", "partial")))
     functional = FunctionalizeCachePass()
     hoist = HoistRandomPass()
@@ -89,7 +96,7 @@ def test_counters(tiny):
 
 
 def test_token_counts_become_shapes(tiny):
-    cached = graphcache.optimize(tiny, "toca", STEPS)
+    cached = optimize(tiny, "toca", STEPS)
     gm, sig = functionalize(variant(cached, ("partial", "partial")))
     tokens = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target.startswith("gc_tokens")]
     assert [n.target for n in tokens] == ["gc_tokens_b0", "gc_tokens_b1"]
@@ -99,7 +106,7 @@ def test_token_counts_become_shapes(tiny):
 
 
 def test_kmeans_moves_to_the_epilogue(tiny):
-    cached = graphcache.optimize(tiny, "clusca", STEPS)
+    cached = optimize(tiny, "clusca", STEPS)
     first = cached.variants[cached.schedule[0].variant]  # the first full step: random K-means start
     gm, sig = functionalize(first)
     assert not calls(gm, {KMEANS}) and len(calls(sig.epilogue, {KMEANS})) == 1
@@ -112,7 +119,7 @@ def test_kmeans_moves_to_the_epilogue(tiny):
 def test_draws_take_their_shape_from_the_cache_not_the_step(tiny):
     """The prologue only draws: its inputs are the labels slot whose shape it reads, and it calls
     nothing but the draws (sizes of the stream would drag the step's computation into it)."""
-    cached = graphcache.optimize(tiny, "clusca", STEPS)
+    cached = optimize(tiny, "clusca", STEPS)
     for index in (0, 2):  # the first full step (K-means start), a ClusCa step (one draw per block)
         gm, sig = functionalize(cached.variants[cached.schedule[index].variant])
         assert sig.prologue_inputs == ["cache__cluster_labels"]
@@ -135,15 +142,15 @@ def test_host_op_feeding_the_output_is_declined():
 
 
 def test_passes_run_in_order(tiny):
-    cached = graphcache.optimize(tiny, "fora", STEPS)
+    cached = optimize(tiny, "fora", STEPS)
     with pytest.raises(PassPipelineError, match="FunctionalizeCachePass first"):
         PassManager([HoistRandomPass()])(graph_copy(variant(cached, ("full", "full"))))
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=[case_id(c) for c in CASES])
 def test_functional_graphs_run_bitwise_like_the_variants(tiny, name, options):
-    want = run(graphcache.optimize(tiny, name, STEPS, **options), steps=STEPS)
-    cached = graphcache.optimize(tiny, name, STEPS, **options)
+    want = run(optimize(tiny, name, STEPS, **options), steps=STEPS)
+    cached = optimize(tiny, name, STEPS, **options)
     cached.runners = {}
     for key, gm in cached.variants.items():
         main, sig = functionalize(gm)
@@ -161,7 +168,7 @@ def test_slots_follow_graph_order(tiny, method, update, functional, slot, consum
     """A partial step updates each MLP slot in place (ToCa: scatters the fresh tokens; ClusCa:
     scatters and propagates them into the order-0 factor) and then reads the slot: functional, the
     update is out of place and that read is its result (not the input)."""
-    cached = graphcache.optimize(tiny, method, STEPS)
+    cached = optimize(tiny, method, STEPS)
     eager = next(gm for gm in cached.variants.values() if len(calls(gm, {update})) == 2)  # both blocks
     assert not calls(eager, {functional})
     gm, sig = functionalize(eager)
