@@ -125,12 +125,13 @@ def _digit_classifier(model):
         return None
 
 
-def bench(model, methods, *, backend: str = "eager", compile_options: dict | None = None, num_steps: int = 50,
-          batch: int = 1, sampler: str = "ddim", cfg_scale: float | None = 1.5, guidance: str = "official",
+def bench(model, methods, *, backend: str = "eager", compile_options: dict | None = None,
+          hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str = "ddim", cfg_scale: float | None = 1.5, guidance: str = "official",
           repeats: int = 3, warmup: int = 1, seed: int = 0, model_name: str = "", progress: bool = False) -> dict:
     """Time and score each (method, options) against the uncached model on the same backend.
 
-    `none` runs first (added if missing): every speedup and fidelity figure is relative to it.
+    `none` runs first (added if missing): every speedup and fidelity figure is relative to it,
+    built with the same backend, compile options and `hoist_conditioning`.
     Each method runs `warmup` untimed then `repeats` timed sampling runs of the same seeds; the
     last run's samples are the ones scored. Backend "compile" compiles every method's variants,
     `none` included, with the same `compile_options`; compilation happens in the warm-up runs
@@ -161,7 +162,7 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
     for name, options in methods:
         start = time.perf_counter()
         cached = optimize(model, name, num_steps=num_steps, backend=backend, compile_options=compile_options,
-                          **options)
+                          hoist_conditioning=hoist_conditioning, **options)
         build_seconds = time.perf_counter() - start  # capture + passes (+ export for aoti/onnx), not timed runs
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

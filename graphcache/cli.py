@@ -277,7 +277,7 @@ def _open(args, *, default_method: str = "none"):
     options = _compile_options(args, backend)
     model = _load_model(spec, args)
     return graphcache.optimize(model, method.name, args.steps or 50, backend=backend, compile_options=options,
-                               **given)
+                               hoist_conditioning=getattr(args, "hoist_conditioning", True), **given)
 
 
 def _cache_bytes(cached) -> int:
@@ -315,7 +315,8 @@ def cmd_optimize(args) -> int:
         source = read_manifest(source)["model"].get("source", source)
     model = _load_model(args.model, args)
     cached = graphcache.optimize(model, method.name, args.steps, backend=args.backend,
-                                 compile_options=compile_options, **given)
+                                 compile_options=compile_options, hoist_conditioning=args.hoist_conditioning,
+                                 **given)
     save_artifact(cached, out, model_spec=source)
     variants = _variant_lines(cached)
     print(f"optimized {args.model} with {method.name} ({_format_options(cached.options)}) "
@@ -517,6 +518,10 @@ def _add_backend(p, *, default: str | None = "eager", default_note: str = "eager
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, metavar="MODE",
                    help="torch.compile mode for --backend compile: " + ", ".join(COMPILE_MODES)
                         + " (default: torch's default); reduce-overhead records CUDA graphs and only helps on CUDA")
+    p.add_argument("--no-hoist-conditioning", dest="hoist_conditioning", action="store_false",
+                   help="eager/compile: compute the adaLN modulation at every step, with the plain model's "
+                        "arithmetic bit for bit, instead of once per run for all steps (one batched GEMM per "
+                        "block, faster, equal to float rounding)")
 
 
 def _add_method(p, *, required: bool, default_note: str = "") -> None:
@@ -704,7 +709,7 @@ def cmd_bench(args) -> int:
     compile_options = _compile_options(args, args.backend)
     model = _load_model(args.model, args)
     report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
-                         num_steps=args.steps, batch=args.batch,
+                         hoist_conditioning=args.hoist_conditioning, num_steps=args.steps, batch=args.batch,
                          sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,
                          repeats=args.repeats, warmup=args.warmup, seed=args.seed, model_name=args.model,
                          progress=not args.quiet)

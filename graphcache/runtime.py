@@ -3,7 +3,9 @@
 Each distinct step kind of the schedule gets one variant: a GraphModule over the same root module
 (weights are never copied), rewritten by the method's passes. At step i the runtime looks up the
 plan — host-side, from the index alone — and calls that variant with the original inputs plus the
-plan's per-step inputs (token counts, forecast distances).
+plan's per-step inputs (token counts, forecast distances) and, on the eager and compile backends,
+the values its conditioning graph computed from (t, y) (passes/hoist_conditioning.py): for every
+step at once when `graphcache.sample` announced the run's inputs, else step by step.
 
 `backend` picks what runs a variant: "eager" calls a copy of the GraphModule with each cache op
 replaced by its kernel (`eager_runner`); "compile" calls its `torch.compile`d forward
@@ -31,6 +33,11 @@ from .passes.hoist_conditioning import CONDITIONING_KEY, HoistConditioningPass, 
 from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.prune_modulation import PruneModulationPass
 from .schedule import StepPlan, step_inputs
+
+# Most memory one window of precomputed conditioning may take: DiT-XL/2's modulation is ~0.8 MB per
+# batch row and step, so a 50-step run at batch 2 is one window, while a large batch over 250
+# steps is split into windows (each still reads the adaLN weights once for all its steps)
+TABLE_BUDGET_BYTES = 256 * 2**20
 
 MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
 
@@ -99,8 +106,8 @@ class SteppedModel(nn.Module):
 
     def announce_inputs(self, step_args) -> None:
         """Called by graphcache.sample after `start_sampling`: every step's inputs after the
-        latents (t, y), the very tensors the steps will pass. A step that passes exactly these
-        objects may use values precomputed from them; any other input is computed as it comes."""
+        latents (t, y), the very tensors the steps will pass, unchanged. A step that passes exactly
+        these objects may use values precomputed from them; any other input is computed as it comes."""
         if len(step_args) != self.num_steps:
             raise GraphcacheError(f"announced {len(step_args)} steps' inputs for a {self.num_steps}-step run")
         self.announced = [tuple(a) for a in step_args]
@@ -155,8 +162,8 @@ class CachedModel(SteppedModel):
                 self._build(plan, dump_dir, dump)
         self.conditionings = {key: gm.meta[CONDITIONING_KEY] for key, gm in self.variants.items()
                               if CONDITIONING_KEY in gm.meta}
-        self.condition_table: list[dict] | None = None  # per step: the hoisted values, computed at step 0
-        self.conditioning_is_rowwise: bool | None = None  # checked once, on the first table
+        self.condition_table: dict[int, dict] = {}  # step -> its hoisted values, for the current window
+        self.conditioning_is_rowwise: bool | None = None  # checked once, on the first window
         self.backend = backend
         self.compile_options: dict | None = None
         self.runners: dict[tuple, object] = {}  # variant key -> callable replacing the GraphModule
@@ -199,32 +206,54 @@ class CachedModel(SteppedModel):
 
     def reset(self) -> None:
         super().reset()
-        self.condition_table = None
+        self.condition_table = {}
+
+    def announce_inputs(self, step_args) -> None:
+        super().announce_inputs(step_args)
+        self.condition_table = {}  # made from the inputs announced before
 
     def conditioning_inputs(self, index: int, args) -> dict:
         """The values this step's variant reads from the conditioning (HoistConditioningPass).
 
-        When the step passes the announced inputs, every step's values come from one evaluation
-        per variant on all its steps' inputs stacked along the batch, made at the first such step;
-        otherwise this step's are computed from its own inputs."""
+        When the step passes the announced inputs, they come from a table made for a window of
+        steps (the whole run unless that exceeds TABLE_BUDGET_BYTES) at its first step: one
+        evaluation per variant on all its steps' inputs stacked along the batch. Otherwise this
+        step's are computed from its own inputs."""
         conditioning = self.conditionings.get(self.schedule[index].variant)
         if conditioning is None:
             return {}
         announced = self.announced[index] if self.announced is not None else None
-        if announced is not None and all(0 < p <= len(announced) and args[p] is announced[p - 1]
-                                         for p in conditioning.inputs):
-            if self.condition_table is None:
+        if (announced is not None and self.conditioning_is_rowwise is not False
+                and all(0 < p <= len(announced) and args[p] is announced[p - 1] for p in conditioning.inputs)):
+            if index not in self.condition_table:
                 self.condition_table = self._tabulate_conditioning(index, args)
-            if self.condition_table:
+            if index in self.condition_table:
                 return self.condition_table[index]
         return dict(zip(conditioning.names, conditioning.graph(*(args[p] for p in conditioning.inputs))))
 
-    def _tabulate_conditioning(self, index: int, args) -> list[dict]:
-        """Every step's hoisted values from the announced inputs ([] if the conditioning turned
-        out to mix batch rows, so that stacking steps would change it)."""
-        table: list[dict] = [{} for _ in range(self.num_steps)]
+    def _conditioning_window(self, start: int) -> list[int]:
+        """The steps from `start` on whose tables fit TABLE_BUDGET_BYTES together (at least one)."""
+        window, size = [], 0
+        for i in range(start, self.num_steps):
+            conditioning = self.conditionings.get(self.schedule[i].variant)
+            if conditioning is None:
+                continue
+            rows = self.announced[i][conditioning.inputs[0] - 1].shape[0]
+            size += conditioning.row_bytes * rows
+            if window and size > TABLE_BUDGET_BYTES:
+                break
+            window.append(i)
+        return window
+
+    def _tabulate_conditioning(self, index: int, args) -> dict[int, dict]:
+        """The hoisted values of a window of steps from `index` on, from the announced inputs ({} if
+        the conditioning turned out to mix batch rows, so that stacking steps would change it)."""
+        window = self._conditioning_window(index)
+        table: dict[int, dict] = {i: {} for i in window}
         for key, conditioning in self.conditionings.items():
-            steps = [p.index for p in self.schedule.steps if p.variant == key]
+            steps = [i for i in window if self.schedule[i].variant == key]
+            if not steps:
+                continue
             stacked = [torch.cat([self.announced[i][p - 1] for i in steps]) for p in conditioning.inputs]
             for name, value in zip(conditioning.names, conditioning.graph(*stacked)):
                 for i, per_step in zip(steps, value.unflatten(0, (len(steps), -1)).unbind(0)):
@@ -238,7 +267,7 @@ class CachedModel(SteppedModel):
             if not self.conditioning_is_rowwise:
                 warnings.warn("the model's conditioning mixes batch rows: it is computed step by step",
                               stacklevel=3)
-        return table if self.conditioning_is_rowwise else []
+        return table if self.conditioning_is_rowwise else {}
 
     def slots(self) -> dict:
         slots = {}

@@ -16,6 +16,7 @@ import torch
 
 import graphcache
 from graphcache import io as gio
+from graphcache.artifact import read_manifest
 from graphcache.cli import main
 from graphcache.models.builtin import resolve_model
 from graphcache.models.dit import DiT, DiTConfig, init_random_
@@ -154,6 +155,18 @@ def test_sample_options_reach_the_sampler(capsys, tmp_path):
     uncached = graphcache.optimize(resolve_model(TINY), "none", 3)  # the CLI's default method
     expected = graphcache.sample(uncached, [3], seed=7, num_steps=3, sampler="ddpm", cfg_scale=1.0, guidance="eps")
     assert torch.equal(torch.load(out, weights_only=True), expected)
+
+
+def test_sample_without_hoisting_is_the_plain_model_bit_for_bit(capsys, tmp_path):
+    out = tmp_path / "x.pt"
+    code, _, err = run(capsys, "sample", TINY, "--labels", "3,5", "--steps", "4", "--no-hoist-conditioning",
+                       "-q", "-o", out)
+    assert code == 0, err
+    assert torch.equal(torch.load(out, weights_only=True), graphcache.sample(resolve_model(TINY), [3, 5], num_steps=4))
+    for flags, hoisted in (([], True), (["--no-hoist-conditioning"], False)):
+        art = tmp_path / f"art{hoisted}"
+        assert run(capsys, "optimize", TINY, "--method", "fora", "--steps", "4", *flags, "-o", art)[0] == 0
+        assert read_manifest(art)["hoist_conditioning"] is hoisted
 
 
 def test_sample_png_for_pixel_model(capsys, tmp_path):

@@ -259,8 +259,8 @@ def test_announced_runs_evaluate_each_conditioning_once(model, method):
         first = sample(cached, **kw)
         assert len(calls) == len(cached.variants) + 1  # one per variant, plus the one-off row check
         assert cached.conditioning_is_rowwise is True
-        assert [set(row) for row in cached.condition_table] == [
-            set(cached.conditionings[plan.variant].names) for plan in cached.schedule.steps]
+        assert {i: set(row) for i, row in cached.condition_table.items()} == {
+            plan.index: set(cached.conditionings[plan.variant].names) for plan in cached.schedule.steps}
         calls.clear()
         assert torch.equal(sample(cached, **kw), first)  # a second run tabulates again, bit for bit
         assert len(calls) == len(cached.variants)
@@ -282,14 +282,34 @@ def test_steps_with_other_inputs_than_announced_compute_their_own(model, fora3):
     x, t, y = step_inputs(0)
     with torch.no_grad():
         assert torch.equal(fora3(x, t.clone(), y), plain(model, x, t, y))  # equal values, other tensors
-        assert fora3.condition_table is None
+        assert fora3.condition_table == {}
         x, t, y = step_inputs(1)
         fora3(x, *announced[1])
-    assert fora3.condition_table is not None
+    assert sorted(fora3.condition_table) == list(range(1, S))  # tabulated from the first step that matched
+    fora3.announce_inputs(announced)  # announcing again drops the table made from the last inputs
+    assert fora3.condition_table == {}
     with pytest.raises(GraphcacheError, match=f"announced 2 steps' inputs for a {S}-step run"):
         fora3.announce_inputs(announced[:2])
     fora3.reset()
-    assert fora3.announced is None and fora3.condition_table is None
+    assert fora3.announced is None and fora3.condition_table == {}
+
+
+def test_tables_larger_than_the_budget_are_made_window_by_window(model, monkeypatch):
+    from graphcache import runtime
+
+    cached = optimize(model, "none", num_steps=S)
+    kw = dict(labels=[3, 207], seed=6, num_steps=S, cfg_scale=4.0)
+    whole = sample(cached, **kw)
+    [conditioning] = cached.conditionings.values()
+    per_step = conditioning.row_bytes * 4  # 4 rows: two images with CFG
+    monkeypatch.setattr(runtime, "TABLE_BUDGET_BYTES", 3 * per_step)
+    windows = []
+    original = cached._tabulate_conditioning
+    monkeypatch.setattr(cached, "_tabulate_conditioning",
+                        lambda index, args: windows.append(index) or original(index, args))
+    windowed = sample(cached, **kw)
+    assert windows == [0, 3, 6] and len(cached.condition_table) == 2  # steps 6 and 7
+    assert torch.allclose(windowed, whole, rtol=1e-4, atol=1e-4 * float(whole.abs().max()))
 
 
 # --------------------------------------------------------------------------------------------

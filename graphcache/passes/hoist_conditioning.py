@@ -19,6 +19,7 @@ dimension is the batch: stacking steps along the batch would then be meaningless
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -42,6 +43,7 @@ class Conditioning:
     graph: fx.GraphModule
     inputs: tuple[int, ...]  # positions of the conditioning inputs in the model's forward signature
     names: tuple[str, ...]
+    row_bytes: int  # memory of the values for one batch row (the runtime sizes its tables by it)
 
 
 def conditioning_inputs(captured: fx.GraphModule) -> dict[str, int]:
@@ -85,6 +87,8 @@ class HoistConditioningPass(Pass):
             graph=_extract(gm, frontier, list(self.conditions)),
             inputs=tuple(self.conditions.values()),
             names=tuple(INPUT_PREFIX + n.name for n in frontier),
+            row_bytes=sum(math.prod(n.meta["tensor_meta"].shape[1:]) * n.meta["tensor_meta"].dtype.itemsize
+                          for n in frontier),
         )
         for node in frontier:
             value = ir.graph_input(graph, INPUT_PREFIX + node.name)

@@ -78,6 +78,7 @@ def test_the_whole_modulation_leaves_the_uncached_graph():
     assert _count(gm, _is_adaln) == 0
     conditioning = gm.meta[CONDITIONING_KEY]
     assert conditioning.inputs == (1, 2)
+    assert conditioning.row_bytes == (6 * CFG.depth + 2) * CFG.hidden_size * 4  # (B, 1, C) float32 each
     assert _count(conditioning.graph, lambda n: n.op == "call_module" and n.target.endswith("adaLN_modulation.1")) \
         == CFG.depth + 1
     # nothing left in the variant reads t or y
