@@ -126,7 +126,8 @@ def _digit_classifier(model):
 
 
 def bench(model, methods, *, backend: str = "eager", compile_options: dict | None = None,
-          hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str = "ddim", cfg_scale: float | None = 1.5, guidance: str = "official",
+          hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str = "ddim",
+          cfg_scale: float | None = 1.5, guidance: str = "official",
           repeats: int = 3, warmup: int = 1, seed: int = 0, model_name: str = "", progress: bool = False) -> dict:
     """Time and score each (method, options) against the uncached model on the same backend.
 

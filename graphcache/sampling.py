@@ -280,9 +280,9 @@ def sample(
 
     model: callable `model(x, t, y)` with `in_channels`, `input_size`, `learn_sigma`,
       `num_classes`; t are ORIGINAL timesteps. If it has `start_sampling(num_steps)`, that is
-      called once before the loop (cached models reset there), then `announce_inputs` (if it has
-      one) with every step's `(t, y)`, the tensors the loop will pass. The model is called exactly once
-      per step (with CFG, once on the 2n-row batch).
+      called once before the loop (cached models reset there), then `announce_inputs` (if it
+      has one) with every step's `(t, y)`, the tensors the loop will pass. The model is called
+      exactly once per step (with CFG, once on the 2n-row batch).
     labels: class ids in [0, num_classes), a list of ints or a long tensor.
     noise: the initial latents (n, C, H, W); drawn with `torch.randn` after seeding if None.
     seed: `torch.manual_seed(seed)` on the GLOBAL RNG first, like the official scripts (every
