@@ -154,6 +154,7 @@ class CachedModel(SteppedModel):
         self.options = self.schedule.options
         # The ahead-of-time backends export each variant alone, so they keep the conditioning in it
         self.hoists_conditioning = hoist_conditioning and backend in ("eager", "compile")
+        self.condition_inputs = conditioning_inputs(self.captured) if self.hoists_conditioning else {}
         self.cache = CacheState()
         self.variants: dict[tuple, fx.GraphModule] = {}
         self.records: dict[tuple, list[PassRecord]] = {}
@@ -194,7 +195,7 @@ class CachedModel(SteppedModel):
         label = "_".join(f"{k}{n}" for k, n in _runs(plan.kinds))
         # Every variant ends with the generic clean-up: modulation nobody reads is not computed, and
         # the stream is row-major from the first block on (last: method passes rely on the structure).
-        hoist = [HoistConditioningPass(conditioning_inputs(self.captured))] if self.hoists_conditioning else []
+        hoist = [HoistConditioningPass(self.condition_inputs)] if self.hoists_conditioning else []
         manager = PassManager([*self.method.passes(plan, self.options), PruneModulationPass(),
                                MakeStreamContiguousPass(), *hoist],
                               dump_dir=f"{dump_dir}/{label}" if dump_dir else None, dump=dump)
@@ -229,7 +230,7 @@ class CachedModel(SteppedModel):
                 self.condition_table = self._tabulate_conditioning(index, args)
             if index in self.condition_table:
                 return self.condition_table[index]
-        return dict(zip(conditioning.names, conditioning.graph(*(args[p] for p in conditioning.inputs))))
+        return conditioning.values(args)
 
     def _conditioning_window(self, start: int) -> list[int]:
         """The steps from `start` on whose tables fit TABLE_BUDGET_BYTES together (at least one)."""
@@ -260,10 +261,9 @@ class CachedModel(SteppedModel):
                     table[i][name] = per_step
         if self.conditioning_is_rowwise is None:
             conditioning = self.conditionings[self.schedule[index].variant]
-            direct = conditioning.graph(*(args[p] for p in conditioning.inputs))
             self.conditioning_is_rowwise = all(
                 torch.allclose(table[index][name], value, rtol=1e-4, atol=1e-6 * float(value.abs().max()))
-                for name, value in zip(conditioning.names, direct))
+                for name, value in conditioning.values(args).items())
             if not self.conditioning_is_rowwise:
                 warnings.warn("the model's conditioning mixes batch rows: it is computed step by step",
                               stacklevel=3)

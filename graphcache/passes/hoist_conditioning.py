@@ -45,6 +45,10 @@ class Conditioning:
     names: tuple[str, ...]
     row_bytes: int  # memory of the values for one batch row (the runtime sizes its tables by it)
 
+    def values(self, args) -> dict:
+        """The graph inputs `names` -> values for the model's positional inputs `args`."""
+        return dict(zip(self.names, self.graph(*(args[p] for p in self.inputs))))
+
 
 def conditioning_inputs(captured: fx.GraphModule) -> dict[str, int]:
     """The captured model's inputs that do not feed its residual stream (t, y), by name, with
