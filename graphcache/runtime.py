@@ -32,6 +32,7 @@ from .passes.contiguous_stream import MakeStreamContiguousPass
 from .passes.hoist_conditioning import CONDITIONING_KEY, HoistConditioningPass, conditioning_inputs
 from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.prune_modulation import PruneModulationPass
+from .passes.reuse_temporaries import ReuseDeadTemporariesPass
 from .schedule import StepPlan, step_inputs
 
 # Most memory one window of precomputed conditioning may take: DiT-XL/2's modulation is ~0.8 MB per
@@ -55,13 +56,15 @@ def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
 
 def eager_runner(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` for eager runs: the same graph over the same modules, with each cache op replaced by
-    its kernel (`ops.EAGER_KERNELS`). Safe because nothing rewrites this copy: no dead-code
-    elimination will drop a kernel call whose result nobody reads."""
+    its kernel (`ops.EAGER_KERNELS`) and elementwise ops computed into their dead operands
+    (`ReuseDeadTemporariesPass`). Safe because no pass that follows the variant's pipeline sees
+    this copy: no dead-code elimination will drop a kernel call whose result nobody reads."""
     graph = copy.deepcopy(gm.graph)  # new nodes (their meta shared, not copied) and the same codegen
     for node in graph.nodes:
         if node.op == "call_function" and node.target in EAGER_KERNELS:
             node.target = EAGER_KERNELS[node.target]
     runner = fx.GraphModule(gm, graph)
+    ReuseDeadTemporariesPass()(runner)
     # GraphModule copies only what the graph names, under new parent modules; share the variant's
     # own children instead, so slots the cache (re-)allocates later are the ones the runner reads
     for name, child in gm.named_children():

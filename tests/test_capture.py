@@ -17,6 +17,7 @@ from torch import nn
 
 import graphcache
 from graphcache import ir
+from graphcache.capture import propagate_shapes
 from graphcache.errors import GraphcacheError
 from graphcache.models.dit import DiT, dit_config, init_random_
 
@@ -131,6 +132,29 @@ def test_capture_shares_parameters_and_runs(dit_captured):
     y = torch.tensor([1, 2])
     with torch.no_grad():
         assert torch.equal(gm(x, t, y), model(x, t, y))
+
+
+def test_shapes_propagate_again_only_for_new_shapes(dit_captured, monkeypatch):
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    model = dit_captured[0]
+    gm = graphcache.capture(model)  # its own graph: this test rewrites the recorded shapes
+    runs = []
+    real = ShapeProp.propagate
+    monkeypatch.setattr(ShapeProp, "propagate", lambda self, *args: runs.append(args) or real(self, *args))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+
+    def inputs(batch, label_dtype=torch.long):
+        return torch.randn(batch, 4, 16, 16), torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=label_dtype)
+
+    propagate_shapes(gm, inputs(2))  # the capture's own shapes
+    assert runs == [] and tuple(out.meta["tensor_meta"].shape) == (2, 8, 16, 16)
+    propagate_shapes(gm, inputs(3))
+    assert len(runs) == 1 and tuple(out.meta["tensor_meta"].shape) == (3, 8, 16, 16)
+    propagate_shapes(gm, inputs(3))
+    assert len(runs) == 1
+    propagate_shapes(gm, inputs(3, torch.int32))
+    assert len(runs) == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ in one batched GEMM, whose sums may round differently; its own tests compare to 
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import Counter
 
@@ -204,20 +205,27 @@ def test_variants_share_one_cache(fora3):
 
 @pytest.mark.parametrize("method", ["toca", "clusca"])
 def test_eager_runners_call_the_cache_kernels(model, method):
-    """Eager runs call each cache op's kernel (ops.EAGER_KERNELS) instead of the custom op: the
-    variant's nodes otherwise, over the variant's own modules and cache, with the same samples —
-    also after a batch change re-allocates the slots."""
+    """Eager runs call each cache op's kernel (ops.EAGER_KERNELS) instead of the custom op, and
+    some elementwise ops in place (ReuseDeadTemporariesPass): the variant's nodes otherwise, over
+    the variant's own modules and cache, with the same samples — also after a batch change
+    re-allocates the slots."""
     cached = optimize(model, method, num_steps=8, **({"propagation": 0.1} if method == "clusca" else {}))
-    replaced = Counter()
+    replaced, in_place = Counter(), Counter()
     for key, gm in cached.variants.items():
         runner = cached.runners[key]
-        calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-        assert [n.target for n in runner.graph.nodes if n.op == "call_function"] == [
-            EAGER_KERNELS.get(target, target) for target in calls]
-        replaced.update(target for target in calls if target in EAGER_KERNELS)
+        nodes = list(gm.graph.nodes)
+        assert [n.name for n in runner.graph.nodes] == [n.name for n in nodes]
+        for node, run in zip(nodes, runner.graph.nodes):
+            if run.op == "call_method" and node.op == "call_function":
+                in_place[run.target] += 1
+                assert run.target == {operator.add: "add_", operator.mul: "mul_"}[node.target]
+            else:
+                assert (run.op, run.target) == (node.op, EAGER_KERNELS.get(node.target, node.target))
+        replaced.update(n.target for n in nodes if n.op == "call_function" and n.target in EAGER_KERNELS)
         assert all(getattr(runner, name) is child for name, child in gm.named_children())
     update = CACHE_PROPAGATE if method == "clusca" else CACHE_SCATTER
     assert replaced[CACHE_WRITE] > 0 and replaced[update] > 0
+    assert in_place["add_"] > 0
     runners = cached.runners
     for labels in ([1], [2, 3]):
         fast = sample(cached, labels, num_steps=8)
