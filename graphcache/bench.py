@@ -29,6 +29,22 @@ def _sync(model) -> None:
             torch.cuda.synchronize(device)
 
 
+def _timed_run(model, run):
+    """(seconds, output) of one call of `run` (device work included)."""
+    _sync(model)
+    start = time.perf_counter()
+    out = run()
+    _sync(model)
+    return time.perf_counter() - start, out
+
+
+def _check_counts(repeats: int, warmup: int) -> None:
+    if repeats < 1:
+        raise GraphcacheError(f"repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise GraphcacheError(f"warmup must be >= 0, got {warmup}")
+
+
 def time_sampling(model, *, labels, num_steps: int = 50, sampler: str = "ddim", cfg_scale: float | None = 1.5,
                   guidance: str = "official", repeats: int = 3, warmup: int = 1, seed: int = 0) -> dict:
     """Time `repeats` full sampling runs of `model` (a DiT or a CachedModel) after `warmup` runs.
@@ -36,25 +52,18 @@ def time_sampling(model, *, labels, num_steps: int = 50, sampler: str = "ddim", 
     Returns {"seconds": median, "all": [seconds of each timed run], "output": the last run's samples}
     (every run uses the same seed, so every run's output is the same).
     """
-    if repeats < 1:
-        raise GraphcacheError(f"repeats must be at least 1, got {repeats}")
-    if warmup < 0:
-        raise GraphcacheError(f"warmup must be >= 0, got {warmup}")
+    _check_counts(repeats, warmup)
 
     def run():
         return sample(model, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
                       guidance=guidance)
 
     for _ in range(warmup):
-        run()
-        _sync(model)
+        _timed_run(model, run)
     times = []
     for _ in range(repeats):
-        _sync(model)
-        start = time.perf_counter()
-        out = run()
-        _sync(model)
-        times.append(time.perf_counter() - start)
+        seconds, out = _timed_run(model, run)
+        times.append(seconds)
     return {"seconds": statistics.median(times), "all": times, "output": out}
 
 
@@ -127,8 +136,8 @@ def _digit_classifier(model):
 
 def bench(model, methods, *, backend: str = "eager", compile_options: dict | None = None,
           hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str = "ddim",
-          cfg_scale: float | None = 1.5, guidance: str = "official",
-          repeats: int = 3, warmup: int = 1, seed: int = 0, model_name: str = "", progress: bool = False) -> dict:
+          cfg_scale: float | None = 1.5, guidance: str = "official", repeats: int = 3, warmup: int = 1,
+          seed: int = 0, interleave: bool | None = None, model_name: str = "", progress: bool = False) -> dict:
     """Time and score each (method, options) against the uncached model on the same backend.
 
     `none` runs first (added if missing): every speedup and fidelity figure is relative to it,
@@ -137,6 +146,13 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
     last run's samples are the ones scored. Backend "compile" compiles every method's variants,
     `none` included, with the same `compile_options`; compilation happens in the warm-up runs
     (with warmup=0 the first timed run includes it).
+
+    interleave: build every method first, then run them in rounds (none, a, b, ..., none, a, b,
+    ...), so that a machine whose speed drifts during the bench slows every method alike and the
+    ratios stay fair. Default: on for eager and compile, whose variants share the model's
+    weights; off for the exported backends, each of which holds its own copy of the weights (one
+    method at a time is built, run and freed). Peak memory is per method on CUDA; on a CPU it is
+    the process's peak so far, which interleaved runs share.
     """
     from .exporters import BACKENDS
     from .runtime import optimize
@@ -145,6 +161,9 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
         raise GraphcacheError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if compile_options and backend != "compile":
         raise GraphcacheError(f"compile options need backend 'compile' (backend is {backend!r})")
+    _check_counts(repeats, warmup)
+    if interleave is None:
+        interleave = backend in ("eager", "compile")
     methods = list(methods)
     if not any(m == "none" for m, _ in methods):
         methods.insert(0, ("none", {}))
@@ -158,42 +177,72 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(methods), desc="bench", unit="method", file=sys.stderr)
-    results, reference, base_seconds = [], None, None
-    for name, options in methods:
+        bar = tqdm(total=len(methods) * (warmup + repeats), desc="bench", unit="run", file=sys.stderr)
+
+    def build(name, options) -> dict:
         start = time.perf_counter()
         cached = optimize(model, name, num_steps=num_steps, backend=backend, compile_options=compile_options,
                           hoist_conditioning=hoist_conditioning, **options)
-        build_seconds = time.perf_counter() - start  # capture + passes (+ export for aoti/onnx), not timed runs
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        timing = time_sampling(cached, labels=labels, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                               guidance=guidance, repeats=repeats, warmup=warmup, seed=seed)
-        out, peak = timing["output"], _peak_memory_bytes(device)
-        if reference is None:
-            reference, base_seconds = out, timing["seconds"]
+        # capture + passes (+ export for aoti/onnx), not timed runs
+        return {"name": name, "cached": cached, "build_seconds": time.perf_counter() - start,
+                "times": [], "output": None, "peak": 0}
+
+    def run(entries, timed: bool) -> None:
+        for entry in entries:
+            cached = entry["cached"]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds, out = _timed_run(cached, lambda: sample(
+                cached, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
+                guidance=guidance))
+            if timed:
+                entry["times"].append(seconds)
+                entry["output"], entry["peak"] = out, max(entry["peak"], _peak_memory_bytes(device))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{entry['name']} {seconds:.2f}s{'' if timed else ' (warm-up)'}")
+
+    def measure(entries) -> None:
+        for _ in range(warmup):
+            run(entries, timed=False)
+        for _ in range(repeats):
+            run(entries, timed=True)
+
+    def report(entry, base) -> dict:
+        """The figures of one method; `base`: the `none` entry, measured in the same runs."""
+        cached, out, seconds = entry["cached"], entry["output"], statistics.median(entry["times"])
         flops = _flops(cached, model, batch, cfg)
-        speedup = base_seconds / timing["seconds"]
-        results.append({
-            "method": name,
+        speedup = statistics.median(base["times"]) / seconds
+        return {
+            "method": entry["name"],
             "options": cached.options,
-            "seconds": timing["seconds"],
-            "seconds_all": timing["all"],
-            "build_seconds": build_seconds,
+            "seconds": seconds,
+            "seconds_all": entry["times"],
+            "build_seconds": entry["build_seconds"],
             "speedup": speedup,
             "flops": flops["total"],
             "flops_uncached": flops["uncached"],
             "flops_speedup": flops["speedup"],
             "realization": speedup / flops["speedup"],
-            **_quality(out, reference, labels, pixel, digits),
-            "peak_memory_bytes": peak,
+            **_quality(out, base["output"], labels, pixel, digits),
+            "peak_memory_bytes": entry["peak"],
             "cache_bytes": cached.cache.nbytes(),
             "kinds": [list(p.kinds) for p in cached.schedule.steps],
-        })
-        del cached  # free the variants (onnxruntime sessions: a copy of the weights each) before the next
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{name} {timing['seconds']:.2f}s")
+        }
+
+    results = []
+    if interleave:
+        entries = [build(name, options) for name, options in methods]
+        measure(entries)
+        results = [report(entry, entries[0]) for entry in entries]
+    else:
+        base = None
+        for name, options in methods:
+            entry = build(name, options)
+            measure([entry])
+            base = base or entry
+            results.append(report(entry, base))
+            del entry["cached"]  # free the variants (onnxruntime sessions: a copy of the weights each)
     if bar is not None:
         bar.close()
     compiled = None
@@ -213,6 +262,7 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
         "cfg_scale": cfg_scale,
         "guidance": guidance,
         "device": str(device),
+        "interleaved": interleave,
         "flops_counting": FLOPS_COUNTING,
         "results": results,
     }

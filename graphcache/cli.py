@@ -664,6 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="images per run (default: 8)")
     p.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed runs, median reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs first (default: 1)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="build every method first and run them in rounds (none, a, b, none, a, b, ...), so "
+                        "that a machine whose speed drifts slows every method alike (default: on for eager "
+                        "and compile; off for aoti, onnx and tensorrt, which hold a copy of the weights per "
+                        "method)")
     p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
     p.add_argument("--cfg-scale", type=float, default=1.5, metavar="S", help="guidance scale (default: 1.5)")
@@ -711,8 +716,8 @@ def cmd_bench(args) -> int:
     report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
                          hoist_conditioning=args.hoist_conditioning, num_steps=args.steps, batch=args.batch,
                          sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,
-                         repeats=args.repeats, warmup=args.warmup, seed=args.seed, model_name=args.model,
-                         progress=not args.quiet)
+                         repeats=args.repeats, warmup=args.warmup, seed=args.seed, interleave=args.interleave,
+                         model_name=args.model, progress=not args.quiet)
     print(bench.format_table(report))
     print(f"FLOPs: {bench.FLOPS_COUNTING}")
     if args.json:

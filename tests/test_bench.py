@@ -23,6 +23,41 @@ def test_time_sampling_median():
         time_sampling(cached, labels=[1], num_steps=3, sampler="ddim", cfg_scale=1.5, repeats=0, warmup=0, seed=0)
 
 
+@pytest.mark.parametrize("interleave, order", [
+    (True, ["none", "fora", "toca"] * 3),  # built first, then rounds: warm-up, timed, timed
+    (False, ["none"] * 3 + ["fora"] * 3 + ["toca"] * 3),  # one method at a time
+])
+def test_bench_runs_methods_in_rounds_or_one_at_a_time(monkeypatch, interleave, order):
+    import graphcache.bench as bench_module
+
+    calls, real = [], bench_module.sample
+
+    def sample(cached, *args, **kwargs):
+        calls.append(cached.method.name)
+        return real(cached, *args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "sample", sample)
+    report = bench_module.bench(resolve_model("builtin:dit-tiny-random"), [("fora", {}), ("toca", {})], num_steps=3,
+                                repeats=2, warmup=1, interleave=interleave)
+    assert calls == order and report["interleaved"] is interleave
+    none, *rest = report["results"]
+    assert [r["method"] for r in report["results"]] == ["none", "fora", "toca"]
+    assert none["speedup"] == 1.0 and none["psnr"] is None
+    for r in rest:
+        assert len(r["seconds_all"]) == 2 and r["seconds"] == statistics.median(r["seconds_all"])
+        assert r["speedup"] == none["seconds"] / r["seconds"] and r["psnr"] is not None
+
+
+@pytest.mark.parametrize("flag, interleaved", [([], True), (["--no-interleave"], False), (["--interleave"], True)])
+def test_bench_cli_interleave_flag(tmp_path, flag, interleaved):
+    from graphcache.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "builtin:dit-tiny-random", "--method", "fora", "--steps", "3", "--batch", "1",
+                 "--repeats", "1", "--warmup", "0", "--json", str(out), "-q", *flag]) == 0
+    assert json.loads(out.read_text())["interleaved"] is interleaved  # eager: interleaved unless told
+
+
 BENCH_FIELDS = {"method", "options", "seconds", "build_seconds", "speedup", "flops", "flops_speedup", "realization",
                 "psnr", "ssim", "rel_l2", "accuracy", "fd", "peak_memory_bytes", "cache_bytes"}
 

@@ -5,7 +5,7 @@
 `(gate * y).add_(x)` took ~55 % of the time of `x + gate * y`, with the same values (IEEE
 addition and multiplication commute, and the in-place op rounds once, as the out-of-place one).
 Cached steps are mostly such elementwise work (gates, residual adds, forecasts): a TaylorSeer
-forecast step of DiT-XL/2 went from ~26 to ~20 ms.
+forecast step of DiT-XL/2 went from 22.5 to 20.9 ms, a FORA reuse step from 13.0 to 11.5 ms.
 
 For eager runners only (runtime.eager_runner): compile fuses these itself, and the exporters want
 functional graphs. A node `op(a, b)` becomes `t.op_(other)` when
