@@ -209,10 +209,15 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
             run(entries, timed=True)
 
     def report(entry, base) -> dict:
-        """The figures of one method; `base`: the `none` entry, measured in the same runs."""
+        """The figures of one method; `base`: the `none` entry. Interleaved, the speedup is the
+        median of each round's ratio, `none`'s run over this method's run of the same round:
+        that pairs runs made minutes apart, not the best run of one with the worst of the other."""
         cached, out, seconds = entry["cached"], entry["output"], statistics.median(entry["times"])
         flops = _flops(cached, model, batch, cfg)
-        speedup = statistics.median(base["times"]) / seconds
+        if interleave:
+            speedup = statistics.median(b / t for b, t in zip(base["times"], entry["times"]))
+        else:
+            speedup = statistics.median(base["times"]) / seconds
         return {
             "method": entry["name"],
             "options": cached.options,
