@@ -38,6 +38,12 @@ def _timed_run(model, run):
     return time.perf_counter() - start, out
 
 
+def _sampling_run(model, labels, num_steps, sampler, cfg_scale, guidance, seed):
+    """A call that samples one run of `model` (the same seeds every time)."""
+    return lambda: sample(model, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
+                          guidance=guidance)
+
+
 def _check_counts(repeats: int, warmup: int) -> None:
     if repeats < 1:
         raise GraphcacheError(f"repeats must be at least 1, got {repeats}")
@@ -53,11 +59,7 @@ def time_sampling(model, *, labels, num_steps: int = 50, sampler: str = "ddim", 
     (every run uses the same seed, so every run's output is the same).
     """
     _check_counts(repeats, warmup)
-
-    def run():
-        return sample(model, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                      guidance=guidance)
-
+    run = _sampling_run(model, labels, num_steps, sampler, cfg_scale, guidance, seed)
     for _ in range(warmup):
         _timed_run(model, run)
     times = []
@@ -192,9 +194,8 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
             cached = entry["cached"]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds, out = _timed_run(cached, lambda: sample(
-                cached, labels, seed=seed, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                guidance=guidance))
+            seconds, out = _timed_run(cached, _sampling_run(cached, labels, num_steps, sampler, cfg_scale,
+                                                            guidance, seed))
             if timed:
                 entry["times"].append(seconds)
                 entry["output"], entry["peak"] = out, max(entry["peak"], _peak_memory_bytes(device))
@@ -235,13 +236,12 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
             "kinds": [list(p.kinds) for p in cached.schedule.steps],
         }
 
-    results = []
     if interleave:
         entries = [build(name, options) for name, options in methods]
         measure(entries)
         results = [report(entry, entries[0]) for entry in entries]
     else:
-        base = None
+        results, base = [], None
         for name, options in methods:
             entry = build(name, options)
             measure([entry])

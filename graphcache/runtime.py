@@ -57,8 +57,8 @@ def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
 def eager_runner(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` for eager runs: the same graph over the same modules, with each cache op replaced by
     its kernel (`ops.EAGER_KERNELS`) and elementwise ops computed into their dead operands
-    (`ReuseDeadTemporariesPass`). Safe because no pass that follows the variant's pipeline sees
-    this copy: no dead-code elimination will drop a kernel call whose result nobody reads."""
+    (`ReuseDeadTemporariesPass`). Safe because no dead-code elimination runs on this copy: none
+    will drop a kernel call whose result nobody reads."""
     graph = copy.deepcopy(gm.graph)  # new nodes (their meta shared, not copied) and the same codegen
     for node in graph.nodes:
         if node.op == "call_function" and node.target in EAGER_KERNELS:
