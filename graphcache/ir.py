@@ -17,6 +17,9 @@ import torch
 import torch.fx as fx
 
 META_KEY = "graphcache"
+# set (True) on the nodes InsertTokenSelectPass clones onto the gathered tokens: they run on the
+# step's few selected tokens, not on all N (TransposeFewTokenLinearsPass reads it)
+ON_SELECTED_TOKENS = "graphcache_on_selected_tokens"
 
 ATTENTION = "attention"
 CROSS_ATTENTION = "cross_attention"

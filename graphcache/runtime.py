@@ -29,6 +29,7 @@ from .errors import GraphcacheError
 from .methods import get_method
 from .ops import EAGER_KERNELS
 from .passes.contiguous_stream import MakeStreamContiguousPass
+from .passes.few_token_linears import TransposeFewTokenLinearsPass
 from .passes.hoist_conditioning import CONDITIONING_KEY, HoistConditioningPass, conditioning_inputs
 from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.prune_modulation import PruneModulationPass
@@ -56,8 +57,9 @@ def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
 
 def eager_runner(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` for eager runs: the same graph over the same modules, with each cache op replaced by
-    its kernel (`ops.EAGER_KERNELS`) and elementwise ops computed into their dead operands
-    (`ReuseDeadTemporariesPass`). Safe because no dead-code elimination runs on this copy: none
+    its kernel (`ops.EAGER_KERNELS`), elementwise ops computed into their dead operands
+    (`ReuseDeadTemporariesPass`) and the selected tokens' linears as W·xᵀ
+    (`TransposeFewTokenLinearsPass`). Safe because no dead-code elimination runs on this copy: none
     will drop a kernel call whose result nobody reads."""
     graph = copy.deepcopy(gm.graph)  # new nodes (their meta shared, not copied) and the same codegen
     for node in graph.nodes:
@@ -65,6 +67,7 @@ def eager_runner(gm: fx.GraphModule) -> fx.GraphModule:
             node.target = EAGER_KERNELS[node.target]
     runner = fx.GraphModule(gm, graph)
     ReuseDeadTemporariesPass()(runner)
+    TransposeFewTokenLinearsPass()(runner)
     # GraphModule copies only what the graph names, under new parent modules; share the variant's
     # own children instead, so slots the cache (re-)allocates later are the ones the runner reads
     for name, child in gm.named_children():

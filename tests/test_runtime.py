@@ -19,7 +19,9 @@ import torch
 import graphcache
 from graphcache import CachedModel, GraphcacheError, optimize, sample
 from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
+from graphcache.ir import ON_SELECTED_TOKENS
 from graphcache.ops import CACHE_SCATTER, CACHE_WRITE, EAGER_KERNELS
+from graphcache.passes.few_token_linears import linear_token_columns
 from graphcache.passes.cluster import CACHE_PROPAGATE
 from graphcache.schedule import FULL, REUSE
 
@@ -205,32 +207,44 @@ def test_variants_share_one_cache(fora3):
 
 @pytest.mark.parametrize("method", ["toca", "clusca"])
 def test_eager_runners_call_the_cache_kernels(model, method):
-    """Eager runs call each cache op's kernel (ops.EAGER_KERNELS) instead of the custom op, and
-    some elementwise ops in place (ReuseDeadTemporariesPass): the variant's nodes otherwise, over
-    the variant's own modules and cache, with the same samples — also after a batch change
-    re-allocates the slots."""
+    """Eager runs call each cache op's kernel (ops.EAGER_KERNELS) instead of the custom op, some
+    elementwise ops in place (ReuseDeadTemporariesPass) and the selected tokens' linears as W·xᵀ
+    (TransposeFewTokenLinearsPass, reading their weights by get_attr): the variant's nodes
+    otherwise, over the variant's own modules and cache, with the same samples (to float rounding,
+    which only the transposed linears can change) — also after a batch change re-allocates the
+    slots."""
     cached = optimize(model, method, num_steps=8, **({"propagation": 0.1} if method == "clusca" else {}))
-    replaced, in_place = Counter(), Counter()
+    replaced, in_place, transposed = Counter(), Counter(), Counter()
     for key, gm in cached.variants.items():
         runner = cached.runners[key]
         nodes = list(gm.graph.nodes)
-        assert [n.name for n in runner.graph.nodes] == [n.name for n in nodes]
-        for node, run in zip(nodes, runner.graph.nodes):
+        weights = [n for n in runner.graph.nodes if n.op == "get_attr" and n.name not in {m.name for m in nodes}]
+        run_nodes = [n for n in runner.graph.nodes if n not in weights]
+        assert [n.name for n in run_nodes] == [n.name for n in nodes]
+        for node, run in zip(nodes, run_nodes):
             if run.op == "call_method" and node.op == "call_function":
                 in_place[run.target] += 1
                 assert run.target == {operator.add: "add_", operator.mul: "mul_"}[node.target]
+            elif run.target is linear_token_columns:
+                transposed[key] += 1
+                assert node.op == "call_module" and node.meta[ON_SELECTED_TOKENS]
+                assert [a.target for a in run.args[1:]] == [f"{node.target}.weight", f"{node.target}.bias"]
             else:
                 assert (run.op, run.target) == (node.op, EAGER_KERNELS.get(node.target, node.target))
         replaced.update(n.target for n in nodes if n.op == "call_function" and n.target in EAGER_KERNELS)
         assert all(getattr(runner, name) is child for name, child in gm.named_children())
+        assert len(weights) == 2 * transposed[key]
     update = CACHE_PROPAGATE if method == "clusca" else CACHE_SCATTER
     assert replaced[CACHE_WRITE] > 0 and replaced[update] > 0
     assert in_place["add_"] > 0
+    # fc1 and fc2 of every block whose MLP runs on selected tokens, in those variants only
+    partial = {p.variant: p.kinds.count("partial") for p in cached.schedule.steps}
+    assert transposed == Counter({key: 2 * blocks for key, blocks in partial.items() if blocks})
     runners = cached.runners
     for labels in ([1], [2, 3]):
         fast = sample(cached, labels, num_steps=8)
         cached.runners = {}  # the variants themselves, with the custom ops
-        assert torch.equal(fast, sample(cached, labels, num_steps=8))
+        torch.testing.assert_close(fast, sample(cached, labels, num_steps=8), rtol=1e-5, atol=1e-5)
         cached.runners = runners
 
 

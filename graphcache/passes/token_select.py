@@ -129,6 +129,7 @@ class InsertTokenSelectPass(Pass):
                 for name in branch.work:
                     node = nodes[name]
                     env[node] = gm.graph.node_copy(node, lambda n: env.get(n, n))
+                    env[node].meta[ir.ON_SELECTED_TOKENS] = True  # the copy's own meta dict
                 fresh = env[out]
                 new = self.merger.merge(ctx, idx, fresh)
             for user in users:

@@ -29,6 +29,15 @@ def case_id(case) -> str:
     return f"{name}-{'-'.join(map(str, options.values())) or 'default'}"
 
 
+def variants_of(model, method, steps, **options):
+    """An eager CachedModel that runs its variants as they are, with the custom cache ops: the
+    graphs compile and the exporters trace (eager runners differ from them only in rounding, by
+    computing the selected tokens' linears as W·xᵀ)."""
+    cached = graphcache.optimize(model, method, steps, **options)
+    cached.runners = {}
+    return cached
+
+
 class Recorder:
     """Calls the cached model and keeps every step's output (and looks like it to `sample`)."""
 

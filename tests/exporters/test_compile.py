@@ -11,7 +11,9 @@ tiny builtin DiT (2 blocks, 16 tokens), DDIM-10 with CFG (batch 4; the variants 
   backend itself and by Dynamo's `unique_graphs`; a second run compiles nothing; a new input
   signature compiles each variant exactly once more;
 * with `aot_eager` (the same ATen kernels as eager) every per-step model output, the final
-  latents and the global RNG state after the run are bit-identical to eager graphcache — except
+  latents and the global RNG state after the run are bit-identical to eager graphcache's
+  variants (`run_helpers.variants_of`: its eager runners compute the selected tokens' linears
+  as W·xᵀ, which rounds differently) — except
   where a Taylor forecast runs (TaylorSeer, ClusCa): eager adds each term as one fused
   multiply-add, a traced graph as `out + factor * c` (passes/taylor.py `evaluate_taylor`), so
   those outputs agree to TOL of their scale (the RNG state still exactly);
@@ -43,7 +45,7 @@ from graphcache.schedule import is_token_input
 from graphcache.methods import METHODS
 from graphcache.models.builtin import resolve_model
 from graphcache.passes.taylor import coefficient_input
-from run_helpers import CASES, TOL, case_id, max_rel, run, tolerance
+from run_helpers import CASES, TOL, case_id, max_rel, run, tolerance, variants_of
 
 STEPS = 10
 INDUCTOR_TOL = 1e-4  # per-step model outputs, relative to their max (measured: ~5e-7)
@@ -65,7 +67,7 @@ def fresh_dynamo():
 
 @pytest.mark.parametrize("name,options", CASES, ids=[case_id(c) for c in CASES])
 def test_aot_eager_run_no_breaks_one_graph_per_variant_bitwise(tiny, name, options):
-    eager = run(graphcache.optimize(tiny, name, STEPS, **options))
+    eager = run(variants_of(tiny, name, STEPS, **options))
     fresh_dynamo()
     counter = CompileCounterWithBackend("aot_eager")
     cached = graphcache.optimize(tiny, name, STEPS, backend="compile", compile_options={"backend": counter},
