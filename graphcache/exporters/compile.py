@@ -29,8 +29,10 @@ What it guarantees (tests/exporters/test_compile.py checks each point for every 
   compile's own `options` (scoped to these compilations, never set globally), so `torch.rand` /
   `torch.randint` (ToCa's `score=random`, ClusCa's representatives and K-means start) call the
   ATen kernels and draw from the global RNG in graph order, exactly as eager does.
-* **Numerics.** `aot_eager` runs the same ATen kernels as eager: samples, per-step outputs and
-  the RNG state after a run are bit-identical, except that a Taylor forecast rounds differently
+* **Numerics.** `aot_eager` runs the same ATen kernels as the eager variants: samples, per-step
+  outputs and the RNG state after a run are bit-identical to theirs (eager runners compute the
+  selected tokens' linears as W·xᵀ, passes/few_token_linears.py, and round those differently),
+  except that a Taylor forecast rounds differently
   once traced (passes/taylor.py `evaluate_taylor`: eager adds each term as a fused
   multiply-add), a few ulps per forecast. Inductor generates its own fused kernels
   (reassociated reductions, fused softmax): per-step outputs agree with eager graphcache to
