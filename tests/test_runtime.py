@@ -218,8 +218,9 @@ def test_eager_runners_call_the_cache_kernels(model, method):
     for key, gm in cached.variants.items():
         runner = cached.runners[key]
         nodes = list(gm.graph.nodes)
-        weights = [n for n in runner.graph.nodes if n.op == "get_attr" and n.name not in {m.name for m in nodes}]
-        run_nodes = [n for n in runner.graph.nodes if n not in weights]
+        names = {n.name for n in nodes}
+        weights = [n for n in runner.graph.nodes if n.op == "get_attr" and n.name not in names]
+        run_nodes = [n for n in runner.graph.nodes if n.name in names]
         assert [n.name for n in run_nodes] == [n.name for n in nodes]
         for node, run in zip(nodes, run_nodes):
             if run.op == "call_method" and node.op == "call_function":
