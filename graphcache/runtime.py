@@ -34,6 +34,7 @@ from .passes.hoist_conditioning import CONDITIONING_KEY, HoistConditioningPass, 
 from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.prune_modulation import PruneModulationPass
 from .passes.reuse_temporaries import ReuseDeadTemporariesPass
+from .passes.taylor import UpdateTaylorFactorsInPlacePass
 from .schedule import StepPlan, step_inputs
 
 # Most memory one window of precomputed conditioning may take: DiT-XL/2's modulation is ~0.8 MB per
@@ -58,14 +59,15 @@ def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
 def eager_runner(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` for eager runs: the same graph over the same modules, with each cache op replaced by
     its kernel (`ops.EAGER_KERNELS`), elementwise ops computed into their dead operands
-    (`ReuseDeadTemporariesPass`) and the selected tokens' linears as W·xᵀ
-    (`TransposeFewTokenLinearsPass`). Safe because no dead-code elimination runs on this copy: none
-    will drop a kernel call whose result nobody reads."""
+    (`ReuseDeadTemporariesPass`), Taylor factors refreshed in place (`UpdateTaylorFactorsInPlacePass`)
+    and the selected tokens' linears as W·xᵀ (`TransposeFewTokenLinearsPass`). Safe because no
+    dead-code elimination runs on this copy: none will drop a kernel call whose result nobody reads."""
     graph = copy.deepcopy(gm.graph)  # new nodes (their meta shared, not copied) and the same codegen
     for node in graph.nodes:
         if node.op == "call_function" and node.target in EAGER_KERNELS:
             node.target = EAGER_KERNELS[node.target]
     runner = fx.GraphModule(gm, graph)
+    UpdateTaylorFactorsInPlacePass()(runner)
     ReuseDeadTemporariesPass()(runner)
     TransposeFewTokenLinearsPass()(runner)
     # GraphModule copies only what the graph names, under new parent modules; share the variant's

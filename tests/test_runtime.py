@@ -18,11 +18,14 @@ import torch
 
 import graphcache
 from graphcache import CachedModel, GraphcacheError, optimize, sample
-from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
+from graphcache.cache import CACHE_ATTR
 from graphcache.ir import ON_SELECTED_TOKENS
+from graphcache.methods import get_method
+from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
 from graphcache.ops import CACHE_SCATTER, CACHE_WRITE, EAGER_KERNELS
-from graphcache.passes.few_token_linears import linear_token_columns
 from graphcache.passes.cluster import CACHE_PROPAGATE
+from graphcache.passes.few_token_linears import linear_token_columns
+from graphcache.passes.taylor import finite_difference, update_taylor_factors_
 from graphcache.schedule import FULL, REUSE
 
 S = 8  # sampling steps of the step-by-step tests
@@ -205,21 +208,41 @@ def test_variants_share_one_cache(fora3):
     assert caches == {id(fora3.cache)}
 
 
+ORDER = get_method("clusca").resolve_options({})["order"]
+
+
+def _taylor_refresh_part(node) -> str | None:
+    if node.target is finite_difference:
+        return "difference"
+    if node.target is CACHE_WRITE and "_taylor" in node.args[0].target:
+        return "write"
+    if node.op == "get_attr" and "_taylor" in node.target:
+        return "slot"
+    return None
+
+
 @pytest.mark.parametrize("method", ["toca", "clusca"])
 def test_eager_runners_call_the_cache_kernels(model, method):
     """Eager runs call each cache op's kernel (ops.EAGER_KERNELS) instead of the custom op, some
     elementwise ops in place (ReuseDeadTemporariesPass) and the selected tokens' linears as W·xᵀ
-    (TransposeFewTokenLinearsPass, reading their weights by get_attr): the variant's nodes
+    (TransposeFewTokenLinearsPass, reading their weights by get_attr) and each branch's Taylor refresh
+    as one in-place call (UpdateTaylorFactorsInPlacePass): the variant's nodes
     otherwise, over the variant's own modules and cache, with the same samples (to float rounding,
     which only the transposed linears can change) — also after a batch change re-allocates the
     slots."""
     cached = optimize(model, method, num_steps=8, **({"propagation": 0.1} if method == "clusca" else {}))
-    replaced, in_place, transposed = Counter(), Counter(), Counter()
+    replaced, in_place, transposed, refreshes = Counter(), Counter(), Counter(), Counter()
     for key, gm in cached.variants.items():
         runner = cached.runners[key]
-        nodes = list(gm.graph.nodes)
-        names = {n.name for n in nodes}
-        weights = [n for n in runner.graph.nodes if n.op == "get_attr" and n.name not in names]
+        names = {n.name for n in gm.graph.nodes}
+        run_names = {n.name for n in runner.graph.nodes}
+        # each Taylor refresh (differences, factor writes, their slot reads) is one in-place call
+        refreshed = Counter(_taylor_refresh_part(n) for n in gm.graph.nodes if n.name not in run_names)
+        refreshes[key] = sum(n.target is update_taylor_factors_ for n in runner.graph.nodes)
+        assert refreshed == (Counter({"difference": ORDER * refreshes[key], "write": (ORDER + 1) * refreshes[key],
+                                      "slot": (2 * ORDER + 1) * refreshes[key]}) if refreshes[key] else Counter())
+        nodes = [n for n in gm.graph.nodes if n.name in run_names]
+        weights = [n for n in runner.graph.nodes if n.op == "get_attr" and n.name not in names and n.target != CACHE_ATTR]
         run_nodes = [n for n in runner.graph.nodes if n.name in names]
         assert [n.name for n in run_nodes] == [n.name for n in nodes]
         for node, run in zip(nodes, run_nodes):
@@ -237,6 +260,9 @@ def test_eager_runners_call_the_cache_kernels(model, method):
         assert len(weights) == 2 * transposed[key]
     update = CACHE_PROPAGATE if method == "clusca" else CACHE_SCATTER
     assert replaced[CACHE_WRITE] > 0 and replaced[update] > 0
+    # ClusCa refreshes both branches of every block at its full steps; ToCa keeps no factors
+    full = {p.variant for p in cached.schedule.steps if set(p.kinds) == {FULL}}
+    assert refreshes == Counter({key: 2 * len(model.blocks) for key in full} if method == "clusca" else {})
     assert in_place["add_"] > 0
     # fc1 and fc2 of every block whose MLP runs on selected tokens, in those variants only
     partial = {p.variant: p.kinds.count("partial") for p in cached.schedule.steps}

@@ -3,12 +3,15 @@
 Structural: exact counts of reads, differences, writes and forecasts, the placeholders they add,
 the slots they declare, and the work dead-code elimination removes. Numerical: the factors written
 and the forecasts used, against the eager model with its attention/MLP outputs observed or
-replaced by forward hooks, computed here from the formulas of §6.3.
+replaced by forward hooks, computed here from the formulas of §6.3. The eager runners' in-place
+refresh (UpdateTaylorFactorsInPlacePass) against the variant's differences and writes, bit for bit.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -24,9 +27,13 @@ from graphcache.passes.taylor import (
     DELTA_INPUT,
     InsertTaylorUpdatePass,
     ReplaceWithTaylorForecastPass,
+    UpdateTaylorFactorsInPlacePass,
+    finite_difference,
     forecast_coefficients,
     coefficient_input,
+    update_taylor_factors_,
 )
+from graphcache.ops import EAGER_KERNELS, copy_into_
 from graphcache.runtime import new_variant
 
 DEPTH = 3
@@ -189,3 +196,111 @@ def test_declines_and_bad_arguments(captured):
         InsertTaylorUpdatePass(order=-1)
     with pytest.raises(ValueError):
         ReplaceWithTaylorForecastPass(order=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The eager runners' in-place refresh
+# --------------------------------------------------------------------------------------------
+
+
+def eager_copy(gm):
+    """`gm` with its cache ops as their kernels, as runtime.eager_runner makes it (nothing else), and
+    a cache of its own."""
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in EAGER_KERNELS:
+            node.target = EAGER_KERNELS[node.target]
+    out = torch.fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    setattr(out, CACHE_ATTR, CacheState())
+    return out
+
+
+@pytest.mark.parametrize("d", [1, -3, -5])
+def test_in_place_refresh_kernel_equals_the_differences_and_moves_buffers_up(d):
+    cache = CacheState()
+    names = tuple(f"f{i}" for i in range(ORDER + 1))
+    g = torch.Generator().manual_seed(d + 10)
+    cache.allocate({n: ((2, 5, 3), torch.float32) for n in names}, torch.device("cpu"), None)
+    for buf in cache.buffers():
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    value = torch.randn(2, 5, 3, generator=g)
+    buffers = [getattr(cache, n) for n in names]
+    new = [value]
+    for i in range(ORDER):
+        new.append(finite_difference(new[i], buffers[i], d))
+    update_taylor_factors_(cache, names, value, d)
+    for i, name in enumerate(names):
+        assert torch.equal(getattr(cache, name), new[i]), name
+    # the old highest factor's buffer now holds factor 0, every other one the factor above its own
+    assert [getattr(cache, n) for n in names] == [buffers[-1], *buffers[:-1]]
+    assert getattr(cache, names[0]) is not value
+
+
+def test_in_place_refresh_replaces_each_branch_chain_bitwise(model, captured):
+    gm, _ = build(captured, [InsertTaylorUpdatePass(order=ORDER)])
+    plain = eager_copy(gm)
+    runner = eager_copy(gm)
+    p = UpdateTaylorFactorsInPlacePass()
+    assert p(runner).modified and not p.declined
+    branches = 2 * DEPTH
+    assert p.counters == {"branch": branches, "difference": ORDER * branches}
+    targets = Counter(n.target for n in runner.graph.nodes if n.op == "call_function")
+    assert targets[update_taylor_factors_] == branches
+    assert targets[finite_difference] == 0 and targets[copy_into_] == 0
+    assert not [n for n in runner.graph.nodes if n.op == "get_attr" and "_taylor" in n.target]
+    kernels = [n for n in runner.graph.nodes if n.target is update_taylor_factors_]
+    assert {n.args[1] for n in kernels} == {
+        tuple(f"b{b}_{k}_taylor{i}" for i in range(ORDER + 1)) for b in range(DEPTH) for k in ("attention", "mlp")}
+
+    args = inputs()
+    for run in (plain, runner):
+        allocate(captured, run, seed=1)
+    results = []
+    for run in (plain, runner):
+        with torch.no_grad():
+            out = run(*args, **{DELTA_INPUT: -3})
+            out = run(args[0] * 0.5, *args[1:], **{DELTA_INPUT: -2})  # a second refresh reads the first's slots
+        results.append((out, dict(getattr(run, CACHE_ATTR).named_buffers())))
+    (want, want_slots), (got, got_slots) = results
+    assert torch.equal(got, want)
+    assert want_slots.keys() == got_slots.keys() and all(torch.equal(got_slots[k], want_slots[k]) for k in want_slots)
+
+
+class _Refresh(torch.nn.Module):
+    """One order-1 refresh of slots s0, s1 from x; `peek` reads s1 before the refresh and returns it
+    after (it must see the old factor); `leak` also returns the difference itself."""
+
+    def __init__(self, peek=False, leak=False):
+        super().__init__()
+        self.peek, self.leak = peek, leak
+        self.graphcache_cache = CacheState()
+        self.graphcache_cache.allocate({"s0": ((2, 3), torch.float32), "s1": ((2, 3), torch.float32)},
+                                       torch.device("cpu"), None)
+
+    def graph(self):
+        graph = torch.fx.Graph()
+        x, d = graph.placeholder("x"), graph.placeholder("d")
+        peeked = graph.get_attr(f"{CACHE_ATTR}.s1") if self.peek else None
+        diff = graph.call_function(finite_difference, (x, graph.get_attr(f"{CACHE_ATTR}.s0"), d))
+        graph.call_function(copy_into_, (graph.get_attr(f"{CACHE_ATTR}.s0"), x))
+        graph.call_function(copy_into_, (graph.get_attr(f"{CACHE_ATTR}.s1"), diff))
+        graph.output(graph.call_method("clone", (peeked,)) if self.peek else (diff if self.leak else x))
+        return torch.fx.GraphModule(self, graph)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ({}, None),
+    ({"peek": True}, "reads a factor slot while it is refreshed"),
+    ({"leak": True}, "or the factor it reads has another reader"),
+])
+def test_in_place_refresh_declines_what_others_read(case, reason):
+    gm = _Refresh(**case).graph()
+    p = UpdateTaylorFactorsInPlacePass()
+    p(gm)
+    if reason is None:
+        assert p.counters == {"branch": 1, "difference": 1} and not p.declined
+    else:
+        assert not p.counters and [d.target for d in p.declined] == ["finite_difference"]
+        assert reason in p.declined[0].reason
+        assert sum(n.target is copy_into_ for n in gm.graph.nodes) == 2
