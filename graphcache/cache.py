@@ -52,6 +52,14 @@ def read_slot(graph: fx.Graph, name: str) -> fx.Node:
     return graph.get_attr(f"{CACHE_ATTR}.{name}")
 
 
+def slot_name(node) -> str | None:
+    """The slot a `read_slot` node reads, or None for any other node (or value)."""
+    prefix = f"{CACHE_ATTR}."
+    if isinstance(node, fx.Node) and node.op == "get_attr" and node.target.startswith(prefix):
+        return node.target.removeprefix(prefix)
+    return None
+
+
 def write_slot(graph: fx.Graph, name: str, value: fx.Node) -> fx.Node:
     """Insert `cache_write(slot, value)` at the current insertion point, reading the slot first."""
     dst = read_slot(graph, name)

@@ -56,17 +56,22 @@ def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
     return gm
 
 
+def with_cache_kernels(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` over `gm` itself, each cache op replaced by its kernel (`ops.EAGER_KERNELS`)."""
+    graph = copy.deepcopy(gm.graph)  # new nodes (their meta shared, not copied) and the same codegen
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in EAGER_KERNELS:
+            node.target = EAGER_KERNELS[node.target]
+    return fx.GraphModule(gm, graph)
+
+
 def eager_runner(gm: fx.GraphModule) -> fx.GraphModule:
     """`gm` for eager runs: the same graph over the same modules, with each cache op replaced by
     its kernel (`ops.EAGER_KERNELS`), elementwise ops computed into their dead operands
     (`ReuseDeadTemporariesPass`), Taylor factors refreshed in place (`UpdateTaylorFactorsInPlacePass`)
     and the selected tokens' linears as W·xᵀ (`TransposeFewTokenLinearsPass`). Safe because no
     dead-code elimination runs on this copy: none will drop a kernel call whose result nobody reads."""
-    graph = copy.deepcopy(gm.graph)  # new nodes (their meta shared, not copied) and the same codegen
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in EAGER_KERNELS:
-            node.target = EAGER_KERNELS[node.target]
-    runner = fx.GraphModule(gm, graph)
+    runner = with_cache_kernels(gm)
     UpdateTaylorFactorsInPlacePass()(runner)
     ReuseDeadTemporariesPass()(runner)
     TransposeFewTokenLinearsPass()(runner)

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from .. import ir
-from ..cache import CACHE_ATTR
+from ..cache import CACHE_ATTR, slot_name
 from ..ops import CACHE_UPDATES, HOST_OPS, RANDOM_FUNCTIONS, is_cache_write
 from ..schedule import is_token_input
 from .base import Pass, PassError, PassResult
@@ -106,13 +106,12 @@ class FunctionalizeCachePass(Pass):
 
     def call(self, gm):
         graph = gm.graph
-        prefix = CACHE_ATTR + "."
-        slot_of = {n: n.args[0].target.removeprefix(prefix) for n in graph.nodes if is_cache_write(n)}
+        slot_of = {n: slot_name(n.args[0]) for n in graph.nodes if is_cache_write(n)}
         inputs: dict[str, fx.Node] = {}
         current: dict[str, fx.Node] = {}  # each slot's value at this point of the graph
         for node in list(graph.nodes):
-            if node.op == "get_attr" and node.target.startswith(prefix):
-                slot = node.target.removeprefix(prefix)
+            slot = slot_name(node)
+            if slot is not None:
                 if slot not in current:
                     inputs[slot] = current[slot] = ir.graph_input(graph, CACHE_PREFIX + slot)
                     self.counters["cache_input"] += 1
@@ -143,7 +142,7 @@ class FunctionalizeCachePass(Pass):
 
     def ensures(self, gm):
         for node in gm.graph.nodes:
-            if is_cache_write(node) or (node.op == "get_attr" and node.target.startswith(CACHE_ATTR + ".")):
+            if is_cache_write(node) or slot_name(node) is not None:
                 raise PassError(f"{node.name} still touches the cache buffers")
 
 

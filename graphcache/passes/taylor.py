@@ -46,7 +46,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from .. import ir
-from ..cache import CACHE_ATTR, CacheSlot, declare_slot, read_slot, write_slot
+from ..cache import CACHE_ATTR, CacheSlot, declare_slot, read_slot, slot_name, write_slot
 from ..ops import copy_into_
 from .base import Pass, PassError, PassResult
 
@@ -226,7 +226,7 @@ class UpdateTaylorFactorsInPlacePass(Pass):
             slots, writes, removed = chain
             first = min(position[n] for n in removed)
             last = max(writes, key=position.__getitem__)
-            clash = [n for n in graph.nodes if _slot_read(n) in slots and n not in removed
+            clash = [n for n in graph.nodes if slot_name(n) in slots and n not in removed
                      and position[n] < position[last] and any(position[u] >= first for u in n.users)]
             if clash:
                 self.decline(head.name, f"{clash[0].name} reads a factor slot while it is refreshed")
@@ -246,13 +246,6 @@ def _is_difference(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is finite_difference
 
 
-def _slot_read(node) -> str | None:
-    prefix = f"{CACHE_ATTR}."
-    if isinstance(node, fx.Node) and node.op == "get_attr" and node.target.startswith(prefix):
-        return node.target[len(prefix):]
-    return None
-
-
 def _refresh_chain(head: fx.Node):
     """(slots, writes, nodes to remove) of the refresh starting at `head`, or why it is not one."""
     differences = [head]
@@ -262,12 +255,12 @@ def _refresh_chain(head: fx.Node):
     writes = []
     for value in values:
         found = [u for u in value.users if u.op == "call_function" and u.target is copy_into_ and u.args[1] is value]
-        if len(found) != 1 or _slot_read(found[0].args[0]) is None:
+        if len(found) != 1 or slot_name(found[0].args[0]) is None:
             return f"{value.name} is not written to one cache slot"
         writes.append(found[0])
-    slots = tuple(_slot_read(w.args[0]) for w in writes)
+    slots = tuple(slot_name(w.args[0]) for w in writes)
     reads = [d.args[1] for d in differences]
-    if [_slot_read(r) for r in reads] != list(slots[:-1]) or len(set(slots)) != len(slots):
+    if [slot_name(r) for r in reads] != list(slots[:-1]) or len(set(slots)) != len(slots):
         return "its differences do not consume the factors it writes, each once"
     if len({d.args[2] for d in differences}) != 1:
         return "its differences divide by different step distances"

@@ -9,7 +9,6 @@ refresh (UpdateTaylorFactorsInPlacePass) against the variant's differences and w
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 
@@ -33,8 +32,8 @@ from graphcache.passes.taylor import (
     coefficient_input,
     update_taylor_factors_,
 )
-from graphcache.ops import EAGER_KERNELS, copy_into_
-from graphcache.runtime import new_variant
+from graphcache.ops import copy_into_
+from graphcache.runtime import new_variant, with_cache_kernels
 
 DEPTH = 3
 ORDER = 3
@@ -206,11 +205,7 @@ def test_declines_and_bad_arguments(captured):
 def eager_copy(gm):
     """`gm` with its cache ops as their kernels, as runtime.eager_runner makes it (nothing else), and
     a cache of its own."""
-    graph = copy.deepcopy(gm.graph)
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in EAGER_KERNELS:
-            node.target = EAGER_KERNELS[node.target]
-    out = torch.fx.GraphModule(gm, graph)
+    out = with_cache_kernels(gm)
     out.meta.update(gm.meta)
     setattr(out, CACHE_ATTR, CacheState())
     return out
