@@ -49,27 +49,35 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch * tokens, channels).index_select(0, flat).view(batch, idx.shape[1], channels)
 
 
-def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """base with base[b, idx[b, j]] = values[b, j] (out of place)."""
+def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, unique: bool = True) -> torch.Tensor:
+    """base with base[b, idx[b, j]] = values[b, j] (out of place). Where idx repeats a token, the
+    last j wins (scatter's CPU kernel walks dim 1 in order for every other index)."""
     return base.scatter(1, token_index(idx, base.shape[-1]), values)
 
 
-def put_tokens_(dst: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`scatter_tokens` in place, for eager: whole rows by index_put_, ~4x faster than scatter_'s
-    per-element index on CPU."""
+def put_tokens_(dst: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, unique: bool = True) -> torch.Tensor:
+    """`scatter_tokens` in place, for eager. Unique picks (ToCa's top-k) copy whole rows by
+    index_put_, much faster than scatter_'s per-element index on CPU. Picks that may repeat a token
+    (ClusCa's representatives: an empty cluster picks token 0) use scatter_ itself: index_put_
+    leaves unspecified which duplicate wins (its CPU kernel may split the rows between threads),
+    and the duplicates' values can differ by a rounding (the same token in two GEMM rows), so
+    only scatter_ gives the values of the out-of-place form on every CPU."""
+    if not unique:
+        return dst.scatter_(1, token_index(idx, dst.shape[-1]), values)
     return dst.index_put_((_rows(idx), idx), values)
 
 
 @torch.library.custom_op("graphcache::cache_scatter", mutates_args=("dst",))
-def cache_scatter(dst: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-    """`scatter_tokens` in place: (B, N, C) dst, (B, k) idx, (B, k, C) values. Updating k tokens
-    of a slot this way touches k rows, instead of making a new (B, N, C) tensor and copying it.
-    (The op is opaque to compile, and exporters replace it by `scatter_tokens`.)"""
-    put_tokens_(dst, idx, values)
+def cache_scatter(dst: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, unique: bool = True) -> None:
+    """`scatter_tokens` in place: (B, N, C) dst, (B, k) idx, (B, k, C) values; `unique` says that
+    idx never repeats a token within a row. Updating k tokens of a slot this way touches k rows,
+    instead of making a new (B, N, C) tensor and copying it. (The op is opaque to compile, and
+    exporters replace it by `scatter_tokens`.)"""
+    put_tokens_(dst, idx, values, unique)
 
 
 @cache_scatter.register_fake
-def _(dst, idx, values):
+def _(dst, idx, values, unique=True):
     return None
 
 

@@ -202,7 +202,7 @@ def propagate_into_(dst: Tensor, labels: Tensor, idx: Tensor, fresh: Tensor, clu
                     gamma: float) -> Tensor:
     """`propagate_to_clusters` in place on `dst`: `cache_propagate`'s kernel."""
     pull = cluster_pull(labels, idx, fresh, clusters, gamma)
-    return put_tokens_(dst, idx, fresh).mul_(1 - gamma).add_(pull)
+    return put_tokens_(dst, idx, fresh, unique=False).mul_(1 - gamma).add_(pull)
 
 
 @torch.library.custom_op("graphcache::cache_propagate", mutates_args=("dst",))
@@ -257,5 +257,5 @@ class ClusterPropagationMerger(TokenMerger):
             labels = read_slot(graph, LABELS_SLOT)
             order0 = update_slot(graph, slot0, CACHE_PROPAGATE, labels, idx, fresh, self.clusters, self.propagation)
         else:
-            order0 = update_slot(graph, slot0, CACHE_SCATTER, idx, fresh)
+            order0 = update_slot(graph, slot0, CACHE_SCATTER, idx, fresh, False)  # picks may repeat
         return taylor_forecast(ctx.gm, [order0, *old])

@@ -4,7 +4,8 @@ Structural: each pass's inputs/outputs and counters on known variants of the tin
 (2 blocks, 16 tokens). Negative: a host op that feeds the model output is declined with a reason;
 running the passes in the wrong order fails. Numerical: for every method (random draws and
 K-means included), running the functional graphs eagerly through `FunctionalRunner` gives
-bit-identical per-step outputs, latents and RNG state to the eager variants themselves.
+bit-identical per-step outputs, latents and RNG state to the eager variants themselves, given the
+same per-step scalars (`with_scalar_tensors`).
 
 The variants are built as the ahead-of-time backends build them: with the conditioning inside
 (`hoist_conditioning=False`).
@@ -21,7 +22,7 @@ import torch
 import torch.fx as fx
 
 import graphcache
-from graphcache.exporters.functional import FunctionalRunner
+from graphcache.exporters.functional import FunctionalRunner, ScalarTensors
 from graphcache.models.builtin import resolve_model
 from graphcache.ops import CACHE_SCATTER, RANDOM_FUNCTIONS, scatter_tokens
 from graphcache.passes.cluster import CACHE_PROPAGATE, KMEANS, propagate_to_clusters
@@ -34,6 +35,7 @@ from graphcache.passes.functionalize import (
 )
 from graphcache.passes.manager import PassPipelineError, PassManager
 from graphcache.passes.taylor import evaluate_taylor
+from graphcache.schedule import is_token_input
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "exporters"))
 from run_helpers import CASES, case_id, run, variants_of  # noqa: E402
@@ -147,9 +149,22 @@ def test_passes_run_in_order(tiny):
         PassManager([HoistRandomPass()])(graph_copy(variant(cached, ("full", "full"))))
 
 
+def with_scalar_tensors(cached):
+    """`cached` passing its per-step scalars (not token counts) as the 0-d tensors a
+    FunctionalRunner passes. A Taylor forecast adds Python-number coefficients as one multiply-add
+    per term (`torch.add(..., alpha=c)`, fused on some CPUs' vector paths and not on others) and
+    tensor coefficients as a product then a sum: with the same inputs both sides run the same
+    kernels, so their equality holds on every CPU, not by luck of one."""
+    scalars = ScalarTensors()
+    cached.step_kwargs = [{k: v if is_token_input(k) else scalars(k, v, torch.device("cpu")) for k, v in kw.items()}
+                          for kw in cached.step_kwargs]
+    return cached
+
+
 @pytest.mark.parametrize("name,options", CASES, ids=[case_id(c) for c in CASES])
 def test_functional_graphs_run_bitwise_like_the_variants(tiny, name, options):
-    want = run(variants_of(tiny, name, STEPS, hoist_conditioning=False, **options), steps=STEPS)
+    reference = with_scalar_tensors(variants_of(tiny, name, STEPS, hoist_conditioning=False, **options))
+    want = run(reference, steps=STEPS)
     cached = optimize(tiny, name, STEPS, **options)
     cached.runners = {}
     for key, gm in cached.variants.items():
