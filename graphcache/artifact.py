@@ -21,7 +21,7 @@ The ahead-of-time backends ("aoti", "onnx", "tensorrt") store the exported varia
                           ONNX file references them as external data
       v<i>_prologue.pt2   its random draws, v<i>_epilogue.pt2 its K-means (torch.export programs)
 
-and `load_artifact` runs them without the model's Python code (exporters/export.py), refusing an
+and `load_artifact` runs them without the model's Python code (graphcache/aot_artifact.py), refusing an
 artifact built by another torch release or for another device, and inputs outside its shapes.
 
 `save_artifact` is atomic: the directory is built under a temporary name next to OUT and renamed
@@ -92,7 +92,7 @@ def build_manifest(cached_model, *, model_spec: str) -> dict:
     if backend not in AHEAD_OF_TIME:
         manifest["hoist_conditioning"] = cached_model.hoists_conditioning
     if backend in AHEAD_OF_TIME:
-        from .exporters.export import manifest_entries
+        from .aot_artifact import manifest_entries
 
         manifest.update(manifest_entries(cached_model, backend))
     return manifest
@@ -136,7 +136,7 @@ def save_artifact(cached_model, out_dir, *, model_spec: str) -> Path:
     tmp.mkdir()
     try:
         if manifest["backend"] in AHEAD_OF_TIME:
-            from .exporters.export import copy_files
+            from .aot_artifact import copy_files
 
             copy_files(cached_model, manifest["backend"], tmp)
         else:
@@ -202,8 +202,8 @@ def load_artifact(path, *, map_location="cpu", backend: str | None = None, compi
     """Rebuild the CachedModel saved at `path` by `save_artifact`, on the recorded backend (and
     compile options) unless `backend` / `compile_options` are given. An ahead-of-time artifact
     loads as an `ExportedModel` on `map_location` (default: the device it was built for)."""
-    from . import optimize
     from .io import load_model
+    from .runtime import optimize
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -214,7 +214,7 @@ def load_artifact(path, *, map_location="cpu", backend: str | None = None, compi
                                   f"{backend} (optimize the model again with --backend {backend})")
         if compile_options:
             raise GraphcacheError(f"{path}: compile options do not apply to a {recorded_backend} artifact")
-        from .exporters.export import ExportedModel
+        from .aot_artifact import ExportedModel
 
         model = ExportedModel(path, manifest, device=None if map_location == "cpu" else map_location)
         model.artifact_manifest = manifest

@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import GraphcacheError
 from .passes.annotate_blocks import AnnotateBlocksPass
+from .passes.manager import PassManager, PassPipelineError
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -76,5 +77,10 @@ def capture(model: torch.nn.Module, inputs=None) -> fx.GraphModule:
         propagate_shapes(gm, inputs)
     except Exception as e:
         raise GraphcacheError(f"cannot run {type(model).__name__} on example inputs: {e}".splitlines()[0]) from e
-    AnnotateBlocksPass()(gm)
+    try:
+        PassManager([AnnotateBlocksPass()], name="capture")(gm)
+    except PassPipelineError as e:
+        if isinstance(e.cause, GraphcacheError):  # the pass's own explanation of what it could not find
+            raise e.cause from None
+        raise GraphcacheError(f"cannot find the blocks of {type(model).__name__}: {e}") from e
     return gm

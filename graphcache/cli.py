@@ -18,10 +18,11 @@ import traceback
 import zlib
 from pathlib import Path
 
-from .errors import GraphcacheError
+from .errors import GraphcacheError, exception_line, one_line
 from .exporters import BACKENDS
 from .io import atomic_write
 from .models.builtin import DEFAULT_MODEL, available
+from .schedule import run_lengths
 
 EXIT_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE
@@ -49,10 +50,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -101,19 +98,9 @@ def _format_options(options: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in options.items()) or "(no options)"
 
 
-def _runs(items) -> list[tuple[object, int]]:
-    out: list[list] = []
-    for item in items:
-        if out and out[-1][0] == item:
-            out[-1][1] += 1
-        else:
-            out.append([item, 1])
-    return [(a, n) for a, n in out]
-
-
 def _rle(items, *, ones: bool = True) -> str:
     """Run-length summary: full×1 reuse×27 (ones=False writes a run of one as just the value)."""
-    return " ".join(f"{'-' if a is None else a}" + (f"×{n}" if ones or n > 1 else "") for a, n in _runs(items))
+    return " ".join(f"{'-' if a is None else a}" + (f"×{n}" if ones or n > 1 else "") for a, n in run_lengths(items))
 
 
 def _ranges(indices) -> str:
@@ -371,7 +358,7 @@ def _load_noise(path: Path):
     try:
         noise = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise GraphcacheError(f"{path}: not a readable tensor file: {_one_line(e)[:160]}") from e
+        raise GraphcacheError(f"{path}: not a readable tensor file: {exception_line(e)}") from e
     if not isinstance(noise, torch.Tensor):
         raise GraphcacheError(f"{path}: expected one tensor (n, C, H, W), found a {type(noise).__name__}")
     if not noise.dtype.is_floating_point:
@@ -405,7 +392,7 @@ def cmd_schedule(args) -> int:
         _print_json(obj)
         return 0
     variants = schedule.variants()
-    counts = _runs(sorted(_rle(p.kinds) for p in schedule.steps))
+    counts = run_lengths(sorted(_rle(p.kinds) for p in schedule.steps))
     print(f"{method.name} {_format_options(schedule.options)}: {schedule.num_steps} steps, depth {depth}, "
           f"{tokens} tokens, {len(variants)} variant{'s' * (len(variants) != 1)}")
     print("  " + "; ".join(f"{kinds}: {n} step{'s' * (n != 1)}" for kinds, n in counts))
@@ -475,11 +462,19 @@ def cmd_inspect(args) -> int:
         if not v["passes"]:
             print("    (no passes: the captured graph as it is)")
         for p in v["passes"]:
-            counters = ", ".join(f"{k}={n}" for k, n in p["counters"].items() if n) or "no change"
-            print(f"    {p['pass']}: {counters}")
-            for d in p["declined"]:
-                print(f"      declined {d}")
+            _print_pass(p, "    ")
+        if v["runner_passes"]:
+            print(f"    {info['backend']} runner:")
+            for p in v["runner_passes"]:
+                _print_pass(p, "      ")
     return 0
+
+
+def _print_pass(record: dict, indent: str) -> None:
+    counters = ", ".join(f"{k}={n}" for k, n in record["counters"].items() if n) or "no change"
+    print(f"{indent}{record['pass']}: {counters}")
+    for d in record["declined"]:
+        print(f"{indent}  declined {d}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,7 +725,7 @@ def cmd_bench(args) -> int:
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    print(f"{PROG}: error: {one_line(message)}", file=sys.stderr)
     return EXIT_ERROR
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import GraphcacheError
+from .errors import GraphcacheError, exception_line
 from .models.dit import DIT_CONFIGS, DiT, DiTConfig
 
 __all__ = ["load_model", "save_model", "load_state_dict_file"]
@@ -43,17 +43,6 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
 # Published head counts by hidden size (DiT-S/B/L/XL).
 _PUBLISHED_HEADS = {c["hidden_size"]: c["num_heads"] for c in DIT_CONFIGS.values()}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    # torch's weights-only failure wraps the real reason in advice that does not apply here.
-    text = text.split("WeightsUnpickler error:", 1)[-1].strip()
-    text = re.split(r"\n\s*\n", text, maxsplit=1)[0]  # first paragraph
-    text = " ".join(text.split()).split(". ", 1)[0]  # first sentence, one line
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -83,7 +72,7 @@ def _read(path: Path, allow_pickle: bool, map_location) -> tuple[object, dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, metadata
         except Exception as e:
             raise GraphcacheError(
-                f"{path}: not a readable safetensors file (corrupt or truncated?): {_one_line(e)}"
+                f"{path}: not a readable safetensors file (corrupt or truncated?): {exception_line(e)}"
             ) from e
 
     try:
@@ -99,7 +88,7 @@ def _read(path: Path, allow_pickle: bool, map_location) -> tuple[object, dict]:
                 "(CLI: --allow-pickle) only if you trust its source"
             ) from e
         raise GraphcacheError(
-            f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {_one_line(e)}"
+            f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {exception_line(e)}"
         ) from e
 
 
@@ -216,7 +205,7 @@ def _infer_config(sd: dict, path: Path, base: dict | None, num_heads, overrides:
     try:
         return DiTConfig(**cfg)
     except TypeError as e:
-        raise GraphcacheError(f"{path}: invalid DiT config: {_one_line(e)}") from e
+        raise GraphcacheError(f"{path}: invalid DiT config: {exception_line(e)}") from e
 
 
 def _check_keys(model: DiT, sd: dict, path: Path, config: DiTConfig) -> None:
@@ -259,7 +248,7 @@ def load_model(path, *, num_heads=None, allow_pickle=False, map_location="cpu", 
             if not isinstance(base, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
-            raise GraphcacheError(f"{path}: invalid {CONFIG_METADATA_KEY} metadata: {_one_line(e)}") from e
+            raise GraphcacheError(f"{path}: invalid {CONFIG_METADATA_KEY} metadata: {exception_line(e)}") from e
     config = _infer_config(sd, path, base, num_heads, config_overrides)
 
     try:
@@ -274,7 +263,7 @@ def load_model(path, *, num_heads=None, allow_pickle=False, map_location="cpu", 
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise GraphcacheError(f"{path}: cannot load weights: {_one_line(e)}") from e
+        raise GraphcacheError(f"{path}: cannot load weights: {exception_line(e)}") from e
     return model.eval()
 
 

@@ -107,6 +107,18 @@ def tag(node: fx.Node, **info) -> None:
     node.meta.setdefault(META_KEY, []).append(info)
 
 
+def upstream(nodes) -> set[fx.Node]:
+    """`nodes` (one node or several) and every node they depend on, transitively."""
+    seen: set[fx.Node] = set()
+    todo = [nodes] if isinstance(nodes, fx.Node) else list(nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
 def to_digraph(graph: fx.Graph) -> nx.DiGraph:
     g = nx.DiGraph()
     for node in graph.nodes:

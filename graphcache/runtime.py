@@ -7,15 +7,14 @@ plan's per-step inputs (token counts, forecast distances) and, on the eager and 
 the values its conditioning graph computed from (t, y) (passes/hoist_conditioning.py): for every
 step at once when `graphcache.sample` announced the run's inputs, else step by step.
 
-`backend` picks what runs a variant: "eager" calls a copy of the GraphModule with each cache op
-replaced by its kernel (`eager_runner`); "compile" calls its `torch.compile`d forward
-(graphcache/exporters/compile.py); "aoti", "onnx" and "tensorrt" run files exported from its
-functional form (graphcache/exporters/export.py). Each installs `runners`.
+`backend` picks what runs a variant (graphcache/exporters/base.py): "eager" calls a copy of the
+GraphModule rewritten for eager speed (exporters/eager.py); "compile" calls its `torch.compile`d
+forward (exporters/compile.py); "aoti", "onnx" and "tensorrt" run files exported from its
+functional form (exporters/export.py). The backend returns the runners; the model keeps them.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
@@ -26,23 +25,19 @@ from . import ir
 from .cache import CACHE_ATTR, CacheState, declared_slots
 from .capture import capture, propagate_shapes
 from .errors import GraphcacheError
+from .exporters import get_backend
 from .methods import get_method
-from .ops import EAGER_KERNELS
 from .passes.contiguous_stream import MakeStreamContiguousPass
-from .passes.few_token_linears import TransposeFewTokenLinearsPass
 from .passes.hoist_conditioning import CONDITIONING_KEY, HoistConditioningPass, conditioning_inputs
 from .passes.manager import PassManager, PassPipelineError, PassRecord
 from .passes.prune_modulation import PruneModulationPass
-from .passes.reuse_temporaries import ReuseDeadTemporariesPass
-from .passes.taylor import UpdateTaylorFactorsInPlacePass
-from .schedule import StepPlan, step_inputs
+from .schedule import StepPlan, run_lengths, step_inputs
+from .stepping import MODEL_ATTRS, SteppedModel
 
 # Most memory one window of precomputed conditioning may take: DiT-XL/2's modulation is ~0.8 MB per
 # batch row and step, so a 50-step run at batch 2 is one window, while a large batch over 250
 # steps is split into windows (each still reads the adaLN weights once for all its steps)
 TABLE_BUDGET_BYTES = 256 * 2**20
-
-MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
 
 
 def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
@@ -56,94 +51,10 @@ def new_variant(captured: fx.GraphModule, cache: CacheState) -> fx.GraphModule:
     return gm
 
 
-def with_cache_kernels(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `gm` over `gm` itself, each cache op replaced by its kernel (`ops.EAGER_KERNELS`)."""
-    graph = copy.deepcopy(gm.graph)  # new nodes (their meta shared, not copied) and the same codegen
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in EAGER_KERNELS:
-            node.target = EAGER_KERNELS[node.target]
-    return fx.GraphModule(gm, graph)
-
-
-def eager_runner(gm: fx.GraphModule) -> fx.GraphModule:
-    """`gm` for eager runs: the same graph over the same modules, with each cache op replaced by
-    its kernel (`ops.EAGER_KERNELS`), elementwise ops computed into their dead operands
-    (`ReuseDeadTemporariesPass`), Taylor factors refreshed in place (`UpdateTaylorFactorsInPlacePass`)
-    and the selected tokens' linears as W·xᵀ (`TransposeFewTokenLinearsPass`). Safe because no
-    dead-code elimination runs on this copy: none will drop a kernel call whose result nobody reads."""
-    runner = with_cache_kernels(gm)
-    UpdateTaylorFactorsInPlacePass()(runner)
-    ReuseDeadTemporariesPass()(runner)
-    TransposeFewTokenLinearsPass()(runner)
-    # GraphModule copies only what the graph names, under new parent modules; share the variant's
-    # own children instead, so slots the cache (re-)allocates later are the ones the runner reads
-    for name, child in gm.named_children():
-        setattr(runner, name, child)
-    return runner
-
-
 def extra_inputs(gm: fx.GraphModule, inputs: dict) -> dict:
     """The subset of a plan's per-step inputs that this variant has placeholders for."""
     names = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
     return {k: v for k, v in inputs.items() if k in names}
-
-
-class SteppedModel(nn.Module):
-    """The sampling-loop side shared by CachedModel and exported artifacts (exporters/export.py):
-    a step counter, the cache for the current input signature, one runner per step.
-
-    Subclasses set `schedule`, `cache`, `step_kwargs` (each step's extra inputs) and implement
-    `_allocate(args, signature)` and `runner(index)`; they may override `conditioning_inputs`."""
-
-    announced: list[tuple] | None = None
-
-    @property
-    def num_steps(self) -> int:
-        return self.schedule.num_steps
-
-    def start_sampling(self, num_steps: int) -> None:
-        """Called by graphcache.sample before a run: checks the step count and resets the state."""
-        if num_steps != self.num_steps:
-            raise GraphcacheError(
-                f"this model was optimized for {self.num_steps} sampling steps, not {num_steps}: "
-                f"optimize it again with num_steps={num_steps}"
-            )
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new sampling run: step 0 next, cache contents cleared, nothing announced."""
-        self.step_index = 0
-        self.announced = None
-        for buf in self.cache.buffers():
-            buf.zero_()
-
-    def announce_inputs(self, step_args) -> None:
-        """Called by graphcache.sample after `start_sampling`: every step's inputs after the
-        latents (t, y), the very tensors the steps will pass, unchanged. A step that passes exactly
-        these objects may use values precomputed from them; any other input is computed as it comes."""
-        if len(step_args) != self.num_steps:
-            raise GraphcacheError(f"announced {len(step_args)} steps' inputs for a {self.num_steps}-step run")
-        self.announced = [tuple(a) for a in step_args]
-
-    def conditioning_inputs(self, index: int, args) -> dict:
-        """Extra graph inputs computed from the conditioning (none unless a subclass hoists it)."""
-        return {}
-
-    def forward(self, *args):
-        signature = tuple((tuple(a.shape), a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor))
-        if signature != self.cache.signature:
-            if self.step_index != 0:
-                warnings.warn(
-                    "input shapes changed in the middle of a sampling run: the cache was dropped "
-                    "and the schedule restarts at its first (full) step",
-                    stacklevel=2,
-                )
-                self.step_index = 0
-            self._allocate(args, signature)
-        index = self.step_index
-        out = self.runner(index)(*args, **self.step_kwargs[index], **self.conditioning_inputs(index, args))
-        self.step_index = (index + 1) % self.num_steps
-        return out
 
 
 class CachedModel(SteppedModel):
@@ -153,20 +64,14 @@ class CachedModel(SteppedModel):
                  dump_dir=None, dump=(), backend: str = "eager", compile_options: dict | None = None,
                  hoist_conditioning: bool = True, **options):
         super().__init__()
-        from .exporters import BACKENDS
-
-        if backend not in BACKENDS:
-            raise GraphcacheError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-        if compile_options and backend != "compile":
-            raise GraphcacheError(f"compile_options need backend='compile' (backend is {backend!r})")
+        runs = get_backend(backend, compile_options)
         self.model = model.eval()
         self.method = get_method(method)
         self.captured = capture(model, inputs)
         self.structure = ir.structure_of(self.captured)
         self.schedule = self.method.schedule(num_steps, self.structure.depth, options, self.structure.num_tokens)
         self.options = self.schedule.options
-        # The ahead-of-time backends export each variant alone, so they keep the conditioning in it
-        self.hoists_conditioning = hoist_conditioning and backend in ("eager", "compile")
+        self.hoists_conditioning = hoist_conditioning and runs.hoists_conditioning
         self.condition_inputs = conditioning_inputs(self.captured) if self.hoists_conditioning else {}
         self.cache = CacheState()
         self.variants: dict[tuple, fx.GraphModule] = {}
@@ -179,23 +84,11 @@ class CachedModel(SteppedModel):
         self.condition_table: dict[int, dict] = {}  # step -> its hoisted values, for the current window
         self.conditioning_is_rowwise: bool | None = None  # checked once, on the first window
         self.backend = backend
-        self.compile_options: dict | None = None
-        self.runners: dict[tuple, object] = {}  # variant key -> callable replacing the GraphModule
-        if backend == "eager":
-            self.runners = {key: eager_runner(gm) for key, gm in self.variants.items()}
-        elif backend == "compile":
-            from .exporters.compile import compile_variants
-
-            compile_variants(self, compile_options)
-        else:
-            import tempfile
-            from pathlib import Path
-
-            from .exporters.export import install_runners
-
-            # the exported files live as long as this object (an artifact copies them)
-            self.files = tempfile.TemporaryDirectory(prefix="graphcache-")
-            install_runners(self, backend, Path(self.files.name))
+        built = runs.build(self)
+        self.runners = built.by_variant  # variant key -> callable replacing the GraphModule
+        self.runner_records = built.records
+        self.exported, self.files, self.weights = built.exported, built.files, built.weights
+        self.compile_options = built.compile_options
         # Each step's extra graph inputs, resolved once: the sampling loop only indexes this list.
         self.step_kwargs = [extra_inputs(self.variants[p.variant], step_inputs(p)) for p in self.schedule.steps]
         self.step_index = 0
@@ -205,7 +98,7 @@ class CachedModel(SteppedModel):
 
     def _build(self, plan: StepPlan, dump_dir, dump) -> None:
         gm = new_variant(self.captured, self.cache)
-        label = "_".join(f"{k}{n}" for k, n in _runs(plan.kinds))
+        label = "_".join(f"{k}{n}" for k, n in run_lengths(plan.kinds))
         # Every variant ends with the generic clean-up: modulation nobody reads is not computed, and
         # the stream is row-major from the first block on (last: method passes rely on the structure).
         hoist = [HoistConditioningPass(self.condition_inputs)] if self.hoists_conditioning else []
@@ -311,44 +204,32 @@ class CachedModel(SteppedModel):
         return self.runners.get(plan.variant, self.variants[plan.variant])
 
     def describe(self) -> dict:
-        """What capture found and, per variant, what each pass did (for `graphcache inspect`)."""
+        """What capture found and, per variant, what each pass did (for `graphcache inspect`):
+        the method's passes on the variant, and the backend's on its runner (eager)."""
         variants = []
-        for plan in self.schedule.steps:
-            if plan.variant in [v["key"] for v in variants]:
-                continue
-            steps = [p.index for p in self.schedule.steps if p.variant == plan.variant]
+        for key in self.schedule.variants():
+            plan = self.schedule.steps_of(key)[0]
             variants.append({
-                "key": plan.variant,
-                "kinds": ", ".join(f"{k}×{n}" for k, n in _runs(plan.kinds)),
-                "steps": steps,
-                "nodes": len(self.variants[plan.variant].graph.nodes),
-                "passes": [
-                    {"pass": r.name, "counters": r.counters,
-                     "declined": [f"{d.target}: {d.reason}" for d in r.declined]}
-                    for r in self.records[plan.variant]
-                ],
+                "kinds": ", ".join(f"{k}×{n}" for k, n in run_lengths(plan.kinds)),
+                "steps": [p.index for p in self.schedule.steps_of(key)],
+                "nodes": len(self.variants[key].graph.nodes),
+                "passes": _records_json(self.records[key]),
+                "runner_passes": _records_json(self.runner_records.get(key, [])),
             })
-        for v in variants:
-            del v["key"]
         return {
             "method": self.method.name,
             "options": self.options,
             "num_steps": self.num_steps,
+            "backend": self.backend,
             "captured_nodes": len(self.captured.graph.nodes),
             "blocks": self.structure.describe(),
             "variants": variants,
         }
 
 
-def _runs(kinds):
-    """Run-length encoding of per-block kinds: ("full", 1), ("partial", 27)."""
-    out = []
-    for k in kinds:
-        if out and out[-1][0] == k:
-            out[-1][1] += 1
-        else:
-            out.append([k, 1])
-    return [tuple(r) for r in out]
+def _records_json(records: list[PassRecord]) -> list[dict]:
+    return [{"pass": r.name, "counters": r.counters, "declined": [f"{d.target}: {d.reason}" for d in r.declined]}
+            for r in records]
 
 
 def optimize(model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None, *, backend: str = "eager",

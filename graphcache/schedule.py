@@ -20,13 +20,15 @@ class StepPlan:
     step: int  # the official "current step": num_steps-1 first, counting DOWN to 0
     kinds: tuple[str, ...]  # one per block
     tokens: tuple[int | None, ...] | None = None  # fresh-token count per block (partial blocks)
-    extra: tuple = ()  # method-specific parts of the variant key (hashable)
+    # ClusCa: K-means starts from fresh random centres at this full step (its first), not from the
+    # last full step's: the one graph choice the block kinds do not show
+    init_clusters: bool = False
     inputs: dict = field(default_factory=dict, compare=False)  # per-step scalars the graph reads
 
     @property
     def variant(self) -> tuple:
         """Steps with equal keys run the same graph; token counts and scalars are its inputs."""
-        return (self.kinds, self.extra)
+        return (self.kinds, self.init_clusters)
 
     def to_json(self) -> dict:
         d = {"index": self.index, "step": self.step, "kinds": list(self.kinds)}
@@ -56,6 +58,10 @@ class Schedule:
 
     def variants(self) -> list[tuple]:
         return list(dict.fromkeys(p.variant for p in self.steps))
+
+    def steps_of(self, variant: tuple) -> list[StepPlan]:
+        """The plans of the steps that run `variant`, in sampling order."""
+        return [p for p in self.steps if p.variant == variant]
 
     def to_json(self) -> dict:
         return {
@@ -88,6 +94,17 @@ def step_inputs(plan: StepPlan) -> dict:
         if k is not None:
             inputs[tokens_input(block)] = k
     return inputs
+
+
+def run_lengths(items) -> list[tuple[object, int]]:
+    """Run-length encoding: ("full", "partial", "partial") -> [("full", 1), ("partial", 2)]."""
+    out: list[list] = []
+    for item in items:
+        if out and out[-1][0] == item:
+            out[-1][1] += 1
+        else:
+            out.append([item, 1])
+    return [(a, n) for a, n in out]
 
 
 def descending(num_steps: int):

@@ -55,6 +55,7 @@ import torch.fx as fx
 
 from ..errors import GraphcacheError
 from ..schedule import is_token_input, step_inputs
+from .base import Runners
 from .functional import ScalarTensors
 
 DEFAULT_COMPILER = "inductor"
@@ -71,9 +72,7 @@ def per_step_inputs(cached, key: tuple) -> dict[str, type]:
     gm = cached.variants[key]
     placeholders = {n.target for n in gm.graph.nodes if n.op == "placeholder"}
     found: dict[str, type] = {}
-    for plan in cached.schedule.steps:
-        if plan.variant != key:
-            continue
+    for plan in cached.schedule.steps_of(key):
         for name, value in step_inputs(plan).items():
             if name in placeholders:
                 found.setdefault(name, type(value))
@@ -160,18 +159,20 @@ def portable_options(options: dict | None) -> dict[str, Any]:
         raise GraphcacheError(f"compile options {options!r} are not JSON values: {e}") from e
 
 
-def compile_variants(cached, compile_options_: dict | None = None) -> dict[tuple, CompiledVariant]:
-    """Wrap every variant of `cached` with torch.compile (lazily: compilation happens on a
-    variant's first call) and install them as `cached.runners`. Returns the runners."""
-    options = compile_options(compile_options_)
-    kwargs = compile_kwargs(options)
-    runners = {}
-    for key, gm in cached.variants.items():
-        fn = torch.compile(gm.forward, **kwargs)
-        runners[key] = CompiledVariant(gm, fn, per_step_inputs(cached, key))
-    cached.runners = runners
-    cached.compile_options = options
-    return runners
+class CompileBackend:
+    """Every variant under torch.compile (lazily: a variant compiles on its first call)."""
+
+    name = "compile"
+    hoists_conditioning = True
+
+    def __init__(self, options: dict | None = None):
+        self.options = compile_options(options)  # validated before anything is built
+        self.kwargs = compile_kwargs(self.options)
+
+    def build(self, cached) -> Runners:
+        runners = {key: CompiledVariant(gm, torch.compile(gm.forward, **self.kwargs), per_step_inputs(cached, key))
+                   for key, gm in cached.variants.items()}
+        return Runners(runners, compile_options=self.options)
 
 
 __all__ = [
@@ -179,7 +180,7 @@ __all__ = [
     "CompiledVariant",
     "compile_kwargs",
     "compile_options",
-    "compile_variants",
+    "CompileBackend",
     "per_step_inputs",
     "portable_options",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +35,12 @@ from ..capture import example_inputs, propagate_shapes
 from ..errors import GraphcacheError
 from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize
 from ..schedule import is_token_input, step_inputs
-from ..runtime import MODEL_ATTRS, SteppedModel
+from .base import Runners
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
 AHEAD_OF_TIME = ("aoti", "onnx", "tensorrt")
 WEIGHTS_FILE = "weights.safetensors"  # shared by the variants
 EXAMPLE_BATCH = 4
-# Smallest batch an artifact accepts: one image with guidance. Size-oblivious export reports
-# ranges from 0, but the graphs branch on batch parity (ToCa's shared CFG draw) and were traced
-# with an even batch, so an odd batch of 1 is refused rather than trusted.
-MIN_BATCH = 2
 
 
 def backend_module(backend: str):
@@ -55,9 +52,7 @@ def backend_module(backend: str):
 def token_ranges(schedule, key) -> dict[str, list[int]]:
     """{token input: [min k, max k]} over the steps that run variant `key`."""
     ranges: dict[str, list[int]] = {}
-    for plan in schedule.steps:
-        if plan.variant != key:
-            continue
+    for plan in schedule.steps_of(key):
         for name, k in step_inputs(plan).items():
             if is_token_input(name):
                 lo, hi = ranges.get(name, [k, k])
@@ -67,7 +62,7 @@ def token_ranges(schedule, key) -> dict[str, list[int]]:
 
 def first_scalars(schedule, key) -> dict:
     """The per-step scalars (not token counts) of the first step that runs variant `key`."""
-    plan = next(p for p in schedule.steps if p.variant == key)
+    plan = schedule.steps_of(key)[0]
     return {n: v for n, v in step_inputs(plan).items() if not is_token_input(n)}
 
 
@@ -194,93 +189,6 @@ def shared_weights(variants: list[ExportedVariant]) -> dict[str, torch.Tensor]:
     return weights
 
 
-def install_runners(cached, backend: str, directory: Path) -> None:
-    """Build the files and make `cached` run them: one FunctionalRunner per variant key."""
-    module = backend_module(backend)
-    variants, cached.weights = build_files(cached, backend, directory)
-    device = next(cached.model.parameters()).device
-    keys = cached.schedule.variants()
-    cached.exported = variants
-    cached.runners = {
-        keys[v.index]: FunctionalRunner(v.sig, module.Runner(directory / variant_files(v.index, module.SUFFIX)["main"],
-                                                             v.sig, device, cached.weights),
-                                        cached.cache, cached.structure.input_names)
-        for v in variants
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Artifacts: the exported files, and a model that runs them without the model's Python code
-# --------------------------------------------------------------------------------------------
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise GraphcacheError(f"unknown dtype {name!r} in the artifact manifest")
-    return dtype
-
-
-def _batch_range(program: torch.export.ExportedProgram) -> list[int | None]:
-    """[min, max] batch the program accepts: the intersection of dim 0's range over its
-    batch-major inputs (every tensor input but the token counts) and [MIN_BATCH, ∞); max None
-    when unbounded."""
-    from torch.utils._sympy.numbers import int_oo
-
-    users = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
-    low, high = MIN_BATCH, None
-    for node in program.graph.nodes:
-        if node.op != "placeholder" or node.name not in users or is_token_input(node.name):
-            continue
-        shape = node.meta["val"].shape
-        if not shape:
-            continue
-        if isinstance(shape[0], int):
-            lo = hi = shape[0]
-        else:
-            r = program.range_constraints[shape[0].node.expr]
-            lo, hi = int(r.lower), None if r.upper == int_oo else int(r.upper)
-        low = max(low, lo)
-        high = hi if high is None else (high if hi is None else min(high, hi))
-    return [low, high]
-
-
-def manifest_entries(cached, backend: str) -> dict:
-    """What an artifact of `cached` (built with an ahead-of-time backend) records for its loader."""
-    module = backend_module(backend)
-    keys = cached.schedule.variants()
-    param = next(cached.model.parameters())
-    ranges = [_batch_range(v.main) for v in cached.exported]  # the artifact runs the batches all accept
-    highs = [high for _, high in ranges if high is not None]
-    batch = [max(low for low, _ in ranges), min(highs) if highs else None]
-    variants = []
-    for v in cached.exported:
-        files = variant_files(v.index, module.SUFFIX)
-        variants.append({
-            "files": {k: f for k, f in files.items() if k == "main" or getattr(v, k) is not None},
-            "signature": v.sig.names(),
-            "token_ranges": v.token_ranges,
-        })
-    args = example_inputs(cached.model, batch=1)
-    return {
-        "device": param.device.type,
-        "inputs": {name: {"shape": list(a.shape[1:]), "dtype": _dtype_name(a.dtype)}
-                   for name, a in zip(cached.structure.input_names, args)},
-        "batch": batch,
-        "slots": {name: {"shape": list(shape[1:]), "dtype": _dtype_name(dtype)}
-                  for name, (shape, dtype) in cached.slot_specs().items()},
-        "attributes": {a: getattr(cached.model, a) for a in MODEL_ATTRS if hasattr(cached.model, a)},
-        "variants": variants,
-        "steps": [{"variant": keys.index(p.variant), "inputs": kwargs}
-                  for p, kwargs in zip(cached.schedule.steps, cached.step_kwargs)],
-        "weights": WEIGHTS_FILE,
-        "backend_versions": module.versions(),
-    }
-
-
 def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors refuses tensors that share memory: a name whose storage was already written
     (a tied or viewed weight) is saved as a copy."""
@@ -295,123 +203,32 @@ def _save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def copy_files(cached, backend: str, dest: Path) -> None:
-    import shutil
+class AheadOfTimeBackend:
+    """Export every variant with one of the ahead-of-time formats (`aoti`, `onnx`, `tensorrt`) into
+    a temporary directory that lives as long as the model (an artifact copies the files), and run
+    the files."""
 
-    module = backend_module(backend)
-    for v in cached.exported:
-        for name in variant_files(v.index, module.SUFFIX).values():
-            src = Path(cached.files.name) / name
-            if src.exists():
-                shutil.copy2(src, dest / name)
-            for extra in Path(cached.files.name).glob(name + ".*"):  # a TensorRT engine beside its ONNX file
-                shutil.copy2(extra, dest / extra.name)
-    shutil.copy2(Path(cached.files.name) / WEIGHTS_FILE, dest / WEIGHTS_FILE)
+    hoists_conditioning = False  # each variant is exported alone, so it keeps its conditioning
 
+    def __init__(self, name: str):
+        self.name = name
+        self.module = backend_module(name)
 
-def _release(version: str) -> str:
-    return version.split("+")[0]
-
-
-def check_compatible(manifest: dict, path, device) -> None:
-    """Refuse, with the reason, an artifact this process cannot run as built."""
-    backend = manifest["backend"]
-    built = manifest.get("versions", {}).get("torch", "?")
-    if _release(built) != _release(torch.__version__):
-        raise GraphcacheError(
-            f"{path}: built with torch {built}, this is torch {torch.__version__}: {backend} artifacts run only "
-            "on the torch release that built them (re-create it with `graphcache optimize`)")
-    made_for = manifest.get("device", "cpu")
-    if device.type != made_for:
-        raise GraphcacheError(f"{path}: built for {made_for}, asked to run on {device.type} "
-                              f"(re-create it on {device.type} with `graphcache optimize`)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GraphcacheError(f"{path}: built for cuda, and this machine has no usable GPU")
+    def build(self, cached) -> Runners:
+        files = tempfile.TemporaryDirectory(prefix="graphcache-")
+        directory = Path(files.name)
+        variants, weights = build_files(cached, self.name, directory)
+        device = next(cached.model.parameters()).device
+        keys = cached.schedule.variants()
+        runners = {
+            keys[v.index]: FunctionalRunner(
+                v.sig, self.module.Runner(directory / variant_files(v.index, self.module.SUFFIX)["main"], v.sig,
+                                          device, weights),
+                cached.cache, cached.structure.input_names)
+            for v in variants
+        }
+        return Runners(runners, exported=variants, files=files, weights=weights)
 
 
-class ExportedModel(SteppedModel):
-    """An artifact of an ahead-of-time backend, loaded: runs the exported files step by step."""
-
-    def __init__(self, path: Path, manifest: dict, device=None):
-        super().__init__()
-        from ..cache import CacheState
-        from ..methods import get_method
-
-        device = torch.device(device or manifest.get("device", "cpu"))
-        check_compatible(manifest, path, device)
-        module = backend_module(manifest["backend"])
-        self.path, self.manifest, self.device = Path(path), manifest, device
-        self.backend = manifest["backend"]
-        self.method = get_method(manifest["method"])
-        self.options = manifest["options"]
-        self.schedule = schedule_from_json(manifest["schedule"])
-        for name, value in manifest["attributes"].items():
-            setattr(self, name, value)
-        self.inputs = manifest["inputs"]
-        self.arg_names = list(self.inputs)
-        self.cache = CacheState()
-        self.weights = None  # the runners use these tensors in place: they live as long as this model
-        if manifest.get("weights"):
-            weights = self.path / manifest["weights"]
-            if not weights.is_file():
-                raise GraphcacheError(f"{path}: the artifact has no {weights.name} (incomplete or damaged)")
-            if module.WEIGHTS_IN_MEMORY:  # otherwise the variants' files reference the file themselves
-                from safetensors.torch import load_file
-
-                try:
-                    self.weights = load_file(str(weights), device=str(device))
-                except Exception as e:
-                    raise GraphcacheError(f"{path}: cannot read {weights.name}: {e}") from e
-        self.runners_by_variant = []
-        for v in manifest["variants"]:
-            sig = Signature.from_names(v["signature"])
-            files = {k: self.path / f for k, f in v["files"].items()}
-            for f in files.values():
-                if not f.is_file():
-                    raise GraphcacheError(f"{path}: the artifact has no {f.name} (incomplete or damaged)")
-            main = module.Runner(files["main"], sig, device, self.weights)
-            with quiet_torch():
-                parts = {k: torch.export.load(files[k]).module() for k in ("prologue", "epilogue") if k in files}
-            self.runners_by_variant.append(FunctionalRunner(sig, main, self.cache, self.arg_names, **parts))
-        self.step_variants = [s["variant"] for s in manifest["steps"]]
-        self.step_kwargs = [s["inputs"] for s in manifest["steps"]]
-        self.step_index = 0
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return _dtype(self.inputs[self.arg_names[0]]["dtype"])
-
-    def runner(self, index: int):
-        return self.runners_by_variant[self.step_variants[index]]
-
-    def _allocate(self, args, signature) -> None:
-        if len(args) != len(self.arg_names):
-            raise GraphcacheError(f"expected {len(self.arg_names)} inputs ({', '.join(self.arg_names)}), got {len(args)}")
-        batch = args[0].shape[0]
-        low, high = self.manifest["batch"]
-        for name, a in zip(self.arg_names, args):
-            want = self.inputs[name]
-            if list(a.shape[1:]) != want["shape"] or a.shape[0] != batch or _dtype_name(a.dtype) != want["dtype"]:
-                raise GraphcacheError(
-                    f"{self.path}: input {name} is {tuple(a.shape)} {_dtype_name(a.dtype)}; the artifact was built "
-                    f"for (batch, {', '.join(map(str, want['shape']))}) {want['dtype']}")
-            if a.device.type != self.device.type:
-                raise GraphcacheError(f"{self.path}: input {name} is on {a.device}, the artifact runs on {self.device}")
-        if batch < low or (high is not None and batch > high):
-            raise GraphcacheError(f"{self.path}: batch {batch} is outside the artifact's batch range "
-                                  f"[{low}, {high if high is not None else '∞'}] (with guidance the batch is 2 × images)")
-        specs = {name: ((batch, *s["shape"]), _dtype(s["dtype"])) for name, s in self.manifest["slots"].items()}
-        self.cache.allocate(specs, self.device, signature)
-
-
-def schedule_from_json(data: dict):
-    from ..schedule import Schedule, StepPlan
-
-    steps = [StepPlan(s["index"], s["step"], tuple(s["kinds"]),
-                      tuple(s["tokens"]) if s.get("tokens") is not None else None) for s in data["steps"]]
-    return Schedule(data["method"], data["options"], data["num_steps"], data["depth"], steps)
-
-
-__all__ = ["AHEAD_OF_TIME", "WEIGHTS_FILE", "ExportedModel", "ExportedVariant", "backend_module", "build_files",
-           "check_compatible", "copy_files", "export_variants", "install_runners", "manifest_entries",
-           "schedule_from_json", "shared_weights", "token_ranges", "variant_files"]
+__all__ = ["AHEAD_OF_TIME", "WEIGHTS_FILE", "AheadOfTimeBackend", "ExportedVariant", "backend_module", "build_files",
+           "export_variants", "quiet_torch", "shared_weights", "token_ranges", "variant_files"]

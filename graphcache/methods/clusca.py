@@ -21,6 +21,7 @@ from ..passes.cluster import ClusterPropagationMerger, ClusterRepresentativeSele
 from ..passes.taylor import ReplaceWithTaylorForecastPass
 from ..passes.token_select import InsertTokenSelectPass
 from . import taylorseer
+from ..schedule import FULL
 from .base import Method, Option
 
 
@@ -37,9 +38,8 @@ def passes(plan, options):
     blocks = list(range(len(plan.kinds)))
     if k == 0:  # TaylorSeer
         return taylorseer.passes(plan, options)
-    if plan.extra[0] == "full":
-        first = plan.extra[1]
-        return [*taylorseer.passes(plan, options), InsertClusterPass(k, init=first)]
+    if plan.kinds[0] == FULL:
+        return [*taylorseer.passes(plan, options), InsertClusterPass(k, init=plan.init_clusters)]
     return [
         ReplaceWithTaylorForecastPass(blocks, order=order, kinds={ir.ATTENTION, ir.CROSS_ATTENTION}),
         InsertTokenSelectPass(

@@ -1,9 +1,11 @@
-"""DuCa (Zou et al., 2024): dual caching. After each full step the official DiT code alternates
-aggressive steps (every block skipped: the previous step's final hidden state is reused and only
-the final layer runs with the new timestep) and conservative ToCa steps (METHODS.md §4.2).
+"""DuCa (Zou et al., 2024, arXiv 2412.18911): dual caching. After each full step the official DiT
+code (DuCa-DiT, cache_functions/cal_type.py) alternates aggressive steps (every block skipped: the
+previous step's final hidden state is reused and only the final layer runs with the new timestep)
+and conservative ToCa steps.
 V-caching is `score=kv-norm`; DuCa v2's random selection is `score=random`.
 """
 
+from ..passes.cache_passes import EliminateDeadBranchesPass
 from ..passes.skip_blocks import InsertFinalStreamWritePass, SkipBlocksPass
 from ..schedule import SKIP
 from .base import Method
@@ -12,9 +14,13 @@ from .toca import options, token_wise_passes
 
 
 def passes(plan, options):
+    """ToCa's passes with the aggressive steps' two: skip the blocks, and write the final stream
+    for the next aggressive step to reuse, before ToCa's clean-up (which would otherwise drop the
+    blocks whose output only that write reads)."""
     skip = [b for b, k in enumerate(plan.kinds) if k == SKIP]
-    return [SkipBlocksPass(skip), *token_wise_passes(plan, options)[:-1], InsertFinalStreamWritePass(),
-            *token_wise_passes(plan, options)[-1:]]
+    toca = token_wise_passes(plan, options)
+    cleanup = next(i for i, p in enumerate(toca) if isinstance(p, EliminateDeadBranchesPass))
+    return [SkipBlocksPass(skip), *toca[:cleanup], InsertFinalStreamWritePass(), *toca[cleanup:]]
 
 
 METHOD = Method(

@@ -23,8 +23,8 @@ FIRST_ENHANCE = 2
 
 def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, clustering=False):
     """The §6.2 schedule. Non-full steps are FORECAST, or PARTIAL with `partial_tokens` fresh MLP
-    tokens per block when given (ClusCa). `extra` holds what changes the graph: ("full",), or
-    ("full", first) when `clustering` (`first`: the K-means initialisation step), or (kind,)."""
+    tokens per block when given (ClusCa). With `clustering`, the first full step initialises K-means
+    (`init_clusters`)."""
     plans = []
     cache_counter = 0
     activated_steps = [49]  # hard-coded in the official cache init
@@ -37,16 +37,16 @@ def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, cluster
             old = 0 if s == num_steps - 1 else factors  # taylor_cache_init at the first step
             m = min(old, order) if s < num_steps - FIRST_ENHANCE + 1 else 0
             factors = m + 1
-            extra = ("full", index == 0) if clustering else ("full",)
             # m = 0: no previous factors; d only has to be non-zero (passes/taylor.py)
             inputs = {DELTA_INPUT: activated_steps[-1] - activated_steps[-2] if m else 1} if order else {}
-            plans.append(StepPlan(index, s, (FULL,) * depth, extra=extra, inputs=inputs))
+            plans.append(StepPlan(index, s, (FULL,) * depth, init_clusters=clustering and index == 0,
+                                  inputs=inputs))
         else:
             cache_counter += 1
             kind = FORECAST if partial_tokens is None else PARTIAL
             tokens = None if partial_tokens is None else (partial_tokens,) * depth
             inputs = forecast_coefficients(s - activated_steps[-1], factors, order)
-            plans.append(StepPlan(index, s, (kind,) * depth, tokens=tokens, extra=(kind,), inputs=inputs))
+            plans.append(StepPlan(index, s, (kind,) * depth, tokens=tokens, inputs=inputs))
     return plans
 
 
@@ -56,7 +56,7 @@ def plan(num_steps, depth, num_tokens, options):
 
 def passes(plan, options):
     blocks = list(range(len(plan.kinds)))
-    if plan.extra[0] == "full":
+    if plan.kinds[0] == FULL:
         return [InsertTaylorUpdatePass(blocks, order=options["order"])]
     return [
         ReplaceWithTaylorForecastPass(blocks, order=options["order"]),

@@ -146,16 +146,6 @@ class FunctionalizeCachePass(Pass):
                 raise PassError(f"{node.name} still touches the cache buffers")
 
 
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen, todo = set(), list(nodes)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
-
-
 def _copy_subgraph(gm: fx.GraphModule, keep: set[fx.Node], env: dict, outputs) -> fx.GraphModule:
     """A GraphModule of the nodes in `keep` (graph order); `env` maps outside nodes to the new
     graph's placeholders and is filled with the copies; `outputs(env)` gives the output tuple."""
@@ -188,7 +178,7 @@ class HoistRandomPass(Pass):
         draws = [n for n in graph.nodes if n.op == "call_function" and n.target in self.targets]
         if not draws:
             return PassResult(gm, False)
-        needed = _ancestors(draws)
+        needed = ir.upstream(draws)
         env = {n.target: n for n in graph.nodes if n.op == "placeholder" and n in needed}
         sig = signature(gm)
         sig.prologue = _copy_subgraph(gm, needed, env, lambda e: [e[d] for d in draws])

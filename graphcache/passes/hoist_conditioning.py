@@ -55,7 +55,7 @@ def conditioning_inputs(captured: fx.GraphModule) -> dict[str, int]:
     their positions in the forward signature."""
     placeholders = [n for n in captured.graph.nodes if n.op == "placeholder"]
     stream = ir.nodes_by_name(captured.graph)[ir.structure_of(captured).stream_start]
-    latents = _ancestors(stream)
+    latents = ir.upstream(stream)
     return {n.target: i for i, n in enumerate(placeholders) if n not in latents}
 
 
@@ -105,16 +105,6 @@ class HoistConditioningPass(Pass):
         return PassResult(gm, True)
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for inp in todo.pop().all_input_nodes:
-            if inp not in seen:
-                seen.add(inp)
-                todo.append(inp)
-    return seen
-
-
 def _classify(node: fx.Node, kind: dict, conditions) -> str:
     """const: the same every call (parameters, constants); cond: a function of the conditioning
     inputs and constants only; varying: everything else."""
@@ -132,9 +122,7 @@ def _classify(node: fx.Node, kind: dict, conditions) -> str:
 
 def _extract(gm: fx.GraphModule, frontier: list[fx.Node], conditions: list[str]) -> fx.GraphModule:
     """A GraphModule over `gm`'s root computing `frontier` from the conditioning inputs."""
-    needed = set(frontier)
-    for node in frontier:
-        needed |= _ancestors(node)
+    needed = ir.upstream(frontier)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.fx as fx
 
-from .base import Declined, Pass, PassError
+from .base import Declined, PassError
 
 
 class PassPipelineError(Exception):
@@ -31,23 +31,35 @@ class PassManager:
 
     After every pass the graph is linted (fx's own checks plus the cache-aliasing rule below) and
     recompiled. `dump` names passes whose graph is written before and after, or "*" for all.
+    Any exception a pass raises (its `requires`/`ensures` included) comes out as a
+    PassPipelineError naming it. A PassManager may stand in the list of another: its passes run
+    in place there, their records join the outer list, and a failure names the path
+    ("outer/inner") to the pass that raised.
     """
 
-    def __init__(self, passes: list[Pass], dump_dir: str | Path | None = None, dump=()):
+    def __init__(self, passes: list, dump_dir: str | Path | None = None, dump=(), name: str = "PassManager"):
         self.passes = passes
         self.dump_dir = Path(dump_dir) if dump_dir else None
         self.dump = set(dump)
+        self.name = name
 
     def __call__(self, gm: fx.GraphModule) -> list[PassRecord]:
         records: list[PassRecord] = []
         for i, p in enumerate(self.passes):
+            if isinstance(p, PassManager):
+                try:
+                    records.extend(p(gm))
+                except PassPipelineError as e:
+                    raise PassPipelineError(f"{p.name}/{e.failed}", [r.name for r in records] + e.before,
+                                            e.cause) from e.cause
+                continue
             dumping = self.dump_dir is not None and (p.name in self.dump or "*" in self.dump)
             if dumping:
                 self._write(gm, f"{i:02d}_{p.name}_before.txt")
             try:
                 result = p(gm)
                 lint(result.gm)
-            except (PassError, RuntimeError, ValueError, KeyError, AssertionError) as e:
+            except Exception as e:  # whatever went wrong, the user learns which pass it was
                 raise PassPipelineError(p.name, [r.name for r in records], e) from e
             gm = result.gm
             gm.recompile()

@@ -49,6 +49,7 @@ from .. import ir
 from ..cache import CACHE_ATTR, CacheSlot, declare_slot, read_slot, slot_name, write_slot
 from ..ops import copy_into_
 from .base import Pass, PassError, PassResult
+from .cache_kernels import require_cache_kernels
 
 DELTA_INPUT = "gc_taylor_delta"  # activated_steps[-1] - activated_steps[-2] at a full step
 
@@ -213,6 +214,10 @@ class UpdateTaylorFactorsInPlacePass(Pass):
     It declines a chain whose nodes anything else reads, or whose slots another node reads or writes
     before the last write (the buffers then hold other values than the variant's).
     """
+
+    def requires(self, gm):
+        # it matches the refresh's writes as kernel calls: on the cache ops it would find none
+        require_cache_kernels(gm, self.name)
 
     def call(self, gm):
         graph = gm.graph

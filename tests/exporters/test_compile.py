@@ -41,7 +41,7 @@ from torch._dynamo.utils import counters
 import graphcache
 from graphcache.errors import GraphcacheError
 from graphcache.exporters.compile import compile_kwargs, compile_options
-from graphcache.schedule import is_token_input
+from graphcache.schedule import FORECAST, is_token_input
 from graphcache.methods import METHODS
 from graphcache.models.builtin import resolve_model
 from graphcache.passes.taylor import coefficient_input
@@ -107,7 +107,7 @@ def test_per_step_inputs_never_recompile(tiny):
     partial = [p for p in toca.schedule.steps if p.variant == (("partial", "partial"), ())]
     assert len({p.tokens for p in partial}) >= 3 and any(0 in p.tokens for p in partial)
     taylor = graphcache.optimize(tiny, "taylorseer", STEPS)
-    coefficients = {p.inputs[coefficient_input(2)] for p in taylor.schedule.steps if p.extra[0] == "forecast"}
+    coefficients = {p.inputs[coefficient_input(2)] for p in taylor.schedule.steps if p.kinds[0] == FORECAST}
     assert len(coefficients) >= 3 and 0 in coefficients
     assert is_token_input("gc_tokens_b3") and not is_token_input(coefficient_input(2))
 

@@ -27,7 +27,8 @@ from graphcache.artifact import MANIFEST, save_artifact
 from graphcache.cli import main
 from graphcache.errors import GraphcacheError
 from graphcache.exporters import tensorrt
-from graphcache.exporters.export import WEIGHTS_FILE, ExportedModel, token_ranges
+from graphcache.aot_artifact import ExportedModel
+from graphcache.exporters.export import WEIGHTS_FILE, token_ranges
 from graphcache.models.builtin import resolve_model
 from run_helpers import max_rel, run
 

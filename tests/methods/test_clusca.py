@@ -147,14 +147,14 @@ def test_schedule_follows_rule(num_steps, interval, order):
             activated.append(s)
             m = 0 if s == num_steps - 1 else min(factors, order)
             factors = m + 1
-            assert plan.extra == ("full", plan.index == 0)
+            assert plan.init_clusters == (plan.index == 0)
             # the first full step differences nothing: d = 1 only keeps the unused leftovers finite
             assert plan.inputs == ({DELTA_INPUT: activated[-1] - activated[-2] if m else 1} if order else {})
             if m:
                 assert plan.inputs[DELTA_INPUT] < 0
         else:
             assert set(plan.kinds) == {PARTIAL} and plan.tokens == (k * per,) * 28
-            assert plan.extra == (PARTIAL,)
+            assert not plan.init_clusters
             dist = s - activated[-1]
             assert plan.inputs == {coefficient_input(i): dist**i / math.factorial(i) if i < factors else 0.0
                                    for i in range(1, order + 1)}
@@ -188,13 +188,13 @@ def test_variant_structure():
     def count(gm, target):
         return sum(n.op == "call_function" and n.target is target for n in gm.graph.nodes)
 
-    kinds = {}
+    seen = set()
     for key, gm in cm.variants.items():
         records = {r.name: r for r in cm.records[key]}
-        extra = key[1]
-        if extra[0] == "full":
+        kinds, init_clusters = key
+        if kinds[0] == FULL:
             assert count(gm, KMEANS) == 1 and count(gm, torch.rand) == 0
-            assert count(gm, torch.randint) == (1 if extra[1] else 0)
+            assert count(gm, torch.randint) == (1 if init_clusters else 0)
             assert records["InsertTaylorUpdatePass"].counters == {  # order 2: 2 differences, 3 writes
                 "taylor_read": 2 * depth * 2, "derivative": 2 * depth * 2, "taylor_write": 2 * depth * 3,
                 "branch": 2 * depth}
@@ -204,8 +204,8 @@ def test_variant_structure():
             assert count(gm, torch.rand) == depth  # one draw per ClusCa block
             assert records["ReplaceWithTaylorForecastPass"].counters == {"taylor_read": depth * 3, "forecast": depth}
             assert records["InsertTokenSelectPass"].counters == {"token_select": depth}
-        kinds[extra] = True
-    assert set(kinds) == {("full", True), ("full", False), (PARTIAL,)}
+        seen.add((kinds[0], init_clusters))
+    assert seen == {(FULL, True), (FULL, False), (PARTIAL, False)}
     assert sorted(cm.slots()) == sorted(
         [f"b{b}_{k}_taylor{i}" for b in range(depth) for k in ("attention", "mlp") for i in range(3)]
         + ["cluster_centroids", "cluster_labels"])

@@ -48,9 +48,9 @@ def test_schedule_anchors():
     assert kinds_string(method.schedule(50, 28, {"interval": 3})) == "FF" + "TTF" * 16
     assert kinds_string(method.schedule(250, 28, {"interval": 5})) == "FF" + "TTTTF" * 49 + "TTT"
     plans = method.schedule(10, 28, {"interval": 2, "order": 2}).steps
-    assert [p.extra for p in plans] == [
-        ("full",), ("full",), (FORECAST,), ("full",), (FORECAST,),
-        ("full",), (FORECAST,), ("full",), (FORECAST,), ("full",)]
+    assert [p.kinds[0] for p in plans] == [
+        FULL, FULL, FORECAST, FULL, FORECAST, FULL, FORECAST, FULL, FORECAST, FULL]
+    assert not any(p.init_clusters for p in plans)
     # the first full step has no factors to difference (d = 1, unused); a forecast's coefficients are
     # dist**i / i! for the factors the last full step left (2, then 3), 0 for the rest
     c1, c2 = coefficient_input(1), coefficient_input(2)
@@ -89,7 +89,7 @@ def test_variant_structure():
         work = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.")
                 and (".attn." in n.target or ".mlp." in n.target)]
         assert not [n for n in gm.graph.nodes if n.target in (KMEANS, torch.rand, torch.randint)]
-        if key[1] == ("full",):
+        if key[0][0] == FULL:
             assert names == ["InsertTaylorUpdatePass", "PruneModulationPass", "MakeStreamContiguousPass",
                              "HoistConditioningPass"]
             assert cm.records[key][0].counters == {  # 3 blocks x 2 branches, order 2

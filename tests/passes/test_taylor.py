@@ -33,7 +33,8 @@ from graphcache.passes.taylor import (
     update_taylor_factors_,
 )
 from graphcache.ops import copy_into_
-from graphcache.runtime import new_variant, with_cache_kernels
+from graphcache.exporters.eager import with_cache_kernels
+from graphcache.runtime import new_variant
 
 DEPTH = 3
 ORDER = 3
@@ -203,7 +204,7 @@ def test_declines_and_bad_arguments(captured):
 
 
 def eager_copy(gm):
-    """`gm` with its cache ops as their kernels, as runtime.eager_runner makes it (nothing else), and
+    """`gm` with its cache ops as their kernels, as exporters/eager.py's runners make it (nothing else), and
     a cache of its own."""
     out = with_cache_kernels(gm)
     out.meta.update(gm.meta)

@@ -1,0 +1,203 @@
+"""Artifacts of the ahead-of-time backends: what their manifest records, the files they copy, and
+`ExportedModel`, which runs the exported files without the model's Python code (graphcache/artifact.py
+saves and loads the directory; graphcache/exporters/export.py builds the files)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from .cache import CacheState
+from .capture import example_inputs
+from .errors import GraphcacheError
+from .exporters.export import WEIGHTS_FILE, backend_module, quiet_torch, variant_files
+from .exporters.functional import FunctionalRunner
+from .methods import get_method
+from .passes.functionalize import Signature
+from .schedule import Schedule, StepPlan, is_token_input
+from .stepping import MODEL_ATTRS, SteppedModel
+
+# Smallest batch an artifact accepts: one image with guidance. Size-oblivious export reports
+# ranges from 0, but the graphs branch on batch parity (ToCa's shared CFG draw) and were traced
+# with an even batch, so an odd batch of 1 is refused rather than trusted.
+MIN_BATCH = 2
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise GraphcacheError(f"unknown dtype {name!r} in the artifact manifest")
+    return dtype
+
+
+def _batch_range(program: torch.export.ExportedProgram) -> list[int | None]:
+    """[min, max] batch the program accepts: the intersection of dim 0's range over its
+    batch-major inputs (every tensor input but the token counts) and [MIN_BATCH, ∞); max None
+    when unbounded."""
+    from torch.utils._sympy.numbers import int_oo
+
+    users = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
+    low, high = MIN_BATCH, None
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in users or is_token_input(node.name):
+            continue
+        shape = node.meta["val"].shape
+        if not shape:
+            continue
+        if isinstance(shape[0], int):
+            lo = hi = shape[0]
+        else:
+            r = program.range_constraints[shape[0].node.expr]
+            lo, hi = int(r.lower), None if r.upper == int_oo else int(r.upper)
+        low = max(low, lo)
+        high = hi if high is None else (high if hi is None else min(high, hi))
+    return [low, high]
+
+
+def manifest_entries(cached, backend: str) -> dict:
+    """What an artifact of `cached` (built with an ahead-of-time backend) records for its loader."""
+    module = backend_module(backend)
+    keys = cached.schedule.variants()
+    param = next(cached.model.parameters())
+    ranges = [_batch_range(v.main) for v in cached.exported]  # the artifact runs the batches all accept
+    highs = [high for _, high in ranges if high is not None]
+    batch = [max(low for low, _ in ranges), min(highs) if highs else None]
+    variants = []
+    for v in cached.exported:
+        files = variant_files(v.index, module.SUFFIX)
+        variants.append({
+            "files": {k: f for k, f in files.items() if k == "main" or getattr(v, k) is not None},
+            "signature": v.sig.names(),
+            "token_ranges": v.token_ranges,
+        })
+    args = example_inputs(cached.model, batch=1)
+    return {
+        "device": param.device.type,
+        "inputs": {name: {"shape": list(a.shape[1:]), "dtype": _dtype_name(a.dtype)}
+                   for name, a in zip(cached.structure.input_names, args)},
+        "batch": batch,
+        "slots": {name: {"shape": list(shape[1:]), "dtype": _dtype_name(dtype)}
+                  for name, (shape, dtype) in cached.slot_specs().items()},
+        "attributes": {a: getattr(cached.model, a) for a in MODEL_ATTRS if hasattr(cached.model, a)},
+        "variants": variants,
+        "steps": [{"variant": keys.index(p.variant), "inputs": kwargs}
+                  for p, kwargs in zip(cached.schedule.steps, cached.step_kwargs)],
+        "weights": WEIGHTS_FILE,
+        "backend_versions": module.versions(),
+    }
+
+
+def copy_files(cached, backend: str, dest: Path) -> None:
+    module = backend_module(backend)
+    for v in cached.exported:
+        for name in variant_files(v.index, module.SUFFIX).values():
+            src = Path(cached.files.name) / name
+            if src.exists():
+                shutil.copy2(src, dest / name)
+            for extra in Path(cached.files.name).glob(name + ".*"):  # a TensorRT engine beside its ONNX file
+                shutil.copy2(extra, dest / extra.name)
+    shutil.copy2(Path(cached.files.name) / WEIGHTS_FILE, dest / WEIGHTS_FILE)
+
+
+def _release(version: str) -> str:
+    return version.split("+")[0]
+
+
+def check_compatible(manifest: dict, path, device) -> None:
+    """Refuse, with the reason, an artifact this process cannot run as built."""
+    backend = manifest["backend"]
+    built = manifest.get("versions", {}).get("torch", "?")
+    if _release(built) != _release(torch.__version__):
+        raise GraphcacheError(
+            f"{path}: built with torch {built}, this is torch {torch.__version__}: {backend} artifacts run only "
+            "on the torch release that built them (re-create it with `graphcache optimize`)")
+    made_for = manifest.get("device", "cpu")
+    if device.type != made_for:
+        raise GraphcacheError(f"{path}: built for {made_for}, asked to run on {device.type} "
+                              f"(re-create it on {device.type} with `graphcache optimize`)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GraphcacheError(f"{path}: built for cuda, and this machine has no usable GPU")
+
+
+class ExportedModel(SteppedModel):
+    """An artifact of an ahead-of-time backend, loaded: runs the exported files step by step."""
+
+    def __init__(self, path: Path, manifest: dict, device=None):
+        super().__init__()
+        device = torch.device(device or manifest.get("device", "cpu"))
+        check_compatible(manifest, path, device)
+        module = backend_module(manifest["backend"])
+        self.path, self.manifest, self.device = Path(path), manifest, device
+        self.backend = manifest["backend"]
+        self.method = get_method(manifest["method"])
+        self.options = manifest["options"]
+        self.schedule = schedule_from_json(manifest["schedule"])
+        for name, value in manifest["attributes"].items():
+            setattr(self, name, value)
+        self.inputs = manifest["inputs"]
+        self.arg_names = list(self.inputs)
+        self.cache = CacheState()
+        self.weights = None  # the runners use these tensors in place: they live as long as this model
+        if manifest.get("weights"):
+            weights = self.path / manifest["weights"]
+            if not weights.is_file():
+                raise GraphcacheError(f"{path}: the artifact has no {weights.name} (incomplete or damaged)")
+            if module.WEIGHTS_IN_MEMORY:  # otherwise the variants' files reference the file themselves
+                from safetensors.torch import load_file
+
+                try:
+                    self.weights = load_file(str(weights), device=str(device))
+                except Exception as e:
+                    raise GraphcacheError(f"{path}: cannot read {weights.name}: {e}") from e
+        self.runners_by_variant = []
+        for v in manifest["variants"]:
+            sig = Signature.from_names(v["signature"])
+            files = {k: self.path / f for k, f in v["files"].items()}
+            for f in files.values():
+                if not f.is_file():
+                    raise GraphcacheError(f"{path}: the artifact has no {f.name} (incomplete or damaged)")
+            main = module.Runner(files["main"], sig, device, self.weights)
+            with quiet_torch():
+                parts = {k: torch.export.load(files[k]).module() for k in ("prologue", "epilogue") if k in files}
+            self.runners_by_variant.append(FunctionalRunner(sig, main, self.cache, self.arg_names, **parts))
+        self.step_variants = [s["variant"] for s in manifest["steps"]]
+        self.step_kwargs = [s["inputs"] for s in manifest["steps"]]
+        self.step_index = 0
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return _dtype(self.inputs[self.arg_names[0]]["dtype"])
+
+    def runner(self, index: int):
+        return self.runners_by_variant[self.step_variants[index]]
+
+    def _allocate(self, args, signature) -> None:
+        if len(args) != len(self.arg_names):
+            raise GraphcacheError(f"expected {len(self.arg_names)} inputs ({', '.join(self.arg_names)}), got {len(args)}")
+        batch = args[0].shape[0]
+        low, high = self.manifest["batch"]
+        for name, a in zip(self.arg_names, args):
+            want = self.inputs[name]
+            if list(a.shape[1:]) != want["shape"] or a.shape[0] != batch or _dtype_name(a.dtype) != want["dtype"]:
+                raise GraphcacheError(
+                    f"{self.path}: input {name} is {tuple(a.shape)} {_dtype_name(a.dtype)}; the artifact was built "
+                    f"for (batch, {', '.join(map(str, want['shape']))}) {want['dtype']}")
+            if a.device.type != self.device.type:
+                raise GraphcacheError(f"{self.path}: input {name} is on {a.device}, the artifact runs on {self.device}")
+        if batch < low or (high is not None and batch > high):
+            raise GraphcacheError(f"{self.path}: batch {batch} is outside the artifact's batch range "
+                                  f"[{low}, {high if high is not None else '∞'}] (with guidance the batch is 2 × images)")
+        specs = {name: ((batch, *s["shape"]), _dtype(s["dtype"])) for name, s in self.manifest["slots"].items()}
+        self.cache.allocate(specs, self.device, signature)
+
+
+def schedule_from_json(data: dict):
+    steps = [StepPlan(s["index"], s["step"], tuple(s["kinds"]),
+                      tuple(s["tokens"]) if s.get("tokens") is not None else None) for s in data["steps"]]
+    return Schedule(data["method"], data["options"], data["num_steps"], data["depth"], steps)
