@@ -13,6 +13,7 @@ from .capture import capture
 from .errors import GraphcacheError
 from .runtime import CachedModel, optimize
 from .sampling import sample
+from .version import __version__
 
 
 def load(path, **kwargs):
@@ -29,5 +30,4 @@ def load_model(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["CachedModel", "GraphcacheError", "capture", "load", "load_model", "optimize", "sample"]
-__version__ = "0.1.0"
+__all__ = ["CachedModel", "GraphcacheError", "__version__", "capture", "load", "load_model", "optimize", "sample"]

@@ -60,7 +60,7 @@ def is_artifact(path) -> bool:
 
 
 def _versions() -> dict:
-    from . import __version__
+    from .version import __version__
 
     return {"graphcache": __version__, "torch": torch.__version__, "python": platform.python_version()}
 

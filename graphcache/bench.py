@@ -70,7 +70,8 @@ def time_sampling(model, *, labels, num_steps: int = 50, sampler: str = "ddim", 
 
 
 FLOPS_COUNTING = (
-    "FLOPs as the papers count them (METHODS.md §1.6): transformer blocks only (embedders and final "
+    "FLOPs as the ToCa / DuCa / ClusCa papers count them (graphcache.flops): transformer blocks only "
+    "(embedders and final "
     "layer excluded), attention counted analytically (projections, QK^T, softmax, AV) so an SDPA "
     "kernel is never undercounted, adaLN and LayerNorm included; token gather/scatter, top-k, "
     "scoring, clustering and Taylor forecasts count 0."

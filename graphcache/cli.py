@@ -7,7 +7,6 @@ with exit code 2 (bad arguments included). Set GRAPHCACHE_DEBUG=1 to see the tra
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -132,19 +131,6 @@ def _print_json(obj) -> None:
 # ---------------------------------------------------------------------------------------------
 # FLOPS HOOK: the single call site for `graphcache.flops` (written separately).
 # ---------------------------------------------------------------------------------------------
-
-
-def _flops_json(schedule, model_or_none):
-    """The "flops" object of `graphcache schedule --json`, or None while graphcache.flops does not
-    exist. When it does, its `flops_json(schedule, model_or_none)` provides the object."""
-    try:
-        flops = importlib.import_module("graphcache.flops")
-    except ModuleNotFoundError as e:
-        if e.name in ("graphcache.flops", "graphcache"):
-            return None
-        raise
-    fn = getattr(flops, "flops_json", None)
-    return fn(schedule, model_or_none) if callable(fn) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,9 +372,9 @@ def cmd_schedule(args) -> int:
     schedule = method.schedule(args.steps, depth, _options(args), tokens)
     if args.json:
         obj = schedule.to_json()
-        flops = _flops_json(schedule, model)
-        if flops is not None:
-            obj["flops"] = flops
+        from .flops import flops_json
+
+        obj["flops"] = flops_json(schedule, model)
         _print_json(obj)
         return 0
     variants = schedule.variants()
@@ -416,7 +402,7 @@ def cmd_methods(args) -> int:
                 "options": [
                     {"name": o.name, "default": o.default, "type": o.type.__name__, "help": o.help,
                      "choices": list(o.choices) if o.choices else None,
-                     "minimum": getattr(o, "minimum", None)}
+                     "minimum": o.minimum, "maximum": o.maximum}
                     for o in m.options
                 ],
             }
@@ -428,8 +414,10 @@ def cmd_methods(args) -> int:
         print(f"{m.name:<{width}}  {m.summary}")
         for o in m.options:
             extra = f", one of {'/'.join(map(str, o.choices))}" if o.choices else ""
-            if getattr(o, "minimum", None) is not None:
+            if o.minimum is not None:
                 extra += f", >= {o.minimum}"
+            if o.maximum is not None:
+                extra += f", <= {o.maximum}"
             print(f"{'':<{width}}    --set {o.name}={o.default}  ({o.type.__name__}{extra}) {o.help}")
     return 0
 
@@ -531,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Compile feature caching into Diffusion Transformers by rewriting their "
                                  "torch.fx graphs.",
                      epilog=_MAIN_EPILOG)
-    from . import __version__
+    from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"graphcache {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -739,11 +727,7 @@ def main(argv=None) -> int:
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
-    except _UsageError as e:
-        if debug:
-            traceback.print_exc()
-        return _fail(str(e))
-    except GraphcacheError as e:
+    except (_UsageError, GraphcacheError) as e:
         if debug:
             traceback.print_exc()
         return _fail(str(e))

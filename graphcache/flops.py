@@ -1,8 +1,10 @@
-"""The papers' FLOPs accounting (METHODS.md §1.6), generalised to any DiT size.
+"""The papers' FLOPs accounting, generalised to any DiT size: the analytic per-block counts of the
+official DiT code's `test_FLOPs` mode (Shenyi-Z/ToCa `DiT-ToCa/`, and the DuCa, TaylorSeer and
+ClusCa DiT code derived from it), which give the FLOPs columns of those papers' DiT tables.
 
 Counts cover the transformer blocks only (embedders and final layer are not counted), per sampling
 run, with B = 2 rows (one image with classifier-free guidance). With B, N tokens, C hidden, H heads,
-hd = C/H and M = mlp_ratio*C MLP hidden units (4C on DiT), where §1.6 writes 4C:
+hd = C/H and M = mlp_ratio*C MLP hidden units (4C on DiT), where the official count writes 4C:
 
     attn_full = B*N*C*3C*2 + B*H*N*hd + B*H*N*N*hd*2 + B*H*N*N*5 + B*H*N*N*hd*2 + B*N*C*C*2
     mlp(n)    = B*n*C*M*2 + B*n*M*C*2 + B*n*M*6
@@ -12,7 +14,8 @@ hd = C/H and M = mlp_ratio*C MLP hidden units (4C on DiT), where §1.6 writes 4C
     reuse / forecast = B*C + 6*B*C*C                         (FORA / Taylor: adaLN only)
     skip      = 0                                            (DuCa aggressive)
 
-One full DiT-XL/2 step is 0.47471e12; 50 steps are 23.735e12 ("23.74 T, 1.00x").
+One full DiT-XL/2 step is 0.47471e12; 50 steps are 23.735e12, the "23.74 T, 1.00x" DDIM-50
+baseline of the papers' DiT tables.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def block_flops(
     fresh: int | None = None,
     partial_style: str = "toca",
 ) -> int:
-    """FLOPs of one block of the given kind (§1.6). `fresh`: tokens per row a partial MLP computes."""
+    """FLOPs of one block of the given kind (the module docstring's formulas). `fresh`: tokens per row
+    a partial MLP computes."""
     b, n, c, h = batch, tokens, hidden, heads
     hd = c // h
     m = int(c * mlp_ratio)  # as the model builds its MLP: int(hidden_size * mlp_ratio)

@@ -3,7 +3,8 @@
 The reference is the `diffusion/` package of facebookresearch/DiT (OpenAI's guided-diffusion):
 linear betas (1e-4 .. 0.02 over 1000 steps, float64), "evenly spaced with rounding" respacing
 (`create_diffusion(str(S))`), epsilon prediction with a LEARNED_RANGE variance, `clip_denoised=False`.
-Everything that affects the result bit for bit is reproduced (METHODS.md §1.3-1.5):
+Everything that affects the result bit for bit is reproduced (facebookresearch/DiT
+`diffusion/gaussian_diffusion.py`, `diffusion/respace.py`, `models.py` `forward_with_cfg`):
 
 * the schedule is built in float64 NumPy; the respaced schedule is rebuilt from its own betas,
   `beta_i = 1 - acp[t_i] / acp[t_{i-1}]`, exactly as `SpacedDiffusion` does;

@@ -18,6 +18,7 @@ class Option:
     type: type = int
     choices: tuple | None = None
     minimum: float | None = None
+    maximum: float | None = None
 
     def parse(self, value):
         """Coerce a value (possibly a CLI string) and validate it."""
@@ -34,6 +35,10 @@ class Option:
             raise GraphcacheError(f"option {self.name}={value!r}: choose one of {', '.join(map(str, self.choices))}")
         if self.minimum is not None and value < self.minimum:
             raise GraphcacheError(f"option {self.name}={value!r} must be >= {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise GraphcacheError(f"option {self.name}={value!r} must be <= {self.maximum}")
+        if isinstance(value, float) and value != value:  # NaN passes every comparison
+            raise GraphcacheError(f"option {self.name}={value!r} is not a number")
         return value
 
 

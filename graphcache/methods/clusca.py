@@ -1,8 +1,11 @@
-"""ClusCa (Zheng et al., ACM MM 2025): TaylorSeer's forecasts, plus at every non-full step the MLP
-of K cluster representatives per row, whose fresh values are scattered into the order-0 Taylor
-factor and propagated (γ) to the other tokens of their cluster (METHODS.md §6).
+"""ClusCa (Zheng et al., ACM MM 2025, arXiv 2509.10312; official code: Shenyi-Z/Cache4Diffusion
+`dit/clusca-dit/`): TaylorSeer's forecasts, plus at every non-full step the MLP of K cluster
+representatives per row, whose fresh values are scattered into the order-0 Taylor factor and
+propagated (γ) to the other tokens of their cluster (`models.py`, `cache_functions/`
+`select_fresh_tokens.py`, `update_cache.py`).
 
-* Schedule: TaylorSeer's (§6.2): the first two steps full, then every `interval`-th step.
+* Schedule: TaylorSeer's (`cache_functions/cal_type.py`): the first two steps full, then every
+  `interval`-th step.
   Default interval 5 is the paper's DiT table setting (N=5, K=16); the official scripts default to
   `--interval 4`. γ defaults to 0.005, the FID script's (`sample_ddp.py`; `sample.py` uses 0).
 * Full steps: every branch computes and refreshes its Taylor factors; K-means (L1) on the last
@@ -61,7 +64,7 @@ METHOD = Method(
         Option("clusters", 16, "K: K-means clusters per row (0 = TaylorSeer)", minimum=0),
         Option("order", 4, "highest Taylor order kept", minimum=0),
         Option("propagation", 0.005, "γ: weight of the cluster's fresh value on its other tokens",
-               type=float, minimum=0.0),
+               type=float, minimum=0.0, maximum=1.0),
         Option("tokens_per_cluster", 1, "fresh MLP tokens per cluster", minimum=1),
     ),
     plan=plan,

@@ -1,8 +1,9 @@
-"""FORA (Selvaraju et al., 2024): full steps cache every branch's ungated output; the steps in
-between reuse them all, multiplied by the current adaLN gates.
+"""FORA (Selvaraju et al., 2024, arXiv 2407.01425): full steps cache every branch's ungated
+output; the steps in between reuse them all, multiplied by the current adaLN gates.
 
-Full steps sit where the official code puts them (METHODS.md §3.3, §9): the first step, then every
-step whose DESCENDING index s is divisible by the interval — so the first cycle is irregular.
+Full steps sit where the Shenyi-Z DiT code puts them when it runs FORA (ToCa with fresh_ratio 0,
+Shenyi-Z/ToCa `DiT-ToCa/cache_functions/cal_type.py`): the first step, then every step whose
+DESCENDING index s is divisible by the interval — so the first cycle is irregular.
 """
 
 from ..passes.cache_passes import EliminateDeadBranchesPass, InsertCacheWritePass, ReplaceWithCacheReadPass

@@ -1,4 +1,7 @@
-"""The official ToCa / DuCa step decisions (METHODS.md §3.3, §3.4, §4.2) as pure functions.
+"""The official ToCa / DuCa step decisions as pure functions: step types and the interval from
+`cache_functions/cal_type.py`, `force_init.py`, `force_scheduler.py`, fresh-token counts from
+`fresh_ratio_scheduler.py` (Shenyi-Z/ToCa `DiT-ToCa/`, arXiv 2410.05317; Shenyi-Z/DuCa `DuCa-DiT/`,
+arXiv 2412.18911).
 
 Everything here is decided on the host from the step index alone, so a whole sampling run can be
 planned before it starts. The arithmetic follows the official code's precision: the interval
@@ -104,10 +107,10 @@ def toca_plans(num_steps: int, depth: int, num_tokens: int, options: dict, *, du
 
     options: `interval` (N = fresh_threshold), `fresh_ratio`, `ratio_scheduler`.
 
-    Each block decides BEFORE it runs, with the interval in force at that moment (§3.3):
+    Each block decides BEFORE it runs, with the interval in force at that moment (ToCa's `cal_type`):
     full if it is the first step or s % T == 0; otherwise ToCa's partial block, or for DuCa
-    partial when (s % T) is odd and skip ('aggressive') when it is even (§4.2). A full block 0
-    reschedules T right after it runs, so blocks 1.. of the same step may already see a T that does
+    partial when (s % T) is odd and skip ('aggressive') when it is even (DuCa's `cal_type`). A full
+    block 0 reschedules T right after it runs, so blocks 1.. of the same step may already see a T that does
     not divide s: the mixed step (block 0 full, the rest partial/skipped).
     Partial blocks carry their MLP fresh-token count; every other block has tokens None.
     """
@@ -162,7 +165,7 @@ def _step_char(kinds: tuple[str, ...]) -> str:
 def kinds_string(plans) -> str:
     """One character per step, for tests and docs.
 
-    F all full; T all partial; M block 0 full and the rest partial (the mixed step of §3.3);
+    F all full; T all partial; M block 0 full and the rest partial (ToCa's mixed step);
     A all skipped (DuCa aggressive); X block 0 full and the rest skipped (DuCa's mixed step);
     R all reuse; ? anything else.
     """

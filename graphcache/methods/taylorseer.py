@@ -1,8 +1,9 @@
-"""TaylorSeer (Liu et al., ICCV 2025): full steps keep Taylor factors of every branch output, the
-steps in between forecast them (METHODS.md §6.2, §6.3, §7): ClusCa with no clusters.
+"""TaylorSeer (Liu et al., ICCV 2025, arXiv 2503.06923; official code Shenyi-Z/TaylorSeer): full
+steps keep Taylor factors of every branch output, the steps in between forecast them: ClusCa with
+no clusters, as Shenyi-Z/Cache4Diffusion `dit/clusca-dit/` runs it (`cluster_num=0`).
 
-Schedule (§6.2, decided once per forward): the first two steps are full (first_enhance = 2), then
-a counter makes every `interval`-th step full. A full step takes m = min(#old factors, order)
+Schedule (`cache_functions/cal_type.py`, decided once per forward): the first two steps are full
+(first_enhance = 2), then a counter makes every `interval`-th step full. A full step takes m = min(#old factors, order)
 finite differences (none at the first step), so the factors grow by one per full step up to
 `order`; d = activated_steps[-1] - activated_steps[-2] and the forecast coefficients
 dist**i / i! (dist = s - activated_steps[-1]; both negative: steps count down) are per-step
@@ -22,8 +23,8 @@ FIRST_ENHANCE = 2
 
 
 def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, clustering=False):
-    """The §6.2 schedule. Non-full steps are FORECAST, or PARTIAL with `partial_tokens` fresh MLP
-    tokens per block when given (ClusCa). With `clustering`, the first full step initialises K-means
+    """The TaylorSeer / ClusCa `cal_type` schedule. Non-full steps are FORECAST, or PARTIAL with
+    `partial_tokens` fresh MLP tokens per block when given (ClusCa). With `clustering`, the first full step initialises K-means
     (`init_clusters`)."""
     plans = []
     cache_counter = 0

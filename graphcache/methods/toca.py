@@ -1,8 +1,9 @@
-"""ToCa (Zou et al., ICLR 2025): token-wise caching. Full steps cache every branch; partial steps
-take attention entirely from the cache and recompute the MLP for the top-scoring tokens only.
+"""ToCa (Zou et al., ICLR 2025, arXiv 2410.05317; official code Shenyi-Z/ToCa): token-wise
+caching. Full steps cache every branch; partial steps take attention entirely from the cache and
+recompute the MLP for the top-scoring tokens only.
 
-Schedule, token counts and the score follow the official DiT code (METHODS.md §3): the interval is
-rescheduled at layer 0 of every full step (so a step can be mixed: block 0 full, the rest partial),
+Schedule, token counts and the score follow the official DiT code (`DiT-ToCa/models.py` and
+`DiT-ToCa/cache_functions/`): the interval is rescheduled at layer 0 of every full step (so a step can be mixed: block 0 full, the rest partial),
 and the ratio scheduler sets each block's fresh-token count. Defaults are the DDIM-50 settings of
 the official README; for DDPM-250 use interval=4 ratio_scheduler=ToCa-ddpm250.
 """
@@ -19,7 +20,8 @@ from .rules import toca_plans
 def options(fresh_ratio, scheduler, bonus):
     return (
         Option("interval", 3, "N (fresh_threshold): full where the descending step index is divisible by the rescheduled interval", minimum=1),
-        Option("fresh_ratio", fresh_ratio, "base fraction of MLP tokens recomputed in partial steps", float, minimum=0),
+        Option("fresh_ratio", fresh_ratio, "base fraction of MLP tokens recomputed in partial steps", float,
+               minimum=0, maximum=1),
         Option("ratio_scheduler", scheduler, "how the fresh ratio varies by step and layer: ToCa-ddim50 or ToCa-ddpm250", str),
         Option("score", "attention", "token score s1: attention map, value norms (V-caching) or random", str, SCORES),
         Option("soft_fresh_weight", 0.25, "λ3: weight of staleness (steps since a token was computed)", float),

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from .. import ir
+
 
 @dataclass
 class PassResult:
@@ -63,3 +65,23 @@ class Pass:
 
     def __repr__(self) -> str:
         return self.name
+
+
+class BranchPass(Pass):
+    """A pass over the branches of some blocks: `blocks` are indices (None: all), `kinds` branch
+    kinds (None: all), e.g. (ir.ATTENTION,)."""
+
+    def __init__(self, blocks=None, kinds=None):
+        super().__init__()
+        self.blocks, self.kinds = blocks, kinds
+
+    def branches(self, gm: fx.GraphModule) -> list[tuple[ir.Branch, fx.Node | None]]:
+        """(branch, its ungated output node, None where the graph no longer has it), selected."""
+        nodes = ir.nodes_by_name(gm.graph)
+        return [(br, nodes.get(br.branch_out)) for br in ir.structure_of(gm).select(self.blocks, self.kinds)]
+
+    def check_replaced(self, gm: fx.GraphModule, replacement: str) -> None:
+        """PassError if a selected branch's output is still read (for passes that replace it)."""
+        for br, out in self.branches(gm):
+            if out is not None and out.users:
+                raise PassError(f"branch {br.name} output {out.name} is still used after {replacement}")

@@ -6,21 +6,14 @@ from __future__ import annotations
 
 from .. import ir
 from ..cache import CacheSlot, declare_slot, read_slot, write_slot
-from .base import Pass, PassError, PassResult
+from .base import BranchPass, Pass, PassResult
 
 
-class InsertCacheWritePass(Pass):
+class InsertCacheWritePass(BranchPass):
     """After each selected branch's ungated output, write it to the branch's slot."""
 
-    def __init__(self, blocks=None, kinds=None):
-        """blocks: indices (None: all); kinds: branch kinds (None: all), e.g. (ir.ATTENTION,)."""
-        super().__init__()
-        self.blocks, self.kinds = blocks, kinds
-
     def call(self, gm):
-        nodes = ir.nodes_by_name(gm.graph)
-        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
-            out = nodes.get(br.branch_out)
+        for br, out in self.branches(gm):
             if out is None:
                 self.decline(br.name, "its output was already replaced (not computed in this variant)")
                 continue
@@ -31,19 +24,12 @@ class InsertCacheWritePass(Pass):
         return PassResult(gm, self.counters["cache_write"] > 0)
 
 
-class ReplaceWithCacheReadPass(Pass):
+class ReplaceWithCacheReadPass(BranchPass):
     """Replace each selected branch's ungated output by a read of its slot; the gate, the residual
     add and everything downstream stay, so the cached output is scaled by the CURRENT gate."""
 
-    def __init__(self, blocks=None, kinds=None):
-        """blocks: indices (None: all); kinds: branch kinds (None: all), e.g. (ir.ATTENTION,)."""
-        super().__init__()
-        self.blocks, self.kinds = blocks, kinds
-
     def call(self, gm):
-        nodes = ir.nodes_by_name(gm.graph)
-        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
-            out = nodes.get(br.branch_out)
+        for br, out in self.branches(gm):
             if out is None:
                 self.decline(br.name, "its output is not in this graph")
                 continue
@@ -58,11 +44,7 @@ class ReplaceWithCacheReadPass(Pass):
         return PassResult(gm, self.counters["cache_read"] > 0)
 
     def ensures(self, gm):
-        nodes = ir.nodes_by_name(gm.graph)
-        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
-            out = nodes.get(br.branch_out)
-            if out is not None and out.users:
-                raise PassError(f"branch {br.name} output {out.name} is still used after its cache read")
+        self.check_replaced(gm, "its cache read")
 
 
 class EliminateDeadBranchesPass(Pass):

@@ -1,5 +1,7 @@
-"""ClusCa's rewrites (METHODS.md §6.4, §6.5): cluster the tokens at full steps, and at ClusCa steps
-compute the MLP on one random member per cluster, propagating its update to the whole cluster.
+"""ClusCa's rewrites (Zheng et al., arXiv 2509.10312; Shenyi-Z/Cache4Diffusion `dit/clusca-dit/`
+`models.py`, `cluster_utils/`, `cache_functions/select_fresh_tokens.py`, `update_cache.py`): cluster
+the tokens at full steps, and at ClusCa steps compute the MLP on one random member per cluster,
+propagating its update to the whole cluster.
 
 * `InsertClusterPass` (full steps): batched K-means with L1 distance on the stream leaving the last
   block (B, N, C), warm-started from the cached centroids; at the first full step of a run it

@@ -1,4 +1,4 @@
-"""Passes that turn a variant into pure functions an exporter can take (DESIGN.md §7).
+"""Passes that turn a variant into pure functions an exporter can take (graphcache/exporters/).
 
 A variant as the runtime runs it reads cache slots as module buffers, writes them with the
 mutating `cache_write` op, draws from the global RNG, receives token counts as Python ints and

@@ -1,8 +1,9 @@
 """Skipping whole blocks (DuCa's aggressive steps) and caching the stream they would produce.
 
 A skipped block passes the stream on unchanged. When the last block is skipped the step reuses
-the previous step's final hidden state instead (METHODS.md §4.2: at the last layer the stream is
-replaced by the cached output of that layer), so only the final layer runs with the new timestep.
+the previous step's final hidden state instead, so only the final layer runs with the new
+timestep. This is what DuCa's aggressive blocks do (Shenyi-Z/DuCa `DuCa-DiT/models.py`): at the
+last layer the stream is replaced by that layer's output cached at the end of the previous step.
 """
 
 from __future__ import annotations

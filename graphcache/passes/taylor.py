@@ -1,7 +1,8 @@
 """TaylorSeer's rewrites: keep Taylor factors of every branch output, forecast them in between.
 
-The cache of a branch is a list of factors `{0: F, 1: dF, 2: d²F, ...}` (METHODS.md §6.3), one
-slot each, `"{branch.name}_taylor{i}"` for i = 0..order:
+The cache of a branch is a list of factors `{0: F, 1: dF, 2: d²F, ...}` (TaylorSeer, arXiv
+2503.06923; Shenyi-Z/Cache4Diffusion `dit/clusca-dit/taylor_utils/__init__.py`), one slot each,
+`"{branch.name}_taylor{i}"` for i = 0..order:
 
 * at a full step (`InsertTaylorUpdatePass`) the branch computes F and the factors are refreshed by
   finite differences against the previous full step's factors,
@@ -48,7 +49,7 @@ from torch import Tensor
 from .. import ir
 from ..cache import CACHE_ATTR, CacheSlot, declare_slot, read_slot, slot_name, write_slot
 from ..ops import copy_into_
-from .base import Pass, PassError, PassResult
+from .base import BranchPass, Pass, PassResult
 from .cache_kernels import require_cache_kernels
 
 DELTA_INPUT = "gc_taylor_delta"  # activated_steps[-1] - activated_steps[-2] at a full step
@@ -132,23 +133,25 @@ def taylor_forecast(gm: fx.GraphModule, factors: list[fx.Node]) -> fx.Node:
     return gm.graph.call_function(evaluate_taylor, (tuple(factors), coefficients))
 
 
-class InsertTaylorUpdatePass(Pass):
+class TaylorBranchPass(BranchPass):
+    """A BranchPass that keeps Taylor factors 0..`order` of each branch."""
+
+    def __init__(self, blocks=None, order: int = 1, kinds=None):
+        super().__init__(blocks, kinds)
+        if order < 0:
+            raise ValueError(f"order must be >= 0, got {order}")
+        self.order = order
+
+
+class InsertTaylorUpdatePass(TaylorBranchPass):
     """After each selected branch's ungated output, refresh its Taylor factors (writes last).
 
     order: the highest factor kept; every slot 0..order is declared, all `order` differences taken.
     """
 
-    def __init__(self, blocks=None, order: int = 1, kinds=None):
-        super().__init__()
-        if order < 0:
-            raise ValueError(f"order must be >= 0, got {order}")
-        self.blocks, self.order, self.kinds = blocks, order, kinds
-
     def call(self, gm):
-        nodes = ir.nodes_by_name(gm.graph)
         graph = gm.graph
-        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
-            out = nodes.get(br.branch_out)
+        for br, out in self.branches(gm):
             if out is None or not out.users:
                 self.decline(br.name, "its output is not computed in this variant")
                 continue
@@ -168,21 +171,13 @@ class InsertTaylorUpdatePass(Pass):
         return PassResult(gm, self.counters["branch"] > 0)
 
 
-class ReplaceWithTaylorForecastPass(Pass):
+class ReplaceWithTaylorForecastPass(TaylorBranchPass):
     """Replace each selected branch's ungated output by the Taylor forecast of its cached factors
     (order 0: plain reuse, as FORA)."""
 
-    def __init__(self, blocks=None, order: int = 1, kinds=None):
-        super().__init__()
-        if order < 0:
-            raise ValueError(f"order must be >= 0, got {order}")
-        self.blocks, self.order, self.kinds = blocks, order, kinds
-
     def call(self, gm):
-        nodes = ir.nodes_by_name(gm.graph)
         graph = gm.graph
-        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
-            out = nodes.get(br.branch_out)
+        for br, out in self.branches(gm):
             if out is None or not out.users:
                 self.decline(br.name, "its output is not in this graph")
                 continue
@@ -196,11 +191,7 @@ class ReplaceWithTaylorForecastPass(Pass):
         return PassResult(gm, self.counters["forecast"] > 0)
 
     def ensures(self, gm):
-        nodes = ir.nodes_by_name(gm.graph)
-        for br in ir.structure_of(gm).select(self.blocks, self.kinds):
-            out = nodes.get(br.branch_out)
-            if out is not None and out.users:
-                raise PassError(f"branch {br.name} output {out.name} is still used after its forecast")
+        self.check_replaced(gm, "its forecast")
 
 
 class UpdateTaylorFactorsInPlacePass(Pass):

@@ -1,7 +1,8 @@
 """ToCa-family token scoring: what full steps record, how partial steps pick and merge tokens.
 
 Full blocks record, per block, the part of the score that only depends on the full step
-(METHODS.md §3.5, §4.3) and reset the staleness counters:
+(Shenyi-Z/ToCa `DiT-ToCa/cache_functions/score_evaluate.py`, `scores.py`; DuCa's V-caching is the
+`kv-norm` score of Shenyi-Z/DuCa) and reset the staleness counters:
 
 - `attention`: s1 = normalize(column sums of the head-averaged attention map). The map is computed
   explicitly (q·scale @ kᵀ, softmax, @ v) as the official code does whenever it needs it; SDPA
