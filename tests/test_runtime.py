@@ -10,6 +10,7 @@ in one batched GEMM, whose sums may round differently; its own tests compare to 
 from __future__ import annotations
 
 import operator
+import re
 import warnings
 from collections import Counter
 
@@ -474,3 +475,32 @@ def test_bad_option_values(tiny):
         graphcache.optimize(tiny, method="fora", num_steps=10, interval="three")
     with pytest.raises(GraphcacheError, match="num_steps"):
         graphcache.optimize(tiny, method="none", num_steps=0)
+
+
+@pytest.mark.parametrize("method,option,value,message", [
+    ("toca", "fresh_ratio", 2.0, "fresh_ratio=2.0 must be <= 1"),
+    ("duca", "fresh_ratio", -0.1, "fresh_ratio=-0.1 must be >= 0"),
+    ("clusca", "propagation", 1.5, "propagation=1.5 must be <= 1.0"),
+    ("toca", "fresh_ratio", "nan", "fresh_ratio=nan is not a number"),
+])
+def test_ratios_outside_zero_one_are_refused(method, option, value, message):
+    with pytest.raises(GraphcacheError, match=re.escape(message)):
+        get_method(method).resolve_options({option: value})
+    for edge in (0.0, 1.0):  # the bounds themselves are ratios
+        assert get_method(method).resolve_options({option: edge})[option] == edge
+
+
+def test_backends_are_checked_before_anything_is_built(tiny):
+    from graphcache.exporters import get_backend
+
+    with pytest.raises(GraphcacheError, match="unknown backend 'tpu'; valid: eager, compile"):
+        get_backend("tpu")
+    with pytest.raises(GraphcacheError, match="compile_options need backend='compile'"):
+        get_backend("eager", {"mode": "max-autotune"})
+    with pytest.raises(GraphcacheError, match="unknown compile option 'fullgrph'"):
+        graphcache.optimize(tiny, method="fora", num_steps=10, backend="compile", compile_options={"fullgrph": True})
+    eager = graphcache.optimize(tiny, method="fora", num_steps=10)
+    # the backend hands the runners (and what its passes did) to the model, which keeps them
+    assert set(eager.runners) == set(eager.variants) == set(eager.runner_records)
+    assert all(r[0].name == "CallCacheKernelsPass" for r in eager.runner_records.values())
+    assert eager.exported == [] and eager.files is None and eager.compile_options is None

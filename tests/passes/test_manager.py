@@ -117,3 +117,36 @@ def test_failure_names_pass_and_predecessors(captured, bad):
 def test_first_pass_failure_says_none_ran(captured):
     with pytest.raises(PassPipelineError, match="passes run before it: none"):
         PassManager([FailingPass()])(new_variant(captured, CacheState()))
+
+
+class RaisesPass(Pass):
+    """Raises an exception type the manager has no special case for."""
+
+    def call(self, gm):
+        raise ZeroDivisionError("division by zero in a pass")
+
+
+def test_any_exception_names_the_pass(captured):
+    gm = new_variant(captured, CacheState())
+    with pytest.raises(PassPipelineError) as info:
+        PassManager([InsertCacheWritePass(), RaisesPass()])(gm)
+    assert info.value.failed == "RaisesPass" and info.value.before == ["InsertCacheWritePass"]
+    assert isinstance(info.value.cause, ZeroDivisionError)
+    assert str(info.value) == ("pass RaisesPass failed (division by zero in a pass); "
+                               "passes run before it: InsertCacheWritePass")
+
+
+def test_nested_managers_run_in_place_and_name_the_path(captured):
+    gm = new_variant(captured, CacheState())
+    inner = PassManager([ReplaceWithCacheReadPass(), EliminateDeadBranchesPass()], name="reuse")
+    records = PassManager([InsertCacheWritePass(blocks=[]), inner])(gm)
+    assert [r.name for r in records] == ["InsertCacheWritePass", "ReplaceWithCacheReadPass",
+                                         "EliminateDeadBranchesPass"]
+    assert records[1].counters == {"cache_read": 2 * DEPTH}  # the inner passes rewrote the outer graph
+
+    gm = new_variant(captured, CacheState())
+    failing = PassManager([EliminateDeadBranchesPass(), RaisesPass()], name="inner")
+    with pytest.raises(PassPipelineError) as info:
+        PassManager([InsertCacheWritePass(), failing])(gm)
+    assert info.value.failed == "inner/RaisesPass"
+    assert info.value.before == ["InsertCacheWritePass", "EliminateDeadBranchesPass"]

@@ -1,9 +1,9 @@
-"""InsertTaylorUpdatePass and ReplaceWithTaylorForecastPass (METHODS.md §6.3).
+"""InsertTaylorUpdatePass and ReplaceWithTaylorForecastPass (TaylorSeer's factors and forecasts).
 
 Structural: exact counts of reads, differences, writes and forecasts, the placeholders they add,
 the slots they declare, and the work dead-code elimination removes. Numerical: the factors written
 and the forecasts used, against the eager model with its attention/MLP outputs observed or
-replaced by forward hooks, computed here from the formulas of §6.3. The eager runners' in-place
+replaced by forward hooks, computed here from TaylorSeer's finite-difference and forecast formulas. The eager runners' in-place
 refresh (UpdateTaylorFactorsInPlacePass) against the variant's differences and writes, bit for bit.
 """
 
@@ -34,6 +34,7 @@ from graphcache.passes.taylor import (
 )
 from graphcache.ops import copy_into_
 from graphcache.exporters.eager import with_cache_kernels
+from graphcache.passes.base import PassError
 from graphcache.runtime import new_variant
 
 DEPTH = 3
@@ -300,3 +301,13 @@ def test_in_place_refresh_declines_what_others_read(case, reason):
         assert not p.counters and [d.target for d in p.declined] == ["finite_difference"]
         assert reason in p.declined[0].reason
         assert sum(n.target is copy_into_ for n in gm.graph.nodes) == 2
+
+
+def test_in_place_refresh_requires_the_cache_kernels(captured):
+    """On a variant whose writes are still `cache_write` ops the pass would match nothing and
+    decline silently: it refuses to run instead, naming the pass that must come first."""
+    gm, _ = build(captured, [InsertTaylorUpdatePass(order=ORDER)])
+    with pytest.raises(PassError, match="run CallCacheKernelsPass first"):
+        UpdateTaylorFactorsInPlacePass()(gm)
+    p = UpdateTaylorFactorsInPlacePass()
+    assert p(eager_copy(gm)).modified  # the same graph once the kernels are in
