@@ -51,8 +51,8 @@ def shapes_recorded(gm: fx.GraphModule, inputs) -> bool:
 
 def propagate_shapes(gm: fx.GraphModule, inputs) -> None:
     """Record `tensor_meta` on every node, computing on fake tensors only. Nothing to do when the
-    inputs have the shapes last recorded: a DiT-XL/2 graph takes ~2 s of fake dispatch, which the
-    first call of every cached model at the capture's own shapes (a CFG batch of 2) would otherwise pay."""
+    inputs have the shapes last recorded: fake dispatch over a whole DiT-XL/2 graph is slow, and the
+    first call of every cached model at the capture's own shapes (a CFG batch of 2) would otherwise pay for."""
     if shapes_recorded(gm, inputs):
         return
     mode = FakeTensorMode(allow_non_fake_inputs=True)

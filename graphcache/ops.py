@@ -42,8 +42,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x[b, idx[b, j]] -> (B, k, C)."""
     if torch.compiler.is_compiling():  # compile and export trace one gather node
         return torch.gather(x, 1, token_index(idx, x.shape[-1]))
-    # eager: index_select copies whole rows of the flattened tokens; on CPU that is ~2x faster than
-    # advanced indexing and ~5x faster than gather's per-element index
+    # eager: index_select copies whole rows of the flattened tokens; on CPU that beats advanced
+    # indexing, and gather's per-element index by far
     batch, tokens, channels = x.shape
     flat = (idx + _rows(idx) * tokens).reshape(-1)
     return x.reshape(batch * tokens, channels).index_select(0, flat).view(batch, idx.shape[1], channels)
@@ -90,7 +90,7 @@ CACHE_SCATTER = torch.ops.graphcache.cache_scatter.default
 CACHE_UPDATES: dict = {CACHE_SCATTER: scatter_tokens}
 
 # Each cache op's kernel: the plain in-place function the op runs. Eager runners call these
-# directly (runtime.eager_runner): on a CPU a custom op's dispatch costs ~20 µs a call, more than
+# directly (exporters/eager.py `eager_runner`): on a CPU a custom op's dispatch costs more than
 # the work of most cache writes of a small model. The variants keep the ops, whose declared
 # mutation is what dead-code elimination, torch.compile and the exporters go by.
 EAGER_KERNELS: dict = {CACHE_WRITE: copy_into_, CACHE_SCATTER: put_tokens_}

@@ -15,8 +15,8 @@ scoring, gathers, scatters, gates, residual adds, cache writes, forecasts or K-m
     skip               nothing (DuCa's aggressive steps)
 
 so the realization it prints is an upper bound for any implementation on this machine that
-precomputes the modulation. (Before graphcache did, the bound also counted each cached block's
-adaLN chunks: memory-bound GEMVs of ~0.5 ms each on DiT-XL/2.)
+precomputes the modulation. (Without that precomputation each cached block would also pay for its
+adaLN chunks: memory-bound GEMVs that read the block's modulation weights.)
 
     python tools/realization_bound.py                                  # DiT-XL/2 size, every method
     python tools/realization_bound.py --methods toca,clusca --json bound.json

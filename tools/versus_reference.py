@@ -1,8 +1,9 @@
 """graphcache against the literal plain-PyTorch references of the token-wise methods, in one process.
 
 The references the tests check graphcache against (tests/methods/toca_reference.py: ToCa and DuCa;
-tests/methods/clusca_reference.py: ClusCa and TaylorSeer) are written from METHODS.md alone, in the
-shape of the official code: a Python loop over the blocks with cache dicts, the whole adaLN
+tests/methods/clusca_reference.py: ClusCa and TaylorSeer) are written independently of graphcache,
+from the behaviour of the official DiT code (Shenyi-Z/ToCa `DiT-ToCa/`, Shenyi-Z/DuCa `DuCa-DiT/`,
+Shenyi-Z/Cache4Diffusion `dit/clusca-dit/`) and in its shape: a Python loop over the blocks with cache dicts, the whole adaLN
 modulation in every block, the (B, N, N) attention map kept per layer, torch.gather / scatter_ /
 index assignment, K-means and Taylor forecasts evaluated factor by factor. Given the same model,
 seed, schedule and options, a reference produces what graphcache produces: the tool checks it
@@ -21,7 +22,7 @@ ratios from one run are what to quote):
                         repeats, added up: disturbances only add time, so this is the steadier one)
     realization         wall-clock speedup over the uncached model / FLOPs speedup, for each side
 
-    python tools/versus_reference.py                      # DiT-XL/2 size, DDIM-50, cfg 1.5 (~15 min a repeat)
+    python tools/versus_reference.py                      # DiT-XL/2 size, DDIM-50, cfg 1.5 (long on a CPU)
     python tools/versus_reference.py --methods toca,clusca --repeats 2 --json versus.json
 """
 

@@ -1,21 +1,20 @@
 """TransposeFewTokenLinearsPass: the linear layers of a selected-token branch computed as W·xᵀ.
 
 A cached step runs its MLP on a few dozen token rows only (ToCa and DuCa: k fresh tokens per batch
-row; ClusCa: one per cluster). On this project's CPU (MKL, 2 cores) `F.linear` computes x·Wᵀ for
-such a handful of rows at about a third of its full-step speed per row. The same product computed
-as W·xᵀ, an (out, rows) result, ran the DiT-XL/2 MLP (fc1, GELU, fc2 over 28 blocks' weights)
-1.4–1.65× faster at 12–64 rows, and was never slower up to 512.
+row; ClusCa: one per cluster). On a CPU, MKL's GEMM computes `F.linear`'s x·Wᵀ for such a
+handful of rows far below its full-step speed per row; the same product computed as W·xᵀ, an
+(out, rows) result, runs faster at a few dozen rows and no slower at a few hundred.
 
 `linear_token_columns` returns the (rows, out) transposed view of that product, so no copy is
 made: GELU keeps the layout, and the next linear's xᵀ is then contiguous. The values are
 F.linear's up to float rounding (MKL may sum the dot products in another order). So only the
 linears InsertTokenSelectPass cloned onto the selected tokens (`ir.ON_SELECTED_TOKENS`) are
-rewritten: full-width linears gain ~3 % at 512 rows and would cost the bit-exact plain path
+rewritten: full-width linears gain next to nothing and would cost the bit-exact plain path
 (`none`, FORA's full steps) its exactness.
 
-For eager runners only (runtime.eager_runner): compile and the exporters lower linears themselves.
-The kernel falls back to F.linear off the CPU and for dtypes other than float32, where nothing
-here measured it.
+For eager runners only (exporters/eager.py `eager_runner`): compile and the exporters lower linears
+themselves. The kernel falls back to F.linear off the CPU and for dtypes other than float32: the
+layout's advantage comes from MKL's float32 CPU kernels and has not been established elsewhere.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """HoistConditioningPass: move the work that depends only on the conditioning out of the variant.
 
 A DiT's adaLN modulation is a function of (t, y) alone, yet every step recomputes it, and on a
-CPU that is a memory-bound GEMV per block (32 MB of weights per DiT-XL block, ~0.5 ms per sixth):
+CPU that is a memory-bound GEMV per block (32 MB of weights per DiT-XL block):
 it reads a third of the model's weights to produce a few vectors. The sampler knows every step's
 (t, y) before the first step, so the runtime can compute all steps' modulations in one batched
 GEMM per block — reading each weight once per run instead of once per step.
