@@ -1,0 +1,324 @@
+"""InsertTokenSelectPass and token_locality_problem (graphcache/passes/token_select.py).
+
+The pass is tested with a selector and a merger written here (fixed per-row token picks, merged
+into zeros), so that what is checked is the pass itself: structural — exact counters, one gather
+per branch, the branch work cloned once onto the gathered tokens (and tagged so), the full-width
+work gone after dead-code elimination, the token-count inputs; numerical — the plain model with
+each selected MLP's output kept on the picked tokens only (forward hooks); negative — MLPs that
+mix tokens, change the token axis or read a per-token tensor are declined naming the node, and
+the graph is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphcache
+from graphcache import ir
+from graphcache.cache import CacheState
+from graphcache.models.dit import DiT, DiTConfig, init_random_
+from graphcache.ops import gather_tokens, scatter_tokens
+from graphcache.passes.cache_passes import EliminateDeadBranchesPass
+from graphcache.passes.token_select import (
+    InsertTokenSelectPass,
+    SelectContext,
+    TokenMerger,
+    TokenSelector,
+    token_locality_problem,
+)
+from graphcache.runtime import new_variant
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (HERE, os.path.dirname(HERE)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+from test_cache_passes import build, inputs, module_calls  # noqa: E402
+from test_capture import FeedForward, Mixer  # noqa: E402
+
+DEPTH, BATCH, TOKENS = 2, 2, 16
+
+
+def spread_tokens(stream, k):
+    """Row b takes tokens (b + 3j) mod N, j < k: distinct, and different in every row."""
+    b, n = stream.shape[0], stream.shape[1]
+    j = torch.arange(k)
+    return (torch.arange(b)[:, None] + 3 * j[None, :]) % n
+
+
+def merge_into_zeros(stream, idx, fresh):
+    return scatter_tokens(torch.zeros_like(stream), idx, fresh)
+
+
+class SpreadSelector(TokenSelector):
+    def indices(self, ctx: SelectContext):
+        return ctx.gm.graph.call_function(spread_tokens, (ctx.stream_in, ctx.tokens()))
+
+
+class ZeroMerger(TokenMerger):
+    """The branch output becomes zero except on the picked tokens (no cache involved)."""
+
+    def merge(self, ctx: SelectContext, idx, fresh):
+        return ctx.gm.graph.call_function(merge_into_zeros, (ctx.stream_in, idx, fresh))
+
+
+def select_pass(blocks, kind=ir.MLP):
+    return InsertTokenSelectPass(blocks, SpreadSelector(), ZeroMerger(), kind=kind)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = DiTConfig(input_size=8, patch_size=2, hidden_size=32, depth=DEPTH, num_heads=2, num_classes=10)
+    return init_random_(DiT(cfg), seed=11).eval()
+
+
+@pytest.fixture(scope="module")
+def captured(model):
+    return graphcache.capture(model)
+
+
+def calls(gm, fn):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fn]
+
+
+def on_selected(gm):
+    return [n for n in gm.graph.nodes if n.meta.get(ir.ON_SELECTED_TOKENS)]
+
+
+def target_of(node):
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+# --------------------------------------------------------------------------------------------
+# Structure
+# --------------------------------------------------------------------------------------------
+
+
+def test_counts_and_clones(captured):
+    s = ir.structure_of(captured)
+    gm, records = build(captured, [select_pass(range(DEPTH))])
+    assert records[0].counters == {"token_select": DEPTH} and records[0].modified and not records[0].declined
+    nodes = ir.nodes_by_name(gm.graph)
+    gathers = calls(gm, gather_tokens)
+    assert [g.args[0].name for g in gathers] == [s.branch(b, ir.MLP).stream_in for b in range(DEPTH)]
+    assert [g.args[1].target for g in gathers] == [spread_tokens] * DEPTH
+    # each block's MLP work is cloned exactly once, onto the gathered tokens, and tagged
+    work = [nodes[n] for b in range(DEPTH) for n in s.branch(b, ir.MLP).work]
+    clones = on_selected(gm)
+    assert len(clones) == len(work)
+    assert Counter(map(target_of, clones)) == Counter(map(target_of, work))
+    assert not any(n.meta.get(ir.ON_SELECTED_TOKENS) for n in work)
+    # the merged value replaces the branch output: the original output is read by nothing now
+    for b in range(DEPTH):
+        br = s.branch(b, ir.MLP)
+        assert not nodes[br.branch_out].users
+        mul = next(a for a in nodes[br.residual_add].args if a is not nodes[br.stream_in])
+        assert any(a.op == "call_function" and a.target is merge_into_zeros for a in mul.args)
+    assert [(n.target, n.type) for n in gm.graph.nodes if n.op == "placeholder"] == [
+        ("x", None), ("t", None), ("y", None), ("gc_tokens_b0", int), ("gc_tokens_b1", int)]
+
+
+def test_full_width_work_is_dead(captured):
+    s = ir.structure_of(captured)
+    gm, records = build(captured, [select_pass([1]), EliminateDeadBranchesPass()])
+    assert records[0].counters == {"token_select": 1}
+    names = {n.name for n in gm.graph.nodes}
+    assert not names & set(s.branch(1, ir.MLP).work)  # the full-width MLP of block 1 is gone ...
+    assert set(s.branch(0, ir.MLP).work) <= names  # ... block 0's stays
+    assert len(module_calls(gm, "blocks.1.mlp.fc1")) == 1  # once: the clone on the selected tokens
+    assert all(n.meta.get(ir.ON_SELECTED_TOKENS) for n in module_calls(gm, "blocks.1.mlp."))
+    assert not any(n.meta.get(ir.ON_SELECTED_TOKENS) for n in module_calls(gm, "blocks.0.mlp."))
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x", "t", "y", "gc_tokens_b1"]
+
+
+def test_locality_of_dit_branches(captured):
+    s = ir.structure_of(captured)
+    gm = new_variant(captured, CacheState())
+    for b in range(DEPTH):
+        assert token_locality_problem(gm, s.branch(b, ir.MLP)) is None
+        problem = token_locality_problem(gm, s.branch(b, ir.ATTENTION))
+        assert problem is not None and problem.split()[1] in s.branch(b, ir.ATTENTION).work
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics
+# --------------------------------------------------------------------------------------------
+
+
+def masked_mlp_reference(model, x, t, y, ks):
+    """The plain model with blocks[b].mlp's output zeroed except on the picked tokens."""
+    hooks = []
+    for b, k in ks.items():
+        def keep(m, args, out, k=k):
+            idx = spread_tokens(out, k)
+            rows = torch.arange(out.shape[0])[:, None]
+            kept = torch.zeros_like(out)
+            kept[rows, idx] = out[rows, idx]
+            return kept
+        hooks.append(model.blocks[b].mlp.register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            return model(x, t, y)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("ks", [{0: 4, 1: 7}, {1: 1}, {0: TOKENS}])
+def test_selected_tokens_numerics(model, captured, ks):
+    gm, _ = build(captured, [select_pass(sorted(ks)), EliminateDeadBranchesPass()])
+    x, t, y = inputs(31, t=450)
+    with torch.no_grad():
+        out = gm(x, t, y, **{f"gc_tokens_b{b}": k for b, k in ks.items()})
+        plain = model(x, t, y)
+    want = masked_mlp_reference(model, x, t, y, ks)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    if ks == {0: TOKENS}:  # every token picked: the model itself
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+    else:
+        assert not torch.allclose(out, plain, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Declines
+# --------------------------------------------------------------------------------------------
+
+C = 32
+
+
+class CumsumMLP(nn.Module):
+    """Mixes tokens: a running sum along the token axis."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w_in, self.w_out = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return self.w_out(torch.cumsum(F.silu(self.w_in(x)), dim=1))
+
+
+class CenteredMLP(nn.Module):
+    """Subtracts the token mean first: the mean has one token."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w_in, self.w_out = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return self.w_out(F.silu(self.w_in(x - x.mean(dim=1, keepdim=True))))
+
+
+class PositionalMLP(nn.Module):
+    """Adds a per-token parameter: token-wise, but not the same for every token."""
+
+    def __init__(self, dim, tokens):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim))
+        self.w_in, self.w_out = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        return self.w_out(F.silu(self.w_in(x + self.pos)))
+
+
+class Block(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.attn, self.mlp = Mixer(C), mlp
+
+    def forward(self, x):
+        x = x + self.attn(self.n1(x))
+        return x + self.mlp(self.n2(x))
+
+
+class MixedNet(nn.Module):
+    """Block 0's MLP is token-local; blocks 1-3 each break locality in another way."""
+
+    def __init__(self, tokens=8):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(FeedForward(C)), Block(CumsumMLP(C)), Block(CenteredMLP(C)),
+                                     Block(PositionalMLP(C, tokens))])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    torch.manual_seed(0)
+    model = MixedNet().eval()
+    x = torch.randn(BATCH, 8, C, generator=torch.Generator().manual_seed(1))
+    return model, x, graphcache.capture(model, (x,))
+
+
+def test_declines_branches_that_are_not_token_local(mixed):
+    model, x, captured = mixed
+    s = ir.structure_of(captured)
+    assert [[br.kind for br in b.branches] for b in s.blocks] == [[ir.ATTENTION, ir.MLP]] * 4
+    gm = new_variant(captured, CacheState())
+    select = select_pass(range(4))
+    result = select(gm)
+    assert result.modified and select.counters == {"token_select": 1}
+    assert [d.target for d in select.declined] == ["b1_mlp", "b2_mlp", "b3_mlp"]
+    nodes = ir.nodes_by_name(gm.graph)
+    cumsum, centered, positional = (d.reason for d in select.declined)
+    assert cumsum.startswith("node ") and "(cumsum) may mix tokens" in cumsum
+    assert nodes[cumsum.split()[1]].target is torch.cumsum
+    assert "changes the token axis (shape (2, 1, 32))" in centered
+    assert nodes[centered.split()[1]].target == "mean"
+    assert "which varies over tokens" in positional and "(1, 8, 32)" in positional
+    read = positional.split()[3]
+    assert nodes[read].op == "get_attr" and nodes[read].target == "blocks.3.mlp.pos"
+    # each reason is token_locality_problem's own, for the same branch
+    for d in select.declined:
+        assert token_locality_problem(captured, next(br for br in s.branches if br.name == d.target)) == d.reason
+    assert len(calls(gm, gather_tokens)) == 1 and [n.target for n in gm.graph.nodes if n.op == "placeholder"] == [
+        "x", "gc_tokens_b0"]
+    # and the selected block still computes what it should
+    gm.recompile()
+    with torch.no_grad():
+        out = gm(x, gc_tokens_b0=3)
+        want = masked_mixed_reference(model, x, 3)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def masked_mixed_reference(model, x, k):
+    def keep(m, args, out):
+        idx = spread_tokens(out, k)
+        rows = torch.arange(out.shape[0])[:, None]
+        kept = torch.zeros_like(out)
+        kept[rows, idx] = out[rows, idx]
+        return kept
+
+    hook = model.blocks[0].mlp.register_forward_hook(keep)
+    try:
+        return model(x)
+    finally:
+        hook.remove()
+
+
+def test_declined_only_leaves_the_graph_alone(mixed):
+    _, _, captured = mixed
+    gm = new_variant(captured, CacheState())
+    before = str(gm.graph)
+    select = select_pass([1, 2, 3])
+    result = select(gm)
+    assert not result.modified and select.counters["token_select"] == 0 and len(select.declined) == 3
+    assert str(gm.graph) == before
+
+
+def test_declines_a_missing_branch_kind(captured):
+    gm = new_variant(captured, CacheState())
+    select = select_pass([0, 1], kind=ir.CROSS_ATTENTION)
+    result = select(gm)
+    assert not result.modified
+    assert [(d.target, d.reason) for d in select.declined] == [
+        ("block 0", "has no cross_attention branch"), ("block 1", "has no cross_attention branch")]
