@@ -1,6 +1,6 @@
 """graphcache.sampling against an independent re-derivation of the reference (guided-diffusion) sampler.
 
-The reference below is written from the formulas (METHODS.md §1.3-1.5) with Python floats and
+The reference below is written from the formulas of facebookresearch/DiT `diffusion/` with Python floats and
 loops, NOT with graphcache.sampling's internals: linear betas by formula, products by loop,
 respacing by the accumulate-and-round loop, per-step coefficients as float64 scalars cast to
 float32, then the reference's float32 update order. On CPU the two implementations agree to

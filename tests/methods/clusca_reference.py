@@ -1,4 +1,5 @@
-"""A plain-PyTorch ClusCa / TaylorSeer on the DiT, written literally from METHODS.md §2, §6.2-6.5, §7.
+"""A plain-PyTorch ClusCa / TaylorSeer on the DiT, written literally after the official DiT code
+(Shenyi-Z/Cache4Diffusion `dit/clusca-dit/`; ClusCa arXiv 2509.10312, TaylorSeer arXiv 2503.06923).
 
 Helper module for tests/methods/test_clusca.py and test_taylorseer.py (not collected: no `test_`
 prefix) and tools/versus_reference.py. It shares nothing with graphcache: its own loop over the
@@ -17,7 +18,7 @@ from torch import nn
 
 
 class ClusCaReference(nn.Module):
-    """ClusCa (clusters > 0) or TaylorSeer (clusters == 0) on a DiT, from METHODS.md alone."""
+    """ClusCa (clusters > 0) or TaylorSeer (clusters == 0) on a DiT, sharing nothing with graphcache."""
 
     first_enhance = 2
 
@@ -29,7 +30,7 @@ class ClusCaReference(nn.Module):
         for attr in ("in_channels", "input_size", "num_classes", "learn_sigma"):
             setattr(self, attr, getattr(dit, attr))
 
-    # -- cache_init, once per sampling loop (§2) --
+    # -- cache_init, once per sampling loop --
     def start_sampling(self, num_steps):
         self.num_steps = num_steps
         self.calls = 0
@@ -39,7 +40,7 @@ class ClusCaReference(nn.Module):
         self.labels = self.centroids = None
         self.types = []
 
-    # -- §6.2, once per forward before the blocks --
+    # -- cal_type.py, once per forward before the blocks --
     def cal_type(self, s):
         first_steps = s > self.num_steps - self.first_enhance - 1
         if first_steps or self.cache_counter == self.interval - 1:
@@ -49,7 +50,7 @@ class ClusCaReference(nn.Module):
         self.cache_counter += 1
         return "ClusCa" if self.clusters > 0 else "Taylor"
 
-    # -- §6.3 --
+    # -- taylor_utils: finite differences and forecasts --
     def derivative_approximation(self, layer, module, feature, s):
         d = self.activated_steps[-1] - self.activated_steps[-2]
         old = self.cache.setdefault(layer, {}).get(module, {})
@@ -68,7 +69,7 @@ class ClusCaReference(nn.Module):
             out = out + (1 / math.factorial(i)) * factor * dist**i
         return out
 
-    # -- §6.4 --
+    # -- cluster_utils: K-means --
     def kmeans(self, x):
         B, N, _ = x.shape
         K = self.clusters
@@ -86,7 +87,7 @@ class ClusCaReference(nn.Module):
             centroids = new
         self.labels, self.centroids = labels, centroids
 
-    # -- §6.5 --
+    # -- ClusCa partial step: select_fresh_tokens.py, update_cache.py --
     def clusca_mlp(self, layer, block, x, shift, scale):
         B, N, C = x.shape
         r = torch.rand(B, N, device=x.device)

@@ -1,9 +1,10 @@
-"""ToCa / DuCa step decisions (METHODS.md §3.3, §3.4, §4.2).
+"""ToCa / DuCa step decisions (Shenyi-Z/ToCa and Shenyi-Z/DuCa `cache_functions/cal_type.py`,
+`force_scheduler.py`, `fresh_ratio_scheduler.py`).
 
 The expectations come from `_reference_run`, an independent, literal re-statement of the official
 pseudo-code: a cache_dic / current pair, `cal_type` evaluated per block before it runs, and
 `force_scheduler` (in torch float32, as the original) called by a full layer-0 block. The only
-pasted string is the one published example of §3.3, used as an anchor.
+pasted string is the DDIM-50 N=3 ToCa schedule the official code produces, used as an anchor.
 """
 
 import pytest

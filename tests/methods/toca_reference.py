@@ -1,12 +1,15 @@
-"""A plain-PyTorch reference of ToCa and DuCa on the DiT, written literally from METHODS.md.
+"""A plain-PyTorch reference of ToCa and DuCa on the DiT, written literally after the official DiT
+code (Shenyi-Z/ToCa `DiT-ToCa/`, arXiv 2410.05317; Shenyi-Z/DuCa `DuCa-DiT/`, arXiv 2412.18911).
 
 Helper module for tests/methods/test_toca.py and test_duca.py (not collected: no `test_` prefix).
 It shares NOTHING with graphcache's passes, schedule or rules: it keeps a `cache_dic` / `current`
-pair like the official code (§2), decides `cal_type` per block before the block runs (§3.3, DuCa
-§4.2), calls `force_scheduler` from `force_init` in a full block (ToCa: layer 0 only; DuCa: every
-full block), evaluates the fresh-ratio scheduler per (step, layer, module) (§3.4), scores and cuts
-tokens (§3.5, §4.3) and runs the full / partial / aggressive blocks (§3.6, §4.2) from the DiT's own
-submodules in the forward order of §1.3.
+pair like the official code (`cache_functions/cache_init.py`), decides `cal_type` per block before
+the block runs (`cal_type.py`), calls `force_scheduler` from `force_init` in a full block (ToCa:
+layer 0 only; DuCa: every full block), evaluates the fresh-ratio scheduler per (step, layer, module)
+(`fresh_ratio_scheduler.py`), scores and cuts tokens (`score_evaluate.py`, `scores.py`,
+`cache_cutfresh.py`; DuCa's `kv-norm` score) and runs the full / partial / aggressive blocks
+(`models.py`) from the DiT's own submodules in the forward order of facebookresearch/DiT
+`models.py`.
 
 The one documented generalisation (shared with graphcache, identical on DiT-XL/2): the official
 layer factor divides by 27, i.e. `depth - 1` of DiT-XL/2; here it divides by `depth - 1` of the
@@ -25,17 +28,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-# §3.4 ratio schedulers: name -> (step weight sw, layer weight lw). DuCa's 'ToCa' == ToCa-ddim50 (§4.2).
+# fresh_ratio_scheduler.py: name -> (step weight sw, layer weight lw). DuCa's 'ToCa' == ToCa-ddim50.
 _TOCA_SCHEDULERS = {"ToCa-ddim50": (2.0, -0.2), "ToCa-ddpm250": (0.4, 0.8)}
 _DUCA_SCHEDULERS = {**_TOCA_SCHEDULERS, "ToCa": (2.0, -0.2)}
 
 
 def modulate(x, shift, scale):
-    # §1.3: norm(x) * (1 + scale[:, None]) + shift[:, None]
+    # DiT's modulate: norm(x) * (1 + scale[:, None]) + shift[:, None]
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-# --------------------------------------------------------------------------------- §2 cache_init
+# ------------------------------------------------------------------------- cache_init.py
 def cache_init(num_steps, depth, *, fresh_threshold, fresh_ratio, ratio_scheduler, cache_type,
                soft_fresh_weight, bonus, grid, duca):
     cache_dic = {
@@ -56,7 +59,7 @@ def cache_init(num_steps, depth, *, fresh_threshold, fresh_ratio, ratio_schedule
     return cache_dic, current
 
 
-# --------------------------------------------------------------------------------- §3.3 / §4.2
+# ------------------------------------------------------------------------- cal_type.py (ToCa / DuCa)
 def cal_type(cache_dic, current):
     s, S = current["step"], current["num_steps"]
     first_step = s == S - 1
@@ -90,7 +93,7 @@ def force_init(cache_dic, current, batch, tokens):
         force_scheduler(cache_dic, current)
 
 
-# --------------------------------------------------------------------------------- §3.4
+# ------------------------------------------------------------------------- fresh_ratio_scheduler.py
 def fresh_ratio_scheduler(cache_dic, current, layer_divisor):
     schedulers = _DUCA_SCHEDULERS if cache_dic["duca"] else _TOCA_SCHEDULERS
     sw, lw = schedulers[cache_dic["ratio_scheduler"]]  # KeyError for ToCa's 'ToCa' (official raises)
@@ -105,7 +108,7 @@ def fresh_ratio_scheduler(cache_dic, current, layer_divisor):
     return torch.clamp(torch.tensor(ratio, dtype=torch.float32), 0, 1)
 
 
-# --------------------------------------------------------------------------------- §3.5 / §4.3
+# ------------------------------------------------------------------------- scores.py, score_evaluate.py
 def local_selection_with_bonus(score, bonus, grid):
     """s4, written independently of graphcache: max-pool the (side x side) score map in grid x grid
     cells, and add bonus x cell-max to each cell's argmax token."""
@@ -177,7 +180,7 @@ class ReferenceToCa:
         self.calls = 0
         self.log = []
 
-    # ---- attention of a full block: explicit when the score needs the map (§3.5), else SDPA
+    # ---- attention of a full block: explicit when the score needs the map (as `cache_functions/attention.py`), else SDPA
     def _attention(self, attn, h):
         b, n, c = h.shape
         heads = attn.num_heads
@@ -194,7 +197,7 @@ class ReferenceToCa:
         else:
             o = F.scaled_dot_product_attention(q, k, v)
             if self.score == "kv-norm":
-                v_norm = v.norm(dim=-1)  # (B, H, N): ||v||_2 over head_dim, per head (§4.3)
+                v_norm = v.norm(dim=-1)  # (B, H, N): ||v||_2 over head_dim, per head (DuCa's V-caching)
         out = attn.proj(o.transpose(1, 2).reshape(b, n, c))
         return out, attn_map, v_norm
 

@@ -12,7 +12,7 @@ SMALL = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, dep
 
 
 def _xl2_expected_shapes():
-    """METHODS.md §1.2, the state dict of DiT-XL-2-256x256.pt, written out by hand."""
+    """The state dict of facebookresearch/DiT's DiT-XL-2-256x256.pt, written out by hand."""
     C = 1152
     shapes = {
         "x_embedder.proj.weight": (C, 4, 2, 2),

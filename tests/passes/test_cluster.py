@@ -1,9 +1,10 @@
-"""ClusCa's passes and functions (METHODS.md §6.4, §6.5).
+"""ClusCa's passes and functions (Shenyi-Z/Cache4Diffusion `dit/clusca-dit/`: K-means, representatives,
+propagation).
 
 * K-means: the batched, chunk-checked op against the literal loop (a host check every iteration),
   bit for bit, converged or not, with empty clusters; `InsertClusterPass`'s nodes, its single
   global-RNG `randint` at the first full step, and the labels/centroids it stores.
-* Representatives and propagation against loops written here from §6.5; the in-place
+* Representatives and propagation against loops written here from the official ClusCa step; the in-place
   propagation op (`cache_propagate`) against its out-of-place form, and its registration.
 * The ClusCa token-select variant: one `rand` per block, counts, and its numbers against the eager
   model; the negative case: a branch whose MLP mixes tokens is declined, naming the node.
@@ -87,7 +88,7 @@ def calls(gm, target):
 
 
 def literal_kmeans(x, centroids, max_iter=100, rtol=1e-4):
-    """§6.4 as written: one allclose (host check) per iteration, labels from the OLD centroids."""
+    """The official K-means as written: one allclose (host check) per iteration, labels from the OLD centroids."""
     k = centroids.shape[1]
     for _ in range(max_iter):
         labels = torch.cdist(x, centroids, p=1).argmin(dim=-1)
@@ -301,7 +302,7 @@ def test_clusca_step_structure(captured, gamma, update):
 
 @pytest.mark.parametrize("gamma,per_cluster", [(0.0, 1), (0.2, 1), (0.2, 2)])
 def test_clusca_step_numbers(model, captured, gamma, per_cluster):
-    """The variant against the eager model, with §6.5 computed here block by block. Two of the
+    """The variant against the eager model, with the ClusCa step computed here block by block. Two of the
     three factors exist: the third holds random values its zero weight must leave out."""
     order, factors, dist = 2, 2, -2
     gm, _ = build(captured, clusca_passes(gamma, per_cluster, order))
