@@ -8,6 +8,9 @@ import graphcache
 from graphcache.methods import METHODS
 
 LABELS = [1, 2]
+# conftest.py `dit_s`: the DiT-S/2 shape with 2 blocks instead of 12 (test_dit_s_depth.py checks
+# that every method's schedule has the same variants at both depths)
+DIT_S_DEPTH = 2
 
 # every method with its defaults, plus the options that draw random numbers or change the graph
 CASES = [(name, {}) for name in METHODS] + [

@@ -1,7 +1,8 @@
 """The `onnx` backend (graphcache/exporters/onnx.py) on every method, DiT-S/2 random weights.
 
 For every method with its defaults, ToCa's random score and ClusCa with 2 tokens per cluster
-(`aten.sort.stable`, translated to ONNX TopK), DDIM-5 with CFG on `builtin:dit-s2-random`: each
+(`aten.sort.stable`, translated to ONNX TopK), DDIM-5 with CFG on conftest.py's `dit_s` (DiT-S/2's
+width, heads and 256 tokens, 2 blocks: the same variants as at depth 12): each
 variant is exported to ONNX (checked by `onnx.checker` in `build`), run by onnxruntime, and the
 per-step model outputs and latents agree with eager graphcache within TOL of their scale
 (measured: < 1e-6); the RNG state after the run is identical (the draws happen in the eager
@@ -23,21 +24,35 @@ import pytest
 import torch
 
 import graphcache
-from graphcache.models.builtin import resolve_model
 from run_helpers import CASES, TOL, case_id, max_rel, run, tolerance
 
 STEPS = 5
 
 
+SHARED = {("toca", (("score", "random"),))}  # also read by test_onnx_files_have_dynamic_batch_and_token_axes
+
+
 @pytest.fixture(scope="module")
-def dit_s():
-    return resolve_model("builtin:dit-s2-random")
+def onnx_cached(dit_s):
+    """`get(name, options)`: the onnx-backend CachedModel; the SHARED ones are exported once."""
+    built = {}
+
+    def get(name, options):
+        key = (name, tuple(sorted(options.items())))
+        if key in built:
+            return built[key]
+        cached = graphcache.optimize(dit_s, name, STEPS, backend="onnx", **options)
+        if key in SHARED:
+            built[key] = cached
+        return cached
+
+    return get
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=[case_id(c) for c in CASES])
-def test_onnx_matches_eager(dit_s, name, options):
-    latents, outputs, rng = run(graphcache.optimize(dit_s, name, STEPS, **options), steps=STEPS)
-    cached = graphcache.optimize(dit_s, name, STEPS, backend="onnx", **options)
+def test_onnx_matches_eager(eager_run, onnx_cached, name, options):
+    latents, outputs, rng = eager_run(name, STEPS, options)
+    cached = onnx_cached(name, options)
     assert set(cached.runners) == set(cached.variants)
     got_latents, got_outputs, got_rng = run(cached, steps=STEPS)
     assert torch.equal(got_rng, rng)
@@ -47,8 +62,8 @@ def test_onnx_matches_eager(dit_s, name, options):
     assert max_rel(got_latents, latents) < tol
 
 
-def test_onnx_files_have_dynamic_batch_and_token_axes(dit_s):
-    cached = graphcache.optimize(dit_s, "toca", STEPS, backend="onnx", score="random")
+def test_onnx_files_have_dynamic_batch_and_token_axes(dit_s, onnx_cached):
+    cached = onnx_cached("toca", {"score": "random"})
     partial = next(v for v in cached.exported if any(n.startswith("gc_tokens") for n in v.sig.inputs))
     model = onnx.load(f"{cached.files.name}/v{partial.index}.onnx", load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}

@@ -1,7 +1,7 @@
-"""ClusCa (METHODS.md §6): its schedule, its variants, and whole sampling runs against a reference.
+"""ClusCa (arXiv 2509.10312): its schedule, its variants, and whole sampling runs against a reference.
 
 `ClusCaReference` (clusca_reference.py) is a plain-PyTorch ClusCa / TaylorSeer written literally
-from §2, §6.2-6.5 and §7: its own loop over the DiT blocks, its own cache dicts, K-means and RNG
+after Shenyi-Z/Cache4Diffusion `dit/clusca-dit/`: its own loop over the DiT blocks, its own cache dicts, K-means and RNG
 draws in the official order, driven by `graphcache.sample` exactly like the compiled model.
 
 Tolerance of the end-to-end comparisons: |graphcache - reference| <= 1e-5 * max(1, max|reference|),
@@ -98,12 +98,12 @@ def dit_s():
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedule (§6.2)
+# Schedule (cal_type.py)
 # ---------------------------------------------------------------------------------------------
 
 
 def schedule_by_rule(num_steps, interval):
-    """§6.2 replayed: one character per step, F full, C ClusCa."""
+    """The official `cal_type` replayed: one character per step, F full, C ClusCa."""
     counter, out = 0, []
     for s in range(num_steps - 1, -1, -1):
         if s > num_steps - 3 or counter == interval - 1:

@@ -3,7 +3,7 @@
 Same harness, models and tolerances as test_toca.py (see its docstring): per-step model outputs
 within 1e-5 of their scale, final latents within 1e-5 of theirs, the same RNG stream, the same
 per-step kinds (full / ToCa / aggressive, mixed steps included) and fresh-token counts. Aggressive
-steps skip every block and reuse the previous step's final hidden state (§4.2).
+steps skip every block and reuse the previous step's final hidden state (Shenyi-Z/DuCa `DuCa-DiT/models.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from toca_reference import (  # noqa: E402
     module_calls,
 )
 
-# README DuCa-DiT command (§4.2): fresh-ratio 0.05, ratio-scheduler ToCa, fresh-threshold 3, bonus 0.8
+# Shenyi-Z/DuCa README DuCa-DiT command: fresh-ratio 0.05, ratio-scheduler ToCa, fresh-threshold 3, bonus 0.8
 DDIM50 = dict(interval=3, fresh_ratio=0.05, ratio_scheduler="ToCa", soft_fresh_weight=0.25, spatial_bonus=0.8)
 DDPM = dict(interval=4, fresh_ratio=0.05, ratio_scheduler="ToCa-ddpm250", soft_fresh_weight=0.25, spatial_bonus=0.8)
 FINAL_STREAM = f"{CACHE_ATTR}.final_stream"

@@ -1,6 +1,6 @@
-"""TaylorSeer (METHODS.md §6.2, §6.3, §7): schedule, variants, whole runs against the reference
-of tests/methods/clusca_reference.py (with clusters = 0 it is TaylorSeer, §7), and the §10(e)
-identity: order 0 is FORA with the same full steps.
+"""TaylorSeer (arXiv 2503.06923): schedule, variants, whole runs against the reference of
+tests/methods/clusca_reference.py (with clusters = 0 it is TaylorSeer, as in Shenyi-Z/Cache4Diffusion),
+and the identity: order 0 is FORA with the same full steps.
 
 Tolerance: as in test_clusca.py, 1e-5 * max(1, max|reference|) elementwise on the final latents
 and on every step's model output. The identity with FORA is exact (torch.equal).
@@ -136,7 +136,7 @@ def test_matches_reference_tiny(sampler, steps, interval, order):
 
 
 # ---------------------------------------------------------------------------------------------
-# §10(e): order 0 is FORA with the same full steps
+# Order 0 is FORA with the same full steps
 # ---------------------------------------------------------------------------------------------
 
 
