@@ -52,8 +52,8 @@ def tiny():
     return resolve_model("builtin:dit-tiny-random")
 
 
-def variant(cached, kinds, extra=None):
-    keys = [k for k in cached.variants if k[0] == kinds and (extra is None or k[1] == extra)]
+def variant(cached, kinds):
+    keys = [k for k in cached.variants if k[0] == kinds]
     assert keys, f"no variant {kinds} in {list(cached.variants)}"
     return cached.variants[keys[0]]
 
