@@ -26,32 +26,27 @@ from ..passes.taylor import UpdateTaylorFactorsInPlacePass
 from .base import Runners
 
 
-def runner_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `gm`'s graph over `gm` itself: new nodes (their meta shared, not copied), the same codegen."""
-    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
-
-
-def _share_children(runner: fx.GraphModule, gm: fx.GraphModule) -> fx.GraphModule:
+def rewritten_copy(gm: fx.GraphModule, passes: list) -> tuple[fx.GraphModule, list[PassRecord]]:
+    """A copy of `gm`'s graph over `gm` itself (new nodes, their meta shared), rewritten by `passes`,
+    and what each pass did."""
+    runner = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    records = PassManager(passes)(runner)
     # GraphModule copies only what the graph names, under new parent modules; share the variant's
     # own children instead, so slots the cache (re-)allocates later are the ones the runner reads
     for name, child in gm.named_children():
         setattr(runner, name, child)
-    return runner
+    return runner, records
 
 
 def with_cache_kernels(gm: fx.GraphModule) -> fx.GraphModule:
-    """A runner copy of `gm` with only `CallCacheKernelsPass` applied."""
-    runner = runner_copy(gm)
-    PassManager([CallCacheKernelsPass()])(runner)
-    return _share_children(runner, gm)
+    """A copy of `gm` with only `CallCacheKernelsPass` applied."""
+    return rewritten_copy(gm, [CallCacheKernelsPass()])[0]
 
 
 def eager_runner(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[PassRecord]]:
     """The runner of variant `gm` for eager runs, and what each of its passes did."""
-    runner = runner_copy(gm)
-    records = PassManager([CallCacheKernelsPass(), UpdateTaylorFactorsInPlacePass(), ReuseDeadTemporariesPass(),
-                           TransposeFewTokenLinearsPass()])(runner)
-    return _share_children(runner, gm), records
+    return rewritten_copy(gm, [CallCacheKernelsPass(), UpdateTaylorFactorsInPlacePass(), ReuseDeadTemporariesPass(),
+                               TransposeFewTokenLinearsPass()])
 
 
 class EagerBackend:
@@ -65,4 +60,4 @@ class EagerBackend:
         return Runners(runners, records=records)
 
 
-__all__ = ["EagerBackend", "eager_runner", "runner_copy", "with_cache_kernels"]
+__all__ = ["EagerBackend", "eager_runner", "rewritten_copy", "with_cache_kernels"]
