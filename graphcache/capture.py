@@ -1,20 +1,39 @@
-"""Capture: trace a model with torch.fx, propagate shapes, and annotate its residual structure.
+"""Capture: export a model with torch.export (non-strict), record shapes, annotate its residual structure.
 
-The whole forward is traced inline (torch.nn layers are the only leaves), so the passes can see
-inside attention: ToCa's attention-map pass finds the SDPA node and its q/k/v without knowing how
-a model lays out its qkv projection. Shapes come from fake tensors: no real compute, no memory.
+Every model is captured the same way, the built-in DiT and diffusers' transformers alike.
+torch.export runs the forward once with fake tensors and records what it did as ATen operators,
+so Python control flow on shapes or config flags (diffusers is full of it) is specialised away
+and the passes see one vocabulary of operators (ir.py) whatever module wrote them. The whole
+forward is inlined, so the passes can see inside attention: ToCa's attention-map pass finds the
+SDPA node and its q/k/v without knowing how a model lays out its qkv projection.
+
+The batch dimension stays symbolic (`Dim.AUTO`): one graph serves the CFG batch, another number
+of images and the hoisted conditioning's steps stacked along the batch. Token counts are static;
+other resolutions are captured again. Parameters stay the model's own (get_attr nodes resolve to
+the same tensors): variants never copy weights.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch._subclasses import FakeTensorMode
+from torch.export import Dim
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import GraphcacheError
+from . import ir
+from .errors import GraphcacheError, exception_line, one_line
 from .passes.annotate_blocks import AnnotateBlocksPass
 from .passes.manager import PassManager, PassPipelineError
+
+# what export leaves in the graph that is not the model's computation: its input guards and dtype
+# assertions (they would pin the example's shapes and dtypes)
+_ASSERTIONS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+               torch.ops.aten.sym_constrain_range_for_size.default}
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -61,26 +80,84 @@ def propagate_shapes(gm: fx.GraphModule, inputs) -> None:
         ShapeProp(gm).propagate(*fake)
 
 
-def capture(model: torch.nn.Module, inputs=None) -> fx.GraphModule:
-    """Trace `model`, record shapes for `inputs` (default: `example_inputs(model)`), find its blocks.
+def _batch_dynamic(model, args, kwargs) -> dict:
+    """dynamic_shapes for export, by forward parameter name: dim 0 of every tensor input of rank
+    >= 1 is `Dim.AUTO` (export makes it symbolic where the model allows, and equal across inputs
+    where the model needs)."""
+    def spec(value):
+        return {0: Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise GraphcacheError(f"{type(model).__name__}.forward does not take these inputs: {e}") from None
+    return {name: pytree.tree_map(spec, value, is_leaf=lambda v: v is None)
+            for name, value in bound.arguments.items()}
 
-    The returned GraphModule shares the model's parameters and carries `gm.meta["graphcache"]`.
-    """
+
+@dataclass(frozen=True)
+class CallSpec:
+    """How a call of the model maps onto its captured graph: `inputs` flattens (args, kwargs) into
+    the graph's inputs (the tensors, in pytree order), `output` wraps the graph's one output tensor
+    as the model returns it (a tensor, a tuple, diffusers' output dataclass)."""
+
+    inputs: pytree.TreeSpec
+    output: pytree.TreeSpec
+
+
+def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.GraphModule, CallSpec]:
+    """`model`'s forward on these inputs as a flat GraphModule of ATen operators over the model's
+    own parameters: placeholders are the call's tensor inputs in pytree order, the output is the one
+    output tensor; and the CallSpec that maps a call of the model onto them."""
+    kwargs = dict(kwargs or {})
+    try:
+        exported = torch.export.export(model, tuple(args), kwargs, strict=False,
+                                       dynamic_shapes=_batch_dynamic(model, args, kwargs))
+    except Exception as e:  # export raises many types; the user needs one line
+        raise GraphcacheError(f"cannot capture {type(model).__name__} with torch.export: {exception_line(e)}") from e
+    unlifted = exported.module()
+    graph = unlifted.graph
+    for node in list(graph.nodes):
+        # export's shapes are symbolic in the batch; propagate_shapes records concrete ones
+        node.meta.pop("tensor_meta", None)
+        node.meta.pop("val", None)
+        if node.op == "call_module" or (node.op == "call_function" and node.target in _ASSERTIONS):
+            graph.erase_node(node)  # export's guard module and assertions: nothing reads them
+    output = next(n for n in graph.nodes if n.op == "output")
+    outputs = pytree.tree_leaves(output.args[0])
+    out_spec = exported.call_spec.out_spec
+    if len(outputs) != 1 or not isinstance(outputs[0], fx.Node):
+        raise GraphcacheError(f"{type(model).__name__} returns {len(outputs)} tensors; graphcache expects one "
+                              "(the model's prediction)")
+    output.args = (outputs[0],)
+    ir.eliminate_dead_code(graph)  # export keeps the unused outputs of multi-output ops (chunks)
+    graph._codegen = fx.graph.CodeGen()  # flat inputs and output: the runtime maps the call onto them
+    # The unlifted module holds the model's own parameters and buffers (the same tensors, so
+    # variants share the weights) plus the constants export lifted out of the forward.
+    gm = fx.GraphModule(unlifted, graph, class_name=type(model).__name__)
+    return gm, CallSpec(exported.call_spec.in_spec, out_spec)
+
+
+def capture(model: torch.nn.Module, inputs=None, kwargs=None) -> fx.GraphModule:
+    """Export `model` on `inputs` (positional, default `example_inputs(model)`) and `kwargs`,
+    record shapes, find its blocks. The returned GraphModule shares the model's parameters and
+    carries `gm.meta["graphcache"]` (ir.Structure)."""
+    return capture_call(model, inputs, kwargs)[0]
+
+
+def capture_call(model: torch.nn.Module, inputs=None, kwargs=None) -> tuple[fx.GraphModule, CallSpec]:
+    """`capture`, and the CallSpec mapping calls of the model onto the captured graph."""
     model.eval()
+    inputs = tuple(inputs) if inputs is not None else (example_inputs(model) if not kwargs else ())
+    gm, spec = export_graph(model, inputs, kwargs)
+    flat = [leaf for leaf in pytree.tree_leaves((inputs, dict(kwargs or {}))) if isinstance(leaf, torch.Tensor)]
     try:
-        graph = fx.Tracer().trace(model)
-    except Exception as e:  # fx raises many types; the user needs one line
-        raise GraphcacheError(f"cannot trace {type(model).__name__} with torch.fx: {e}".splitlines()[0]) from e
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    inputs = inputs if inputs is not None else example_inputs(model)
-    try:
-        propagate_shapes(gm, inputs)
+        propagate_shapes(gm, flat)
     except Exception as e:
-        raise GraphcacheError(f"cannot run {type(model).__name__} on example inputs: {e}".splitlines()[0]) from e
+        raise GraphcacheError(f"cannot run {type(model).__name__} on example inputs: {one_line(e)}") from e
     try:
         PassManager([AnnotateBlocksPass()], name="capture")(gm)
     except PassPipelineError as e:
         if isinstance(e.cause, GraphcacheError):  # the pass's own explanation of what it could not find
             raise e.cause from None
         raise GraphcacheError(f"cannot find the blocks of {type(model).__name__}: {e}") from e
-    return gm
+    return gm, spec

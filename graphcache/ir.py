@@ -135,31 +135,93 @@ def tensor_shape(node: fx.Node) -> torch.Size | None:
 
 
 def module_path(node: fx.Node) -> str:
-    """Innermost module whose forward created this node ("" at the top level)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    # A call_module node's own stack ends in the called module; its owner is one level up.
-    if node.op == "call_module" and path == node.target:
-        return list(stack.values())[-2][0] if len(stack) > 1 else ""
-    return path
+    """The innermost model module whose forward created this node ("" at the top level); a
+    torch.nn layer (Linear, LayerNorm, GELU, ...) counts as an operator of its owner."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    while stack and _is_torch_layer(stack[-1][1]):
+        stack.pop()
+    return stack[-1][0] if stack else ""
 
 
-ADD_TARGETS = {operator.add, torch.add, operator.iadd}
-MUL_TARGETS = {operator.mul, torch.mul, operator.imul}
+def layer_path(node: fx.Node) -> str:
+    """The innermost module of any kind that created this node: the torch.nn layer itself for the
+    operators a Linear, LayerNorm or activation module ran ("" at the top level)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    return stack[-1][0] if stack else ""
+
+
+def _is_torch_layer(module_type) -> bool:
+    name = module_type if isinstance(module_type, str) else f"{module_type.__module__}.{module_type.__qualname__}"
+    return name.startswith("torch.nn.modules.")
+
+
+aten = torch.ops.aten
+# The operator vocabulary of captured graphs (torch.export's ATen operators), plus the torch-level
+# functions passes themselves insert
+ADD_TARGETS = {aten.add.Tensor, operator.add, torch.add}
+MUL_TARGETS = {aten.mul.Tensor, operator.mul, torch.mul}
+LINEAR_TARGETS = {aten.linear.default, torch.nn.functional.linear}
+SDPA_TARGETS = {aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
+SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default, torch.softmax, torch.nn.functional.softmax}
+MATMUL_TARGETS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default,
+                  operator.matmul, torch.matmul, torch.bmm}
+CHUNK_TARGETS = {aten.chunk.default, aten.split.Tensor, torch.chunk}
+
+
+def is_call(node, targets) -> bool:
+    """Whether `node` calls one of `targets` (a set of operators or functions)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def flat_inputs(node: fx.Node) -> list[fx.Node]:
+    """The nodes among `node`'s positional arguments, lists included, in order (einsum takes its
+    operands as a list, baddbmm its bias first)."""
+    args = node.args[1:] if node.target in (aten.baddbmm.default, aten.einsum.default) else node.args
+    flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+    return [a for a in flat if isinstance(a, fx.Node)]
+
+
+def op_name(node: fx.Node) -> str:
+    """A short name of what a node runs, for messages: "linear", "gelu", "placeholder x"."""
+    if node.op != "call_function":
+        return f"{node.op} {node.target}"
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
 
 
 def is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in ADD_TARGETS) or (
-        node.op == "call_method" and node.target in ("add", "add_")
-    )
+    return is_call(node, ADD_TARGETS) and node.kwargs.get("alpha", 1) == 1
 
 
 def is_mul(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in MUL_TARGETS) or (
-        node.op == "call_method" and node.target in ("mul", "mul_")
-    )
+    return is_call(node, MUL_TARGETS)
+
+
+def is_linear(node: fx.Node) -> bool:
+    return is_call(node, LINEAR_TARGETS)
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return is_call(node, SDPA_TARGETS)
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """Whether dead-code elimination must keep `node` although nothing reads it: inputs, the
+    output, and operators that mutate an argument (cache writes, in-place updates). fx's own rule
+    also keeps every ATen operator tagged as drawing random numbers, SDPA and dropout included,
+    which would keep the whole work of a branch that a cache read replaced."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    return node.is_impure()
+
+
+def eliminate_dead_code(graph: fx.Graph) -> bool:
+    """Remove what nothing reads (see `has_side_effects`); whether anything was removed."""
+    return graph.eliminate_dead_code(is_impure_node=has_side_effects)
 
 
 def graph_input(graph: fx.Graph, name: str, type_expr=None) -> fx.Node:

@@ -1,5 +1,13 @@
+import os
+import sys
+
 import pytest
 import torch
+
+# test modules share helpers (graph_queries, test_capture's models) by plain import
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
 
 @pytest.fixture(scope="session", autouse=True)

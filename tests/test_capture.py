@@ -17,7 +17,7 @@ from torch import nn
 
 import graphcache
 from graphcache import ir
-from graphcache.capture import propagate_shapes
+from graphcache.capture import export_graph, propagate_shapes
 from graphcache.errors import GraphcacheError
 from graphcache.models.dit import DiT, dit_config, init_random_
 
@@ -37,13 +37,14 @@ def dit_captured():
 
 def _unsqueezed_chunk(node: torch.fx.Node) -> tuple[str, int]:
     """For `chunk(...)[i].unsqueeze(1)`: (the module whose output was chunked, i)."""
-    assert node.op == "call_method" and node.target == "unsqueeze", node.format_node()
+    assert node.target is torch.ops.aten.unsqueeze.default, node.format_node()
     assert node.args[1] == 1
     item = node.args[0]
     assert item.op == "call_function" and item.target.__name__ == "getitem", item.format_node()
     chunk = item.args[0]
-    assert chunk.op == "call_method" and chunk.target == "chunk", chunk.format_node()
-    return chunk.args[0].target, item.args[1]
+    assert chunk.target is torch.ops.aten.chunk.default, chunk.format_node()
+    assert ir.is_linear(chunk.args[0]), chunk.args[0].format_node()
+    return ir.layer_path(chunk.args[0]), item.args[1]
 
 
 def test_dit_structure(dit_captured):
@@ -60,9 +61,9 @@ def test_dit_structure(dit_captured):
         assert block.index == i and block.module == f"blocks.{i}"
         attn, mlp = block.branches
         # the cut point: the ungated output of attn.proj / mlp.fc2
-        assert nodes[attn.branch_out].op == "call_module"
-        assert nodes[attn.branch_out].target == f"blocks.{i}.attn.proj"
-        assert nodes[mlp.branch_out].target == f"blocks.{i}.mlp.fc2"
+        assert ir.is_linear(nodes[attn.branch_out]) and ir.is_linear(nodes[mlp.branch_out])
+        assert ir.layer_path(nodes[attn.branch_out]) == f"blocks.{i}.attn.proj"
+        assert ir.layer_path(nodes[mlp.branch_out]) == f"blocks.{i}.mlp.fc2"
         assert attn.module == f"blocks.{i}.attn" and mlp.module == f"blocks.{i}.mlp"
         # the gate is the unsqueezed gate_msa (chunk 2) / gate_mlp (chunk 5) of adaLN_modulation
         assert _unsqueezed_chunk(nodes[attn.gate]) == (f"blocks.{i}.adaLN_modulation.1", 2)
@@ -88,14 +89,15 @@ def test_dit_structure(dit_captured):
     start = nodes[s.stream_start]
     assert ir.is_add(start)
     assert any(a.op == "get_attr" and a.target == "pos_embed" for a in start.args)
-    assert any(a.op == "call_module" and a.target == "x_embedder.proj" for a in _ancestors(start))
+    assert any(ir.layer_path(a) == "x_embedder.proj" for a in _ancestors(start))
 
     # attention work sees inside the module: the SDPA node is part of it, the MLP has none
     attn_work = {nodes[n].target for n in s.blocks[3].branches[0].work}
-    assert F.scaled_dot_product_attention in attn_work and "blocks.3.attn.qkv" in attn_work
-    mlp_work = {nodes[n].target for n in s.blocks[3].branches[1].work}
+    assert torch.ops.aten.scaled_dot_product_attention.default in attn_work
+    assert "blocks.3.attn.qkv" in {ir.layer_path(nodes[n]) for n in s.blocks[3].branches[0].work}
+    mlp_work = {ir.layer_path(nodes[n]) for n in s.blocks[3].branches[1].work}
     assert {"blocks.3.mlp.fc1", "blocks.3.mlp.act", "blocks.3.mlp.fc2"} <= mlp_work
-    assert F.scaled_dot_product_attention not in mlp_work
+    assert not any(ir.is_sdpa(nodes[n]) for n in s.blocks[3].branches[1].work)
 
 
 def test_dit_node_tags(dit_captured):
@@ -314,8 +316,26 @@ class ReorderedNet(nn.Module):
         return x
 
 
+class ShapeBranchingNet(SwappedNet):
+    """(e) a forward whose Python control flow reads shapes and config flags, as diffusers'
+    transformers do (torch.fx's symbolic tracer cannot follow it; export specialises it)."""
+
+    def __init__(self, depth=3, dim=C):
+        super().__init__(depth, dim)
+        self.use_head = True
+
+    def forward(self, tokens, cond):
+        if tokens.dim() != 3 or tokens.shape[-1] != self.inp.in_features:
+            raise ValueError("tokens must be (batch, tokens, channels)")
+        h = self.inp(tokens)
+        layers = self.layers if h.shape[1] > 1 else self.layers[:1]
+        for layer in layers:
+            h = layer(h, cond)
+        return self.head(h) if self.use_head else h
+
+
 class MHABlock(nn.Module):
-    """(d) torch's nn.MultiheadAttention (a leaf module), gated."""
+    """(d) torch's nn.MultiheadAttention, gated."""
 
     def __init__(self, dim):
         super().__init__()
@@ -466,6 +486,7 @@ GENERIC = {
     "flat": (lambda: FlatNet(depth=3), [[A, M]] * 3, True),
     "reordered": (lambda: ReorderedNet(depth=3), [[M, A]] * 3, True),
     "mha": (lambda: MHANet(depth=2), [[A, M]] * 2, True),
+    "shape_branching": (lambda: ShapeBranchingNet(depth=3), [[A, M]] * 3, True),
     "cross": (lambda: CrossNet(depth=2), [[A, X, M]] * 2, True),
     "cross_softmax": (lambda: SoftmaxCrossNet(depth=2), [[A, X, M]] * 2, False),
     "plain": (lambda: PlainNet(depth=4), [[A, M]] * 4, False),
@@ -504,9 +525,17 @@ def test_generic_discovery(name):
         assert block.stream_out == block.branches[-1].residual_add
         if i + 1 < s.depth:
             assert s.blocks[i + 1].stream_in == block.stream_out
-    # the captured graph is the model
+    # the captured graph is the model (bit for bit, except nn.MultiheadAttention: in eval its
+    # forward takes a fused native kernel, which sums in another order than the ATen ops it exports as)
+    exact = name != "mha"
     with torch.no_grad():
-        torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=0, atol=0)
+        torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
+
+
+def test_fx_cannot_trace_what_export_captures():
+    """The shape-branching model is one the old torch.fx capture could not handle."""
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(ShapeBranchingNet(depth=1))
 
 
 def _ancestors(node):
@@ -526,14 +555,14 @@ def test_generic_cut_points_are_the_output_projections():
     gm = graphcache.capture(SwappedNet(depth=2).eval(), _inputs("swapped"))
     s = ir.structure_of(gm)
     nodes = ir.nodes_by_name(gm.graph)
-    assert [nodes[br.branch_out].target for br in s.branches] == [
+    assert [ir.layer_path(nodes[br.branch_out]) for br in s.branches] == [
         "layers.0.mixer.out", "layers.0.ffn.w_out", "layers.1.mixer.out", "layers.1.ffn.w_out"]
     assert [b.module for b in s.blocks] == ["layers.0", "layers.1"]
 
     gm = graphcache.capture(FlatNet(depth=3).eval(), _inputs("flat"))
     s = ir.structure_of(gm)
     nodes = ir.nodes_by_name(gm.graph)
-    assert [[nodes[br.branch_out].target for br in b.branches] for b in s.blocks] == [
+    assert [[ir.layer_path(nodes[br.branch_out]) for br in b.branches] for b in s.blocks] == [
         [f"proj.{i}", f"fc2.{i}"] for i in range(3)]
     assert all(b.module == "" for b in s.blocks)
 
@@ -543,9 +572,9 @@ def test_generic_cut_points_are_the_output_projections():
     # a plain residual's branch output is what is added: the (eval-time identity) dropout or
     # the projection before it
     for br in s.branches:
-        assert nodes[br.branch_out].target in {
+        assert ir.layer_path(nodes[br.branch_out]) in {
             f"blocks.{br.block}.drop", f"blocks.{br.block}.attn.out", f"blocks.{br.block}.mlp.w_out"}
-    assert [nodes[br.branch_out].target for br in s.branches][1::2] == ["blocks.0.mlp.w_out", "blocks.1.mlp.w_out"]
+    assert [ir.layer_path(nodes[br.branch_out]) for br in s.branches][1::2] == ["blocks.0.mlp.w_out", "blocks.1.mlp.w_out"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,12 +608,12 @@ def test_no_residual_stream_names_the_node():
         graphcache.capture(model, (torch.randn(B, N, C),))
     msg = str(info.value)
     assert "no residual stream" in msg
-    traced = torch.fx.symbolic_trace(model)
-    names = {n.name for n in traced.graph.nodes}
+    names = {n.name for n in export_graph(model, (torch.randn(B, N, C),))[0].graph.nodes}
     quoted = re.findall(r"node '([^']+)'", msg)
     assert quoted and quoted[0] in names, msg
 
 
 def test_untraceable_model():
-    with pytest.raises(GraphcacheError, match="cannot trace DataDependentNet"):
+    with pytest.raises(GraphcacheError, match="cannot capture DataDependentNet with torch.export: "
+                                              "GuardOnDataDependentSymNode: Could not guard on data-dependent"):
         graphcache.capture(DataDependentNet(depth=1).eval(), (torch.randn(B, N, C),))

@@ -4,7 +4,7 @@ Written from the architecture of Peebles & Xie, "Scalable Diffusion Models with 
 (ICCV 2023, arXiv 2212.09748) and the repository's `models.py`: adaLN-Zero blocks, a timm-style
 attention (fused qkv, scaled-dot-product attention) and MLP (fc1, tanh-GELU, fc2), a sin-cos
 positional embedding that is part of the state dict. The forward is free of data-dependent Python
-so torch.fx can trace it at any batch size and resolution.
+so one capture serves any batch size.
 """
 
 from __future__ import annotations

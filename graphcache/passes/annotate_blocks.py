@@ -11,21 +11,17 @@ branch is attention when its work mixes tokens (SDPA, softmax, multi-head attent
 
 from __future__ import annotations
 
-import operator
-
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
 from .. import ir
 from ..errors import GraphcacheError
 from .base import Pass, PassResult
 
-_IDENTITY_METHODS = {"contiguous", "clone"}
-_IDENTITY_MODULES = (nn.Dropout, nn.Identity)
-_SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
+# ops that pass the stream on unchanged (export keeps dropout, with train=False, in eval graphs)
+_IDENTITY = {torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default,
+             torch.ops.aten.dropout.default}
 
 
 class AnnotateBlocksPass(Pass):
@@ -41,19 +37,15 @@ class AnnotateBlocksPass(Pass):
         dg = ir.to_digraph(graph)
         by_name = ir.nodes_by_name(graph)
         ancestors = _AncestorCache(dg)
-        modules = dict(gm.named_modules())
 
         residuals = {}  # add node -> (stream operand, contribution)
         for node in graph.nodes:
             split = _split_residual(node, ancestors)
             if split:
                 residuals[node] = split
-        chain = _longest_chain(graph, residuals, modules)
+        chain = _longest_chain(graph, residuals)
         if not chain:
             raise GraphcacheError(_no_stream_message(graph))
-        output = next(n for n in graph.nodes if n.op == "output")
-        if chain[-1].name not in ancestors(output.name):
-            raise GraphcacheError(f"the residual stream ending at node '{chain[-1].name}' does not reach the output")
         shape = ir.tensor_shape(chain[0])
         if shape is None or len(shape) != 3:
             raise GraphcacheError(
@@ -71,7 +63,7 @@ class AnnotateBlocksPass(Pass):
                 ir.Branch(
                     block=-1,
                     index=-1,
-                    kind=_classify(work, stream, by_name, modules, ancestors),
+                    kind=_classify(work, stream, by_name, ancestors),
                     stream_in=stream.name,
                     branch_out=out.name,
                     gate=gate.name if gate is not None else None,
@@ -131,22 +123,18 @@ def _split_residual(node: fx.Node, ancestors) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
-def _strip_identity(node: fx.Node, modules) -> fx.Node:
+def _strip_identity(node: fx.Node) -> fx.Node:
     """Follow the stream back through ops that pass it on unchanged (dropout, contiguous, …)."""
-    while True:
-        if node.op == "call_method" and node.target in _IDENTITY_METHODS:
-            node = node.args[0]
-        elif node.op == "call_module" and isinstance(modules.get(node.target), _IDENTITY_MODULES):
-            node = node.args[0]
-        else:
-            return node
+    while ir.is_call(node, _IDENTITY):
+        node = node.args[0]
+    return node
 
 
-def _longest_chain(graph, residuals, modules) -> list[fx.Node]:
+def _longest_chain(graph, residuals) -> list[fx.Node]:
     best: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:  # topological order
         if node in residuals:
-            prev = _strip_identity(residuals[node][0], modules)
+            prev = _strip_identity(residuals[node][0])
             best[node] = best.get(prev, []) + [node]
     return max(best.values(), key=len, default=[])
 
@@ -163,17 +151,13 @@ def _split_gate(contribution: fx.Node, stream: fx.Node, ancestors):
     return None, contribution
 
 
-def _classify(work, stream, by_name, modules, ancestors) -> str:
+def _classify(work, stream, by_name, ancestors) -> str:
     for name in work:
         node = by_name[name]
         keys = None
-        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        if ir.is_sdpa(node):
             keys = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
-        elif node.op == "call_module" and isinstance(modules.get(node.target), nn.MultiheadAttention):
-            keys = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
-        elif (node.op == "call_function" and node.target in _SOFTMAX) or (
-            node.op == "call_method" and node.target == "softmax"
-        ):
+        elif ir.is_call(node, ir.SOFTMAX_TARGETS):
             keys = _logits_keys(node, stream, ancestors)
             if keys is None:
                 return ir.ATTENTION
@@ -181,9 +165,6 @@ def _classify(work, stream, by_name, modules, ancestors) -> str:
             from_stream = isinstance(keys, fx.Node) and (keys is stream or stream.name in ancestors(keys.name))
             return ir.ATTENTION if from_stream else ir.CROSS_ATTENTION
     return ir.MLP
-
-
-_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
 
 
 def _logits_keys(softmax: fx.Node, stream: fx.Node, ancestors) -> fx.Node | None:
@@ -196,10 +177,8 @@ def _logits_keys(softmax: fx.Node, stream: fx.Node, ancestors) -> fx.Node | None
         if node in seen:
             continue
         seen.add(node)
-        if (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
-            node.op == "call_method" and node.target in ("matmul", "bmm")
-        ):
-            operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        if ir.is_call(node, ir.MATMUL_TARGETS):
+            operands = [a for a in ir.flat_inputs(node) if a.op != "get_attr"]
             foreign = [a for a in operands if a is not stream and stream.name not in ancestors(a.name)]
             return foreign[0] if foreign else (operands[-1] if operands else None)
         queue.extend(node.all_input_nodes)
@@ -243,7 +222,7 @@ def _no_stream_message(graph: fx.Graph) -> str:
     last = output
     while node is not None:
         last = node
-        inputs = [n for n in node.all_input_nodes if ir.tensor_shape(n) is not None]
+        inputs = [n for n in node.all_input_nodes if ir.tensor_shape(n) is not None and n.op != "get_attr"]
         if not inputs:
             break
         node = max(inputs, key=lambda n: ir.tensor_shape(n).numel())

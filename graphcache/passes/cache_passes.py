@@ -52,6 +52,6 @@ class EliminateDeadBranchesPass(Pass):
 
     def call(self, gm):
         before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code()
+        ir.eliminate_dead_code(gm.graph)
         self.counters["removed_nodes"] = before - len(gm.graph.nodes)
         return PassResult(gm, self.counters["removed_nodes"] > 0)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
 from .. import ir
 from .base import Pass, PassResult
@@ -38,29 +37,17 @@ def linear_token_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 class TransposeFewTokenLinearsPass(Pass):
-    """Every linear (an nn.Linear call or F.linear) on the selected tokens calls
-    `linear_token_columns`; linears on all tokens are left as they are."""
+    """Every linear on the selected tokens calls `linear_token_columns`; linears on all tokens are
+    left as they are."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        modules = dict(gm.named_modules())
         for node in list(gm.graph.nodes):
-            if not node.meta.get(ir.ON_SELECTED_TOKENS):
+            if not node.meta.get(ir.ON_SELECTED_TOKENS) or not ir.is_linear(node):
                 continue
-            if node.op == "call_module" and type(modules[node.target]) is nn.Linear:
-                if node.kwargs or len(node.args) != 1:
-                    self.decline(node.name, "the linear layer is called with more than its input")
-                    continue
-                with gm.graph.inserting_before(node):
-                    weight = gm.graph.get_attr(f"{node.target}.weight")
-                    bias = gm.graph.get_attr(f"{node.target}.bias") if modules[node.target].bias is not None else None
-                node.op, node.target, node.args = "call_function", linear_token_columns, (node.args[0], weight, bias)
-            elif node.op == "call_function" and node.target is F.linear:
-                if set(node.kwargs) - {"bias"}:
-                    self.decline(node.name, f"F.linear with keyword arguments {sorted(node.kwargs)}")
-                    continue
-                node.target = linear_token_columns
-            else:
+            if set(node.kwargs) - {"bias"}:
+                self.decline(node.name, f"a linear with keyword arguments {sorted(node.kwargs)}")
                 continue
+            node.target = linear_token_columns
             self.counters["linear"] += 1
         gm.recompile()
         return PassResult(gm, bool(self.counters))

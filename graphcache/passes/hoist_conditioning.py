@@ -99,7 +99,7 @@ class HoistConditioningPass(Pass):
             value.meta = dict(node.meta)
             node.replace_all_uses_with(value)  # its conditioning users die with it
             self.counters["hoisted_values"] += 1
-        graph.eliminate_dead_code()
+        ir.eliminate_dead_code(graph)
         self.counters["hoisted_nodes"] = sum(1 for n in gm.meta[CONDITIONING_KEY].graph.graph.nodes
                                              if n.op not in ("placeholder", "output"))
         return PassResult(gm, True)

@@ -27,7 +27,10 @@ import torch.fx as fx
 from .base import Pass, PassResult
 
 # op -> (in-place method, whether its operands commute)
+aten = torch.ops.aten
 _IN_PLACE = {
+    aten.add.Tensor: ("add_", True), aten.mul.Tensor: ("mul_", True),
+    aten.sub.Tensor: ("sub_", False), aten.div.Tensor: ("div_", False),
     operator.add: ("add_", True), torch.add: ("add_", True),
     operator.mul: ("mul_", True), torch.mul: ("mul_", True),
     operator.sub: ("sub_", False), torch.sub: ("sub_", False),

@@ -88,11 +88,7 @@ def toca_select(base: torch.Tensor, staleness: torch.Tensor, k: int, *, interval
 
 def _sdpa_node(gm: fx.GraphModule, branch: ir.Branch) -> fx.Node | None:
     nodes = ir.nodes_by_name(gm.graph)
-    return next(
-        (nodes[n] for n in branch.work
-         if nodes[n].op == "call_function" and nodes[n].target is F.scaled_dot_product_attention),
-        None,
-    )
+    return next((nodes[n] for n in branch.work if ir.is_sdpa(nodes[n])), None)
 
 
 class RecordTokenScorePass(Pass):

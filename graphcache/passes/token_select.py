@@ -22,21 +22,27 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
 from .. import ir
 from ..ops import gather_tokens
 from ..schedule import tokens_input
 from .base import Pass, PassResult
 
-_LOCAL_MODULES = (nn.Linear, nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.Mish)
-_LOCAL_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
-    torch.mul, torch.div, torch.tanh, torch.sigmoid, torch.exp, torch.rsqrt, torch.sqrt,
-    F.gelu, F.silu, F.relu, F.linear, F.dropout, torch.nn.functional.mish,
+aten = torch.ops.aten
+# operators that treat tokens independently (each token's output reads only that token's row);
+# the torch-level ones are what passes insert
+_LOCAL_OPERATORS = {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar, aten.pow.Tensor_Scalar,
+    aten.tanh.default, aten.sigmoid.default, aten.exp.default, aten.rsqrt.default, aten.sqrt.default,
+    aten.gelu.default, aten.silu.default, aten.relu.default, aten.mish.default, aten.clamp.default,
+    aten.linear.default, aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+    aten.type_as.default, aten.contiguous.default, aten.clone.default, aten.alias.default,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub, torch.mul,
+    F.linear,
 }
-_LOCAL_METHODS = {"add", "sub", "mul", "div", "float", "to", "type_as", "contiguous", "tanh", "sigmoid",
-                  "exp", "neg", "clone"}
+# normalisations over the channel axis only: local when normalized_shape has one entry
+_CHANNEL_NORMS = {aten.layer_norm.default, aten.rms_norm.default, F.layer_norm}
 
 
 @dataclass
@@ -68,7 +74,6 @@ class TokenMerger:
 def token_locality_problem(gm: fx.GraphModule, branch: ir.Branch) -> str | None:
     """None if the branch treats tokens independently, else why not (naming the node)."""
     nodes = ir.nodes_by_name(gm.graph)
-    modules = dict(gm.named_modules())
     on_path = set(branch.work) | {branch.stream_in}
     n_tokens = ir.tensor_shape(nodes[branch.stream_in])[1]
     for name in branch.work:
@@ -76,22 +81,10 @@ def token_locality_problem(gm: fx.GraphModule, branch: ir.Branch) -> str | None:
         shape = ir.tensor_shape(node)
         if shape is None or len(shape) < 2 or shape[1] != n_tokens:
             return f"node {name} changes the token axis (shape {tuple(shape or ())})"
-        if node.op == "call_module":
-            mod = modules[node.target]
-            ok = isinstance(mod, _LOCAL_MODULES) or (
-                isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1
-            )
-        elif node.op == "call_function":
-            ok = node.target in _LOCAL_FUNCTIONS or (
-                node.target is F.layer_norm and len(node.args) > 1 and len(node.args[1]) == 1
-            )
-        elif node.op == "call_method":
-            ok = node.target in _LOCAL_METHODS
-        else:
-            ok = False
+        ok = node.op == "call_function" and (node.target in _LOCAL_OPERATORS or (
+            node.target in _CHANNEL_NORMS and len(node.args) > 1 and len(node.args[1]) == 1))
         if not ok:
-            what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-            return f"node {name} ({what}) may mix tokens"
+            return f"node {name} ({ir.op_name(node)}) may mix tokens"
         for inp in node.all_input_nodes:
             if inp.name in on_path:
                 continue

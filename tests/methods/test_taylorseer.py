@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import graphcache
+from graphcache import ir
 from graphcache.methods import METHODS, Method, fora, get_method
 from graphcache.methods.taylorseer import taylor_plans
 from graphcache.passes.cluster import KMEANS
 from graphcache.passes.taylor import DELTA_INPUT, coefficient_input
 from graphcache.schedule import FORECAST, FULL, REUSE, StepPlan
 from clusca_reference import ClusCaReference
+from graph_queries import layer_calls
 from test_clusca import (  # the comparison helpers live with the ClusCa tests
     TOL,
     Recorder,
@@ -86,8 +88,7 @@ def test_variant_structure():
     assert len(cm.variants) == 2  # one full, one forecast: which factors exist is an input
     for key, gm in cm.variants.items():
         names = [r.name for r in cm.records[key]]
-        work = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.")
-                and (".attn." in n.target or ".mlp." in n.target)]
+        work = [n for n in layer_calls(gm, "blocks.") if ".attn." in ir.layer_path(n) or ".mlp." in ir.layer_path(n)]
         assert not [n for n in gm.graph.nodes if n.target in (KMEANS, torch.rand, torch.randint)]
         if key[0][0] == FULL:
             assert names == ["InsertTaylorUpdatePass", "PruneModulationPass", "MakeStreamContiguousPass",

@@ -424,10 +424,10 @@ def is_toca_select(node):
 
 
 def module_calls(gm, suffix, block=None):
-    """call_module nodes whose target ends with `suffix` (e.g. 'attn.qkv'), optionally in one block."""
-    prefix = f"blocks.{block}." if block is not None else ""
-    return [n for n in gm.graph.nodes
-            if n.op == "call_module" and n.target.startswith(prefix) and n.target.endswith(suffix)]
+    """Calls of the torch.nn layers whose path ends with `suffix` (e.g. 'attn.qkv'), optionally in one block."""
+    from graph_queries import layer_calls
+
+    return layer_calls(gm, f"blocks.{block}." if block is not None else "", suffix)
 
 
 def check_token_wise_structure(cached, score):
@@ -435,7 +435,7 @@ def check_token_wise_structure(cached, score):
     partial block, and none elsewhere; one explicit attention per full block when
     score == 'attention', none otherwise (SDPA stays); no attention work in partial blocks.
     Returns the set of step letters of the variants seen."""
-    import torch.nn.functional as F
+    import torch
     from graphcache.ops import CACHE_SCATTER, CACHE_WRITE
     from graphcache.passes import token_score
 
@@ -449,7 +449,7 @@ def check_token_wise_structure(cached, score):
         blocks = sorted(int(n.args[1].target.split(".")[-1][1:].split("_")[0]) for n in selects)
         assert blocks == partial, f"{kinds}: selects in blocks {blocks}, partial blocks {partial}"
         calls = lambda fn: sum(n.op == "call_function" and n.target is fn for n in gm.graph.nodes)  # noqa: E731
-        explicit, sdpa = calls(token_score.explicit_attention), calls(F.scaled_dot_product_attention)
+        explicit, sdpa = calls(token_score.explicit_attention), calls(torch.ops.aten.scaled_dot_product_attention.default)
         vnorm = calls(token_score.value_norm_score)
         if score == "attention":
             assert (explicit, sdpa, vnorm) == (len(full), 0, 0), (kinds, explicit, sdpa, vnorm)

@@ -24,6 +24,7 @@ from graphcache.passes.cache_passes import (
 )
 from graphcache.passes.manager import PassManager, PassPipelineError
 from graphcache.runtime import new_variant
+from graph_queries import layer_calls
 
 DEPTH = 4
 BATCH = 2  # the batch of capture's example inputs: slots allocated from its shapes
@@ -70,10 +71,6 @@ def cache_reads(gm):
         if n.op == "get_attr" and n.target.startswith(CACHE_ATTR + ".")
         and not all(is_cache_write(u) and u.args[0] is n for u in n.users)
     ]
-
-
-def module_calls(gm, prefix):
-    return [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(prefix)]
 
 
 def inputs(seed, t=500):
@@ -145,22 +142,23 @@ def test_eliminate_dead_branches(captured):
     for name in removed - work:
         assert all(u.name in removed for u in nodes[name].users), name
     chunk = {n.args[1]: n.name for n in captured.graph.nodes
-             if n.op == "call_function" and n.target.__name__ == "getitem" and n.args[0].op == "call_method"
-             and n.args[0].target == "chunk" and n.args[0].args[0].target == "blocks.1.adaLN_modulation.1"}
+             if n.op == "call_function" and n.target.__name__ == "getitem"
+             and n.args[0].target is torch.ops.aten.chunk.default
+             and ir.layer_path(n.args[0].args[0]) == "blocks.1.adaLN_modulation.1"}
     assert {i for i, name in chunk.items() if name in removed} == {0, 1, 3, 4}
     names = {n.name for n in gm.graph.nodes}
     assert not names & set(work)
-    assert not module_calls(gm, "blocks.1.attn") and not module_calls(gm, "blocks.1.mlp")
+    assert not layer_calls(gm, "blocks.1.attn") and not layer_calls(gm, "blocks.1.mlp")
     # the other blocks keep their work; block 1 keeps its modulation: the gates are still used
     for b in (0, 2, 3):
-        assert module_calls(gm, f"blocks.{b}.attn.") and module_calls(gm, f"blocks.{b}.mlp.")
-    assert module_calls(gm, "blocks.1.adaLN_modulation")
+        assert layer_calls(gm, f"blocks.{b}.attn.") and layer_calls(gm, f"blocks.{b}.mlp.")
+    assert layer_calls(gm, "blocks.1.adaLN_modulation")
     for br in s.blocks[1].branches:
         assert br.gate in names and br.residual_add in names
 
     gm, _ = build(captured, [ReplaceWithCacheReadPass(), EliminateDeadBranchesPass()])
-    assert not module_calls(gm, "blocks.0.attn") and not module_calls(gm, "blocks.3.mlp")
-    assert len(module_calls(gm, "blocks.")) == DEPTH * 2  # adaLN SiLU + Linear per block
+    assert not layer_calls(gm, "blocks.0.attn") and not layer_calls(gm, "blocks.3.mlp")
+    assert len(layer_calls(gm, "blocks.")) == DEPTH * 2  # adaLN SiLU + Linear per block
 
 
 def test_full_variant_pipeline_keeps_everything(captured):

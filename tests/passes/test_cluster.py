@@ -43,6 +43,7 @@ from graphcache.passes.manager import PassManager
 from graphcache.passes.taylor import ReplaceWithTaylorForecastPass, forecast_coefficients
 from graphcache.passes.token_select import InsertTokenSelectPass
 from graphcache.runtime import new_variant
+from graph_queries import calls, layer_calls
 
 DEPTH = 2
 K = 4
@@ -76,10 +77,6 @@ def allocate(captured, gm):
 def inputs():
     g = torch.Generator().manual_seed(11)
     return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([600, 600]), torch.tensor([4, 10])
-
-
-def calls(gm, target):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,13 +287,12 @@ def test_clusca_step_structure(captured, gamma, update):
     # the order-0 MLP factor is updated in place (it persists), with propagation only when γ > 0
     writes = [(n.target, n.args[0].target) for n in gm.graph.nodes if is_cache_write(n)]
     assert writes == [(update, f"{CACHE_ATTR}.b{b}_mlp_taylor0") for b in range(DEPTH)]
-    mlp = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.")
-           and ".mlp." in n.target]
+    mlp = [n for n in layer_calls(gm, "blocks.") if ".mlp." in ir.layer_path(n)]
     assert len(mlp) == 3 * DEPTH  # fc1, act, fc2 once per block, on the gathered tokens only
     # each block's rand comes after the previous block's work and before its own MLP
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     rands = calls(gm, torch.rand)
-    fc1 = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith("mlp.fc1")]
+    fc1 = layer_calls(gm, suffix="mlp.fc1")
     assert order[rands[0]] < order[fc1[0]] < order[rands[1]] < order[fc1[1]]
 
 

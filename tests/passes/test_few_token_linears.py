@@ -11,7 +11,9 @@ import graphcache
 from graphcache import ir
 from graphcache.models.dit import DiT, DiTConfig, init_random_
 from graphcache.ops import gather_tokens
+from graphcache.capture import export_graph
 from graphcache.passes.few_token_linears import TransposeFewTokenLinearsPass, linear_token_columns
+from graph_queries import layer_calls
 
 CFG = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10)
 
@@ -47,25 +49,25 @@ class _Branches(nn.Module):
     def forward(self, x):
         few = self.fc2(F.gelu(self.fc1(x)))  # marked below: rewritten
         by_function = F.linear(few, self.w)  # marked: rewritten
-        by_keywords = F.linear(input=few, weight=self.w)  # marked: declined
+        by_keywords = F.linear(few, self.w)  # marked, given keyword arguments below: declined
         return self.full(x) + by_function + by_keywords  # not marked: left alone
 
 
 def test_rewrites_exactly_the_marked_linears():
-    gm = torch.fx.symbolic_trace(_Branches())
     x = torch.randn(2, 5, 8)
+    gm, _ = export_graph(_Branches(), (x,))
     want = gm(x)
-    for node in gm.graph.nodes:
-        if node.name in {"fc1", "fc2", "linear", "linear_1"}:
-            node.meta[ir.ON_SELECTED_TOKENS] = True
+    fc1, fc2, by_function, by_keywords, full = [n for n in gm.graph.nodes if ir.is_linear(n)]
+    by_keywords.args, by_keywords.kwargs = by_keywords.args[:1], {"weight": by_keywords.args[1]}
+    for node in (fc1, fc2, by_function, by_keywords):
+        node.meta[ir.ON_SELECTED_TOKENS] = True
     p = TransposeFewTokenLinearsPass()
     assert p(gm).modified and p.counters == {"linear": 3}
-    nodes = {n.name: n for n in gm.graph.nodes}
-    assert [nodes[n].target for n in ("fc1", "fc2", "linear")] == [linear_token_columns] * 3
-    assert [a.target for a in nodes["fc1"].args[1:]] == ["fc1.weight", "fc1.bias"]
-    assert (nodes["full"].op, nodes["linear_1"].target) == ("call_module", F.linear)
+    assert [n.target for n in (fc1, fc2, by_function)] == [linear_token_columns] * 3
+    assert [a.target for a in fc1.args[1:]] == ["fc1.weight", "fc1.bias"]
+    assert full.target is by_keywords.target is torch.ops.aten.linear.default
     assert [(d.target, d.reason) for d in p.declined] == [
-        ("linear_1", "F.linear with keyword arguments ['input', 'weight']")]
+        (by_keywords.name, "a linear with keyword arguments ['weight']")]
     torch.testing.assert_close(gm(x), want)
 
 
@@ -82,7 +84,7 @@ def test_token_select_marks_the_branch_it_moves_onto_the_gathered_tokens(method)
         gathers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is gather_tokens
                    and n.args[0].name.startswith("add")]
         marked = [n for n in gm.graph.nodes if n.meta.get(ir.ON_SELECTED_TOKENS)]
-        linears = Counter(n.target.rsplit(".", 1)[-1] for n in marked if n.op == "call_module")
+        linears = Counter(ir.layer_path(n).rsplit(".", 1)[-1] for n in marked if n in layer_calls(gm))
         blocks = plan.kinds.count("partial")
         assert linears == ({"norm2": blocks, "fc1": blocks, "act": blocks, "fc2": blocks} if blocks else {})
         reachable = set()

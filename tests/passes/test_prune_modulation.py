@@ -1,18 +1,18 @@
 """PruneModulationPass: only the live chunks of a split linear layer are computed."""
 
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 import graphcache
+from graphcache import ir
 from graphcache.cache import CacheState
-from graphcache.capture import capture
+from graphcache.capture import capture, export_graph, propagate_shapes
 from graphcache.models.dit import DiT, DiTConfig, init_random_
 from graphcache.passes.cache_passes import EliminateDeadBranchesPass, ReplaceWithCacheReadPass
 from graphcache.passes.manager import PassManager
 from graphcache.passes.prune_modulation import PruneModulationPass
 from graphcache.runtime import new_variant
+from graph_queries import layer_calls
 
 CFG = DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10)
 
@@ -26,7 +26,12 @@ def _count(gm, pred):
 
 
 def _adaln_calls(gm):
-    return _count(gm, lambda n: n.op == "call_module" and n.target.endswith("adaLN_modulation.1"))
+    return len(layer_calls(gm, suffix="adaLN_modulation.1"))
+
+
+def _narrow_linears(gm):
+    """The linears PruneModulationPass made: over a narrowed weight."""
+    return _count(gm, lambda n: ir.is_linear(n) and n.args[1].target is torch.ops.aten.narrow.default)
 
 
 def _reuse_variant(model, prune: bool, blocks=(0, 1, 2)):
@@ -42,8 +47,8 @@ def test_reuse_blocks_compute_only_their_gates():
     assert records[-1].counters == {"pruned_chunks": 4 * CFG.depth, "split_linear": CFG.depth}
     # the blocks' adaLN layers are gone; the final layer's (both chunks used) stays
     assert _adaln_calls(gm) == 1
-    assert _count(gm, lambda n: n.op == "call_function" and n.target is F.linear) == 2 * CFG.depth
-    assert _count(gm, lambda n: n.op == "call_method" and n.target == "chunk") == 1
+    assert _narrow_linears(gm) == 2 * CFG.depth
+    assert _count(gm, lambda n: n.target is torch.ops.aten.chunk.default) == 1
 
 
 def test_partially_reused_model_prunes_only_reused_blocks():
@@ -83,33 +88,29 @@ def test_every_method_samples_the_same_with_the_cleanup():
 
 
 class _Split(nn.Module):
-    def __init__(self, dim_ok=True, index_only=True):
+    def __init__(self, dim_ok=True):
         super().__init__()
         self.lin = nn.Linear(8, 12)
-        self.dim_ok, self.index_only = dim_ok, index_only
+        self.dim_ok = dim_ok
 
     def forward(self, x):
         parts = self.lin(x).chunk(3, dim=1 if self.dim_ok else 0)
-        if not self.index_only:
-            return torch.cat(parts, 0)
         return parts[0] * 2
 
 
 def _traced(module):
-    gm = fx.symbolic_trace(module)
-    from graphcache.capture import propagate_shapes
-
-    propagate_shapes(gm, (torch.randn(4, 8),))
+    x = torch.randn(4, 8)
+    gm, _ = export_graph(module, (x,))
+    propagate_shapes(gm, (x,))
     return gm
 
 
 def test_declines_chunks_it_cannot_split():
-    for module, reason in [(_Split(dim_ok=False), "evenly"), (_Split(index_only=False), "indexing")]:
-        gm = _traced(module)
-        p = PruneModulationPass()
-        result = p(gm)
-        assert not result.modified and not p.counters
-        assert len(p.declined) == 1 and reason in p.declined[0].reason
+    gm = _traced(_Split(dim_ok=False))
+    p = PruneModulationPass()
+    result = p(gm)
+    assert not result.modified and not p.counters
+    assert [d.reason for d in p.declined] == ["it does not split the linear layer's output features evenly"]
 
 
 def test_splits_a_plain_model_exactly():

@@ -24,7 +24,8 @@ from graphcache.passes.skip_blocks import FINAL_STREAM_SLOT, InsertFinalStreamWr
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_cache_passes import allocate, build, cache_reads, cache_writes, inputs, module_calls  # noqa: E402
+from graph_queries import layer_calls  # noqa: E402
+from test_cache_passes import allocate, build, cache_reads, cache_writes, inputs  # noqa: E402
 
 DEPTH = 3
 
@@ -78,9 +79,9 @@ def test_skip_middle_block_counts(captured):
     assert FINAL_STREAM_SLOT not in gm.meta.get("graphcache_slots", {})  # not the last block: no cache
     assert not cache_reads(gm) and not cache_writes(gm)
     # block 1's whole work (attention, MLP, modulation) is gone; blocks 0 and 2 keep theirs
-    assert not module_calls(gm, "blocks.1.")
+    assert not layer_calls(gm, "blocks.1.")
     for b in (0, 2):
-        assert module_calls(gm, f"blocks.{b}.attn.") and module_calls(gm, f"blocks.{b}.mlp.")
+        assert layer_calls(gm, f"blocks.{b}.attn.") and layer_calls(gm, f"blocks.{b}.mlp.")
     # block 2 now reads block 0's output
     s = ir.structure_of(gm)
     nodes = ir.nodes_by_name(gm.graph)
@@ -102,9 +103,9 @@ def test_skip_last_block_reads_the_final_stream(captured):
 def test_skip_every_block_leaves_only_the_final_layer(captured):
     gm, records = build(captured, [SkipBlocksPass(range(DEPTH)), EliminateDeadBranchesPass()])
     assert records[0].counters == {"skipped_block": DEPTH, "final_stream_read": 1}
-    assert not module_calls(gm, "blocks.")
-    assert not module_calls(gm, "x_embedder.")  # the stream itself is not computed any more
-    assert module_calls(gm, "final_layer.") and module_calls(gm, "t_embedder.")
+    assert not layer_calls(gm, "blocks.")
+    assert not layer_calls(gm, "x_embedder.")  # the stream itself is not computed any more
+    assert layer_calls(gm, "final_layer.") and layer_calls(gm, "t_embedder.")
     assert [r.target for r in cache_reads(gm)] == [f"{CACHE_ATTR}.{FINAL_STREAM_SLOT}"]
 
 
@@ -183,4 +184,4 @@ def test_skipped_last_block_ignores_the_earlier_blocks(model, captured):
         again = gm(torch.randn_like(x), t, y)
     assert torch.equal(out, by_hand(model, x, t, y, final_stream=stored))
     assert torch.equal(out, again)
-    assert not module_calls(gm, "blocks.0.attn") and not module_calls(gm, "blocks.1.mlp")
+    assert not layer_calls(gm, "blocks.0.attn") and not layer_calls(gm, "blocks.1.mlp")

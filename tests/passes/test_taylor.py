@@ -36,6 +36,7 @@ from graphcache.ops import copy_into_
 from graphcache.exporters.eager import with_cache_kernels
 from graphcache.passes.base import PassError
 from graphcache.runtime import new_variant
+from graph_queries import layer_calls
 
 DEPTH = 3
 ORDER = 3
@@ -139,7 +140,7 @@ def test_forecast_replaces_every_branch(model, captured, factors):
     assert records[0].counters == {"taylor_read": (ORDER + 1) * 2 * DEPTH, "forecast": 2 * DEPTH}
     assert records[1].counters["removed_nodes"] > 0
     # the attention and MLP work is gone; adaLN (the gates) stays
-    calls = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.")]
+    calls = [ir.layer_path(n) for n in layer_calls(gm, "blocks.")]
     assert not [c for c in calls if ".attn." in c or ".mlp." in c or c.endswith(("norm1", "norm2"))]
     assert sum(c.endswith("adaLN_modulation.1") for c in calls) == DEPTH
     assert not [n for n in gm.graph.nodes if is_cache_write(n)]

@@ -181,7 +181,7 @@ def test_record_counts_and_slots(captured, score):
         counters["explicit_attention"] = DEPTH
     assert records[0].counters == counters and not records[0].declined and records[0].modified
     assert len(calls(gm, explicit_attention)) == (DEPTH if score == "attention" else 0)
-    assert len(calls(gm, F.scaled_dot_product_attention)) == (0 if score == "attention" else DEPTH)
+    assert len(calls(gm, torch.ops.aten.scaled_dot_product_attention.default)) == (0 if score == "attention" else DEPTH)
     assert len(calls(gm, value_norm_score)) == (DEPTH if score == "kv-norm" else 0)
     slots = gm.meta["graphcache_slots"]
     want = {staleness_slot(b) for b in range(DEPTH)}
