@@ -221,7 +221,7 @@ class DiT(nn.Module):
             [DiTBlock(h, config.num_heads, config.mlp_ratio, config.mlp_norm_eps) for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(h, config.patch_size, self.out_channels)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(h, grid)).float().unsqueeze(0))
+        self.pos_embed.data.copy_(pos_embed_table(h, grid))
 
     def unpatchify(self, x, height, width):
         """(B, h*w, p*p*c) -> (B, c, h*p, w*p)."""
@@ -255,6 +255,11 @@ def init_random_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Modul
                 continue
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model
+
+
+def pos_embed_table(hidden_size: int, grid_size: int) -> torch.Tensor:
+    """DiT.pos_embed's value: the sin-cos table as float32, (1, grid*grid, hidden_size)."""
+    return torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid_size)).float().unsqueeze(0)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
