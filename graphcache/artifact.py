@@ -43,6 +43,7 @@ import torch
 
 from .errors import GraphcacheError
 from .exporters.export import AHEAD_OF_TIME
+from .models.dit import DiTConfig
 
 FORMAT = "graphcache-artifact"
 FORMAT_VERSION = 1
@@ -224,7 +225,8 @@ def load_artifact(path, *, map_location="cpu", backend: str | None = None, compi
         raise GraphcacheError(f"{path}: the artifact has no {WEIGHTS} (incomplete or damaged)")
     model = load_model(weights, map_location=map_location)
     config = manifest["model"].get("config")
-    if isinstance(config, dict) and config != model.config.to_dict():
+    # A manifest written before a DiTConfig field existed lacks it; like load_model, read it as the default.
+    if isinstance(config, dict) and {**DiTConfig().to_dict(), **config} != model.config.to_dict():
         raise GraphcacheError(f"{path}: {WEIGHTS} does not match the model config recorded in {MANIFEST}")
     backend = recorded_backend if backend is None else backend
     if compile_options is None and backend == recorded_backend == "compile":

@@ -208,8 +208,9 @@ def _infer_config(sd: dict, path: Path, base: dict | None, num_heads, overrides:
         raise GraphcacheError(f"{path}: invalid DiT config: {exception_line(e)}") from e
 
 
-def _check_keys(model: DiT, sd: dict, path: Path, config: DiTConfig) -> None:
-    expected = model.state_dict()
+def state_dict_problems(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """What keeps `sd` from loading where `expected` (tensors or meta tensors) would: missing and
+    unexpected keys, shape mismatches, each an abbreviated list; [] when none."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     mismatched = [
@@ -222,6 +223,11 @@ def _check_keys(model: DiT, sd: dict, path: Path, config: DiTConfig) -> None:
         problems.append(f"unexpected keys: {_few(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatch (checkpoint vs model): {_few(mismatched, 3)}")
+    return problems
+
+
+def _check_keys(model: DiT, sd: dict, path: Path, config: DiTConfig) -> None:
+    problems = state_dict_problems(sd, model.state_dict())
     if problems:
         raise GraphcacheError(
             f"{path}: checkpoint does not match DiT(hidden={config.hidden_size}, depth={config.depth}, "

@@ -147,6 +147,13 @@ def test_config_mismatch(copy):
     _load_error(copy, "does not match")
 
 
+def test_manifest_from_before_a_config_field_existed(copy):
+    m = json.loads((copy / "manifest.json").read_text())
+    del m["model"]["config"]["frequency_shift"], m["model"]["config"]["mlp_norm_eps"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    assert load_artifact(copy).model.config.frequency_shift == 0
+
+
 def test_schedule_mismatch(copy):
     m = json.loads((copy / "manifest.json").read_text())
     m["schedule"]["steps"][2]["kinds"] = ["full", "full"]

@@ -295,3 +295,21 @@ def test_save_bad_suffix(small, tmp_path):
     with pytest.raises(GraphcacheError):
         save_model(small, tmp_path / "m.npz")
     assert os.listdir(tmp_path) == []
+
+
+def test_config_fields_added_later_default_when_metadata_lacks_them(small, tmp_path):
+    """Files written before frequency_shift / mlp_norm_eps existed load as facebook's DiT."""
+    path = tmp_path / "old.safetensors"
+    old = {k: v for k, v in SMALL.to_dict().items() if k not in ("frequency_shift", "mlp_norm_eps")}
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path),
+              metadata={"graphcache_config": json.dumps(old)})
+    _assert_same(load_model(path), small)
+
+
+def test_diffusers_variant_config_round_trips(tmp_path):
+    config = DiTConfig(**{**SMALL.to_dict(), "frequency_shift": 1, "mlp_norm_eps": 1e-5})
+    model = _model(config)
+    _assert_same(load_model(save_model(model, tmp_path / "m.safetensors")), model)
+    # a .pt file has no config: the fields are options, like num_heads
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    _assert_same(load_model(tmp_path / "m.pt", frequency_shift=1, mlp_norm_eps=1e-5), model)

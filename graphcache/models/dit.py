@@ -32,6 +32,13 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
     learn_sigma: bool = True
+    # The timestep frequencies are exp(-ln(1e4) * i / (128 - frequency_shift)), i < 128: 0 is
+    # facebook's DiT; 1 is diffusers' port (Timesteps(downscale_freq_shift=1)), a different function
+    # of the same weights, kept so that models converted from diffusers compute what they did there.
+    frequency_shift: int = 0
+    # eps of the LayerNorm before each block's MLP: 1e-6 in facebook's DiT; diffusers' port takes its
+    # config's norm_eps there (default 1e-5, also in its conversions of the facebook checkpoints).
+    mlp_norm_eps: float = 1e-6
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,9 +83,10 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of the (original, unrespaced) timestep, cos first, then an MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, frequency_shift: int = 0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.frequency_shift = frequency_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -86,16 +94,21 @@ class TimestepEmbedder(nn.Module):
         )
 
     @staticmethod
-    def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    def timestep_embedding(t, dim: int, max_period: float = 10000.0, frequency_shift: int = 0):
+        """The (len(t), dim) features; frequency_shift as in DiTConfig."""
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+            -math.log(max_period)
+            * torch.arange(half, dtype=torch.float32, device=t.device)
+            / (half - frequency_shift)
         )
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))
+        return self.mlp(
+            self.timestep_embedding(t, self.frequency_embedding_size, frequency_shift=self.frequency_shift)
+        )
 
 
 class LabelEmbedder(nn.Module):
@@ -148,11 +161,11 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -200,15 +213,15 @@ class DiT(nn.Module):
         self.num_classes = config.num_classes
         h = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, h)
-        self.t_embedder = TimestepEmbedder(h)
+        self.t_embedder = TimestepEmbedder(h, frequency_shift=config.frequency_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, h, config.class_dropout_prob)
         grid = config.input_size // config.patch_size
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, h), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(h, config.num_heads, config.mlp_ratio) for _ in range(config.depth)]
+            [DiTBlock(h, config.num_heads, config.mlp_ratio, config.mlp_norm_eps) for _ in range(config.depth)]
         )
         self.final_layer = FinalLayer(h, config.patch_size, self.out_channels)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(h, grid)).float().unsqueeze(0))
+        self.pos_embed.data.copy_(pos_embed_table(h, grid))
 
     def unpatchify(self, x, height, width):
         """(B, h*w, p*p*c) -> (B, c, h*p, w*p)."""
@@ -242,6 +255,11 @@ def init_random_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Modul
                 continue
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model
+
+
+def pos_embed_table(hidden_size: int, grid_size: int) -> torch.Tensor:
+    """DiT.pos_embed's value: the sin-cos table as float32, (1, grid*grid, hidden_size)."""
+    return torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid_size)).float().unsqueeze(0)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:

@@ -132,3 +132,39 @@ def test_init_random_leaves_no_zero_parameter():
     # deterministic in the seed
     assert torch.equal(init_random_(DiT(SMALL), seed=3).blocks[0].attn.qkv.weight,
                        init_random_(DiT(SMALL), seed=3).blocks[0].attn.qkv.weight)
+
+
+def test_frequency_shift_divides_by_half_minus_shift():
+    """frequency_shift=1 gives diffusers' Timesteps(downscale_freq_shift=1) frequencies, i/(half-1)."""
+    t = torch.tensor([5.0, 999.0])
+    emb = TimestepEmbedder.timestep_embedding(t, 256, frequency_shift=1)
+    for k in (0, 1, 77, 127):
+        f = math.exp(-math.log(10000.0) * k / 127)
+        assert emb[0, k].item() == pytest.approx(math.cos(5.0 * f), abs=1e-5)
+        assert emb[1, 128 + k].item() == pytest.approx(math.sin(999.0 * f), abs=1e-4)
+    assert not torch.allclose(emb, TimestepEmbedder.timestep_embedding(t, 256), atol=1e-2)
+
+
+def test_config_defaults_are_facebooks_dit():
+    model = DiT(SMALL)
+    assert SMALL.frequency_shift == 0 and model.t_embedder.frequency_shift == 0
+    assert all(b.norm1.eps == b.norm2.eps == 1e-6 for b in model.blocks)
+    assert model.final_layer.norm_final.eps == 1e-6
+
+
+def test_frequency_shift_changes_the_function():
+    """Same weights, frequency_shift 0 vs 1: outputs differ by ~1e-3, far more than the ~1e-7 that
+    float32 rounding moves them (N(0, 0.02) weights damp the timestep's influence)."""
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([999, 17]), torch.tensor([1, 2])
+    base = init_random_(DiT(SMALL)).eval()
+    shifted = DiT(DiTConfig(**{**SMALL.to_dict(), "frequency_shift": 1})).eval()
+    shifted.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        assert (shifted(x, t, y) - base(x, t, y)).abs().max() > 1e-4
+
+
+def test_mlp_norm_eps_sets_only_the_pre_mlp_norm():
+    model = DiT(DiTConfig(**{**SMALL.to_dict(), "mlp_norm_eps": 1e-5}))
+    assert all(b.norm2.eps == 1e-5 and b.norm1.eps == 1e-6 for b in model.blocks)
+    assert model.final_layer.norm_final.eps == 1e-6
