@@ -119,6 +119,9 @@ class Diffusion:
         self.log_betas = np.log(b)
         # Fixed "large" variance, used only for models without a learned variance.
         self.fixed_large_log_variance = np.log(np.append(first, b[1:]))
+        # (id of one of the arrays above, device) -> that array on the device; the arrays are
+        # never replaced, so their ids stay theirs
+        self._device_arrays: dict[tuple[int, str], torch.Tensor] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -127,16 +130,25 @@ class Diffusion:
             return t.to(x.device)
         return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
-    @staticmethod
-    def _coef(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    def _on_device(self, arr: np.ndarray, device: torch.device) -> torch.Tensor:
+        """`arr` as a tensor on `device`, copied there once: a copy from host memory at every step
+        would make a CUDA sampling loop wait for the GPU (a blocking copy synchronises the stream),
+        so the host could never queue the next step's kernels ahead."""
+        key = (id(arr), str(device))
+        made = self._device_arrays.get(key)
+        if made is None:
+            made = self._device_arrays[key] = torch.from_numpy(arr).to(device)
+        return made
+
+    def _coef(self, arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """arr[t] as float32, shaped (B, 1, ..., 1): the reference's float64 -> float32 cast."""
-        out = torch.from_numpy(arr).to(t.device)[t].float()
+        out = self._on_device(arr, t.device)[t].float()
         return out.view(-1, *([1] * (ndim - 1)))
 
     def original_timesteps(self, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The model's timestep input: step indices mapped through `timestep_map` (long)."""
         t = self._steps(t, x)
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return self._on_device(self.timestep_map, t.device)[t]
 
     def predict(self, model_out: torch.Tensor, x: torch.Tensor, t: int | torch.Tensor):
         """(pred_xstart, log_variance) from a model output (eps, then variance if learned)."""

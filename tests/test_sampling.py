@@ -328,6 +328,24 @@ def test_progress_bar(dit):
 
 
 # --------------------------------------------------------------------------------------------
+# Host copies
+# --------------------------------------------------------------------------------------------
+
+
+def test_schedule_arrays_reach_the_device_once_per_run(dit, monkeypatch):
+    """No host-to-device copy of the schedule per step (on CUDA each would wait for the GPU):
+    the number of arrays turned into tensors does not grow with the step count."""
+    made, real = [], torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: made.append(a) or real(a))
+    counts = []
+    for steps in (3, 12):
+        made.clear()
+        sample(dit, [1], seed=0, num_steps=steps, sampler="ddpm", cfg_scale=1.5)
+        counts.append(len(made))
+    assert counts[0] == counts[1] > 0
+
+
+# --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
 
