@@ -16,7 +16,7 @@ import torch
 from .errors import GraphcacheError
 from .sampling import sample
 
-__all__ = ["bench", "format_table", "plot", "time_sampling"]
+__all__ = ["BenchSession", "bench", "format_table", "plot", "time_sampling"]
 
 
 def _sync(model) -> None:
@@ -137,6 +137,114 @@ def _digit_classifier(model):
         return None
 
 
+class BenchSession:
+    """The parts of `bench` — build a method, run it once, report its figures — for callers that
+    order the runs themselves (tools/gpu_bench.py runs under a time budget).
+
+    An entry is a dict: name, cached (the CachedModel), build_seconds, times (timed runs), output
+    (the last timed run's samples), peak (bytes). `report(entry, base)` gives the figures of one
+    method against `base`, the `none` entry built by the same session. `interleaved`: whether the
+    entries ran in rounds, which decides how a speedup is paired (see `report`).
+    """
+
+    def __init__(self, model, *, backend: str = "eager", compile_options: dict | None = None,
+                 hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str = "ddim",
+                 cfg_scale: float | None = 1.5, guidance: str = "official", seed: int = 0,
+                 interleaved: bool = True):
+        from .exporters import BACKENDS
+
+        if backend not in BACKENDS:
+            raise GraphcacheError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        if compile_options and backend != "compile":
+            raise GraphcacheError(f"compile options need backend 'compile' (backend is {backend!r})")
+        self.model, self.backend, self.compile_options = model, backend, compile_options
+        self.hoist_conditioning, self.num_steps, self.batch = hoist_conditioning, num_steps, batch
+        self.sampler, self.cfg_scale, self.guidance, self.seed = sampler, cfg_scale, guidance, seed
+        self.interleaved = interleaved
+        self.labels = _labels(model, batch)
+        self.cfg = cfg_scale is not None and cfg_scale > 1.0
+        self.pixel = model.in_channels in (1, 3)
+        self.digits = _digit_classifier(model)
+        self.device = next(model.parameters()).device
+
+    def build(self, name: str, options: dict) -> dict:
+        """A new entry: `name` with `options` optimized for this session's backend."""
+        from .runtime import optimize
+
+        start = time.perf_counter()
+        cached = optimize(self.model, name, num_steps=self.num_steps, backend=self.backend,
+                          compile_options=self.compile_options, hoist_conditioning=self.hoist_conditioning,
+                          **options)
+        # capture + passes (+ export for aoti/onnx), not timed runs
+        return {"name": name, "cached": cached, "build_seconds": time.perf_counter() - start,
+                "times": [], "output": None, "peak": 0}
+
+    def run(self, entry: dict, timed: bool) -> float:
+        """One sampling run of `entry` (the same seeds every time); its seconds. A timed run is
+        recorded in the entry, with its samples and peak memory."""
+        cached = entry["cached"]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        seconds, out = _timed_run(cached, _sampling_run(cached, self.labels, self.num_steps, self.sampler,
+                                                        self.cfg_scale, self.guidance, self.seed))
+        if timed:
+            entry["times"].append(seconds)
+            entry["output"], entry["peak"] = out, max(entry["peak"], _peak_memory_bytes(self.device))
+        return seconds
+
+    def report(self, entry: dict, base: dict) -> dict:
+        """The figures of one method; `base`: the `none` entry. Interleaved, the speedup is the
+        median of each round's ratio, `none`'s run over this method's run of the same round:
+        that pairs runs made minutes apart, not the best run of one with the worst of the other."""
+        cached, out, seconds = entry["cached"], entry["output"], statistics.median(entry["times"])
+        flops = _flops(cached, self.model, self.batch, self.cfg)
+        if self.interleaved:
+            speedup = statistics.median(b / t for b, t in zip(base["times"], entry["times"]))
+        else:
+            speedup = statistics.median(base["times"]) / seconds
+        return {
+            "method": entry["name"],
+            "options": cached.options,
+            "seconds": seconds,
+            "seconds_all": entry["times"],
+            "build_seconds": entry["build_seconds"],
+            "speedup": speedup,
+            "flops": flops["total"],
+            "flops_uncached": flops["uncached"],
+            "flops_speedup": flops["speedup"],
+            "realization": speedup / flops["speedup"],
+            **_quality(out, base["output"], self.labels, self.pixel, self.digits),
+            "peak_memory_bytes": entry["peak"],
+            "cache_bytes": cached.cache.nbytes(),
+            "kinds": [list(p.kinds) for p in cached.schedule.steps],
+        }
+
+    def summary(self, results: list[dict], model_name: str = "") -> dict:
+        """The bench report around the per-method `results`."""
+        compiled = None
+        if self.backend == "compile":
+            import json
+
+            from .exporters.compile import compile_options as resolve
+
+            # a callable compiler: its repr
+            compiled = json.loads(json.dumps(resolve(self.compile_options), default=repr))
+        return {
+            "model": model_name,
+            "backend": self.backend,
+            "compile_options": compiled,
+            "steps": self.num_steps,
+            "batch": self.batch,
+            "sampler": self.sampler,
+            "cfg_scale": self.cfg_scale,
+            "guidance": self.guidance,
+            "device": str(self.device),
+            "interleaved": self.interleaved,
+            "flops_counting": FLOPS_COUNTING,
+            "results": results,
+        }
+
+
 def bench(model, methods, *, backend: str = "eager", compile_options: dict | None = None,
           hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str = "ddim",
           cfg_scale: float | None = 1.5, guidance: str = "official", repeats: int = 3, warmup: int = 1,
@@ -157,49 +265,25 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
     method at a time is built, run and freed). Peak memory is per method on CUDA; on a CPU it is
     the process's peak so far, which interleaved runs share.
     """
-    from .exporters import BACKENDS
-    from .runtime import optimize
-
-    if backend not in BACKENDS:
-        raise GraphcacheError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if compile_options and backend != "compile":
-        raise GraphcacheError(f"compile options need backend 'compile' (backend is {backend!r})")
     _check_counts(repeats, warmup)
     if interleave is None:
         interleave = backend in ("eager", "compile")
+    session = BenchSession(model, backend=backend, compile_options=compile_options,
+                           hoist_conditioning=hoist_conditioning, num_steps=num_steps, batch=batch, sampler=sampler,
+                           cfg_scale=cfg_scale, guidance=guidance, seed=seed, interleaved=interleave)
     methods = list(methods)
     if not any(m == "none" for m, _ in methods):
         methods.insert(0, ("none", {}))
     methods.sort(key=lambda mo: mo[0] != "none")
-    labels = _labels(model, batch)
-    cfg = cfg_scale is not None and cfg_scale > 1.0
-    pixel = model.in_channels in (1, 3)
-    digits = _digit_classifier(model)
-    device = next(model.parameters()).device
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(methods) * (warmup + repeats), desc="bench", unit="run", file=sys.stderr)
 
-    def build(name, options) -> dict:
-        start = time.perf_counter()
-        cached = optimize(model, name, num_steps=num_steps, backend=backend, compile_options=compile_options,
-                          hoist_conditioning=hoist_conditioning, **options)
-        # capture + passes (+ export for aoti/onnx), not timed runs
-        return {"name": name, "cached": cached, "build_seconds": time.perf_counter() - start,
-                "times": [], "output": None, "peak": 0}
-
     def run(entries, timed: bool) -> None:
         for entry in entries:
-            cached = entry["cached"]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds, out = _timed_run(cached, _sampling_run(cached, labels, num_steps, sampler, cfg_scale,
-                                                            guidance, seed))
-            if timed:
-                entry["times"].append(seconds)
-                entry["output"], entry["peak"] = out, max(entry["peak"], _peak_memory_bytes(device))
+            seconds = session.run(entry, timed)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"{entry['name']} {seconds:.2f}s{'' if timed else ' (warm-up)'}")
@@ -210,68 +294,21 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
         for _ in range(repeats):
             run(entries, timed=True)
 
-    def report(entry, base) -> dict:
-        """The figures of one method; `base`: the `none` entry. Interleaved, the speedup is the
-        median of each round's ratio, `none`'s run over this method's run of the same round:
-        that pairs runs made minutes apart, not the best run of one with the worst of the other."""
-        cached, out, seconds = entry["cached"], entry["output"], statistics.median(entry["times"])
-        flops = _flops(cached, model, batch, cfg)
-        if interleave:
-            speedup = statistics.median(b / t for b, t in zip(base["times"], entry["times"]))
-        else:
-            speedup = statistics.median(base["times"]) / seconds
-        return {
-            "method": entry["name"],
-            "options": cached.options,
-            "seconds": seconds,
-            "seconds_all": entry["times"],
-            "build_seconds": entry["build_seconds"],
-            "speedup": speedup,
-            "flops": flops["total"],
-            "flops_uncached": flops["uncached"],
-            "flops_speedup": flops["speedup"],
-            "realization": speedup / flops["speedup"],
-            **_quality(out, base["output"], labels, pixel, digits),
-            "peak_memory_bytes": entry["peak"],
-            "cache_bytes": cached.cache.nbytes(),
-            "kinds": [list(p.kinds) for p in cached.schedule.steps],
-        }
-
     if interleave:
-        entries = [build(name, options) for name, options in methods]
+        entries = [session.build(name, options) for name, options in methods]
         measure(entries)
-        results = [report(entry, entries[0]) for entry in entries]
+        results = [session.report(entry, entries[0]) for entry in entries]
     else:
         results, base = [], None
         for name, options in methods:
-            entry = build(name, options)
+            entry = session.build(name, options)
             measure([entry])
             base = base or entry
-            results.append(report(entry, base))
+            results.append(session.report(entry, base))
             del entry["cached"]  # free the variants (onnxruntime sessions: a copy of the weights each)
     if bar is not None:
         bar.close()
-    compiled = None
-    if backend == "compile":
-        import json
-
-        from .exporters.compile import compile_options as resolve
-
-        compiled = json.loads(json.dumps(resolve(compile_options), default=repr))  # a callable compiler: its repr
-    return {
-        "model": model_name,
-        "backend": backend,
-        "compile_options": compiled,
-        "steps": num_steps,
-        "batch": batch,
-        "sampler": sampler,
-        "cfg_scale": cfg_scale,
-        "guidance": guidance,
-        "device": str(device),
-        "interleaved": interleave,
-        "flops_counting": FLOPS_COUNTING,
-        "results": results,
-    }
+    return session.summary(results, model_name)
 
 
 def format_table(report: dict) -> str:

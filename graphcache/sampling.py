@@ -119,6 +119,9 @@ class Diffusion:
         self.log_betas = np.log(b)
         # Fixed "large" variance, used only for models without a learned variance.
         self.fixed_large_log_variance = np.log(np.append(first, b[1:]))
+        # (id of one of the arrays above, device) -> that array on the device; the arrays are
+        # never replaced, so their ids stay theirs
+        self._device_arrays: dict[tuple[int, str], torch.Tensor] = {}
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -127,16 +130,25 @@ class Diffusion:
             return t.to(x.device)
         return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
-    @staticmethod
-    def _coef(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    def _on_device(self, arr: np.ndarray, device: torch.device) -> torch.Tensor:
+        """`arr` as a tensor on `device`, copied there once: a copy from host memory at every step
+        would make a CUDA sampling loop wait for the GPU (a blocking copy synchronises the stream),
+        so the host could never queue the next step's kernels ahead."""
+        key = (id(arr), str(device))
+        made = self._device_arrays.get(key)
+        if made is None:
+            made = self._device_arrays[key] = torch.from_numpy(arr).to(device)
+        return made
+
+    def _coef(self, arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """arr[t] as float32, shaped (B, 1, ..., 1): the reference's float64 -> float32 cast."""
-        out = torch.from_numpy(arr).to(t.device)[t].float()
+        out = self._on_device(arr, t.device)[t].float()
         return out.view(-1, *([1] * (ndim - 1)))
 
     def original_timesteps(self, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The model's timestep input: step indices mapped through `timestep_map` (long)."""
         t = self._steps(t, x)
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return self._on_device(self.timestep_map, t.device)[t]
 
     def predict(self, model_out: torch.Tensor, x: torch.Tensor, t: int | torch.Tensor):
         """(pred_xstart, log_variance) from a model output (eps, then variance if learned)."""
@@ -265,6 +277,31 @@ def _default_device(model, noise):
     return torch.device("cpu")
 
 
+def _model_dtype(model) -> torch.dtype | None:
+    """The floating dtype `model` takes its latents in (`input_dtype`, else its first floating
+    parameter's), or None when it does not say (a plain callable)."""
+    dtype = getattr(model, "input_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.dtype.is_floating_point:
+                return p.dtype
+    return None
+
+
+class _InDtype:
+    """`model` called on latents cast to `dtype` (a bf16 model, say), its output cast back to the
+    latents' dtype: the sampler and the guidance arithmetic keep computing in the latents' dtype."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+        self.in_channels = model.in_channels
+
+    def __call__(self, x, t, y):
+        return self.model(x.to(self.dtype), t, y).to(x.dtype)
+
+
 def sample(
     model: Callable,
     labels,
@@ -286,6 +323,9 @@ def sample(
       exactly once per step (with CFG, once on the 2n-row batch).
     labels: class ids in [0, num_classes), a list of ints or a long tensor.
     noise: the initial latents (n, C, H, W); drawn with `torch.randn` after seeding if None.
+      The sampler computes in the latents' dtype (float32 for drawn noise); a model of another
+      dtype (bf16 weights, say) is called on the latents cast to its dtype, and its output is
+      cast back before guidance and the sampler step.
     seed: `torch.manual_seed(seed)` on the GLOBAL RNG first, like the official scripts (every
       later draw — the initial noise, one `randn_like` per step — uses the global RNG too).
       None leaves the global RNG as it is.
@@ -323,11 +363,12 @@ def sample(
         if noise is None:
             noise = torch.randn(*shape, device=device)
         x = noise.to(device)
-        net = model
+        dtype = _model_dtype(model)
+        net = model if dtype is None else _InDtype(model, dtype)
         if use_cfg:
             x = torch.cat([x, x], dim=0)
             y = torch.cat([y, torch.full_like(y, int(model.num_classes))], dim=0)
-            net = guided(model, cfg_scale, guidance)
+            net = guided(net, cfg_scale, guidance)
 
         steps = [torch.full((x.shape[0],), i, dtype=torch.long, device=device)
                  for i in range(diffusion.num_steps - 1, -1, -1)]

@@ -328,6 +328,48 @@ def test_progress_bar(dit):
 
 
 # --------------------------------------------------------------------------------------------
+# Model dtype and host copies
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_a_bf16_model_samples_in_float32(dit, sampler):
+    """A model with bf16 weights gets its latents in bf16; the sampler and the guidance keep
+    float32, so the samples are float32 and close to the float32 model's."""
+    import copy
+
+    import graphcache
+
+    low = copy.deepcopy(dit).to(torch.bfloat16)
+    seen = []
+    hook = low.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    try:
+        got = sample(low, [1, 7], seed=3, num_steps=6, sampler=sampler, cfg_scale=1.5)
+    finally:
+        hook.remove()
+    want = sample(dit, [1, 7], seed=3, num_steps=6, sampler=sampler, cfg_scale=1.5)
+    assert got.dtype == torch.float32 and seen == [torch.bfloat16] * 6
+    assert float((got - want).norm() / want.norm()) < 0.05
+    cached = graphcache.optimize(low, "fora", num_steps=6, interval=3)
+    out = sample(cached, [1, 7], seed=3, num_steps=6, sampler=sampler, cfg_scale=1.5)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert {b.dtype for b in cached.cache.buffers()} == {torch.bfloat16}
+
+
+def test_schedule_arrays_reach_the_device_once_per_run(dit, monkeypatch):
+    """No host-to-device copy of the schedule per step (on CUDA each would wait for the GPU):
+    the number of arrays turned into tensors does not grow with the step count."""
+    made, real = [], torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: made.append(a) or real(a))
+    counts = []
+    for steps in (3, 12):
+        made.clear()
+        sample(dit, [1], seed=0, num_steps=steps, sampler="ddpm", cfg_scale=1.5)
+        counts.append(len(made))
+    assert counts[0] == counts[1] > 0
+
+
+# --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
 

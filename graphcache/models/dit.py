@@ -106,9 +106,10 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t):
-        return self.mlp(
-            self.timestep_embedding(t, self.frequency_embedding_size, frequency_shift=self.frequency_shift)
-        )
+        # the features are float32, as in the reference; a model whose weights are in another
+        # dtype (bf16, say) takes them in its own (a no-op for float32 weights)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, frequency_shift=self.frequency_shift)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

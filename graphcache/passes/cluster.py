@@ -69,9 +69,16 @@ def kmeans_l1_eager(x: Tensor, centroids: Tensor, max_iter: int = 100, rtol: flo
     The convergence test is global over the whole batch (one `allclose`). Here the host looks at it
     only every `check_every` iterations; iterations after convergence leave labels and centroids
     frozen (`torch.where`), so the result is bit-identical to checking every iteration.
+
+    A half-precision stream (a bf16 model) is clustered in float32 and the centroids are returned
+    in the stream's dtype: `cdist` has no bf16/fp16 kernels, and bf16 sums over a cluster's members
+    would round away the convergence test's 1e-4.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    dtype = centroids.dtype
+    work = torch.promote_types(x.dtype, torch.float32)
+    x, centroids = x.to(work), centroids.to(work)
     clusters = torch.arange(centroids.shape[1], device=x.device)
     done = torch.zeros((), dtype=torch.bool, device=x.device)
     labels = None
@@ -86,7 +93,7 @@ def kmeans_l1_eager(x: Tensor, centroids: Tensor, max_iter: int = 100, rtol: flo
         done = done | converged
         if (it + 1) % check_every == 0 and it + 1 < max_iter and bool(done):
             break
-    return labels, centroids
+    return labels, centroids.to(dtype)
 
 
 # cudagraph_unsafe: the loop reads a flag on the host (`bool(done)`), which a CUDA graph cannot

@@ -119,6 +119,26 @@ def test_kmeans_matches_literal_loop(seed, check_every, max_iter):
     assert got[0].dtype == torch.int64 and got[0].shape == (2, 64) and got[1].shape == (2, 8, 16)
 
 
+def test_kmeans_of_a_bf16_stream_runs_in_float32():
+    """cdist has no bf16 kernel: a bf16 stream (a bf16 model's) is clustered in float32, and the
+    centroids come back in bf16."""
+    x = blobs(4).bfloat16()
+    start = x[:, :8].clone()
+    labels, cents = kmeans_l1(x, start, 100, 1e-4, 5)
+    want = kmeans_l1_eager(x.float(), start.float(), 100, 1e-4, 5)
+    assert cents.dtype == torch.bfloat16 and torch.equal(labels, want[0])
+    assert torch.equal(cents, want[1].bfloat16())
+
+
+def test_clusca_samples_a_bf16_model():
+    model = init_random_(DiT(DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4,
+                                       num_classes=10))).eval().to(torch.bfloat16)
+    cached = graphcache.optimize(model, "clusca", num_steps=6, interval=3, clusters=4)
+    out = graphcache.sample(cached, [1, 2], seed=0, num_steps=6)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert cached.cache.get_buffer("cluster_centroids").dtype == torch.bfloat16
+
+
 def test_kmeans_empty_cluster_and_convergence():
     x = blobs(9)
     start = x[:, :4].clone()
