@@ -11,6 +11,7 @@
 
 from .capture import capture
 from .errors import GraphcacheError
+from .pipelines import disable, enable
 from .runtime import CachedModel, optimize
 from .sampling import sample
 from .version import __version__
@@ -30,4 +31,5 @@ def load_model(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["CachedModel", "GraphcacheError", "__version__", "capture", "load", "load_model", "optimize", "sample"]
+__all__ = ["CachedModel", "GraphcacheError", "__version__", "capture", "disable", "enable", "load", "load_model",
+           "optimize", "sample"]

@@ -38,9 +38,9 @@ _ASSERTIONS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._a
 
 def example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """(x, t, y) for a class-conditional diffusion model exposing in_channels/input_size."""
-    try:
-        c, s = model.in_channels, model.input_size
-    except AttributeError:
+    try:  # attributes of the model itself (diffusers models keep theirs in `config`)
+        c, s = vars(model)["in_channels"], vars(model)["input_size"]
+    except KeyError:
         raise GraphcacheError(
             f"{type(model).__name__} has no in_channels/input_size attributes: pass example_inputs"
         ) from None
@@ -80,38 +80,84 @@ def propagate_shapes(gm: fx.GraphModule, inputs) -> None:
         ShapeProp(gm).propagate(*fake)
 
 
-def _batch_dynamic(model, args, kwargs) -> dict:
-    """dynamic_shapes for export, by forward parameter name: dim 0 of every tensor input of rank
-    >= 1 is `Dim.AUTO` (export makes it symbolic where the model allows, and equal across inputs
-    where the model needs)."""
-    def spec(value):
-        return {0: Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+def call_arguments(model: torch.nn.Module, args=(), kwargs=None) -> dict:
+    """A call's arguments by parameter name, in the forward's order: how graphcache captures and
+    later matches calls, so that `model(x, t)` and `model(x, timestep=t)` are the same call."""
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound = inspect.signature(model.forward).bind(*args, **dict(kwargs or {}))
     except TypeError as e:
         raise GraphcacheError(f"{type(model).__name__}.forward does not take these inputs: {e}") from None
-    return {name: pytree.tree_map(spec, value, is_leaf=lambda v: v is None)
-            for name, value in bound.arguments.items()}
+    named = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise GraphcacheError(f"{type(model).__name__}.forward takes *{name}: graphcache needs named inputs")
+        named.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    return named
+
+
+def _batch_dynamic(arguments: dict) -> dict:
+    """dynamic_shapes for export: dim 0 of every tensor input of rank >= 1 is `Dim.AUTO` (export
+    makes it symbolic where the model allows, and equal across inputs where the model needs)."""
+    def spec(value):
+        return {0: Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+    return {name: pytree.tree_map(spec, value) for name, value in arguments.items()}
+
+
+class TensorLeaf:
+    """CallSpec.constants' mark of a leaf that is a tensor (a graph input)."""
+
+    def __repr__(self):
+        return "<tensor>"
+
+
+TENSOR = TensorLeaf()
 
 
 @dataclass(frozen=True)
 class CallSpec:
-    """How a call of the model maps onto its captured graph: `inputs` flattens (args, kwargs) into
-    the graph's inputs (the tensors, in pytree order), `output` wraps the graph's one output tensor
-    as the model returns it (a tensor, a tuple, diffusers' output dataclass)."""
+    """How a call of the model maps onto its captured graph. The call's arguments, by name
+    (`call_arguments`), flatten into leaves: the tensors are the graph's inputs, in order; every
+    other leaf (None, a flag, a number) was specialised at capture and must come again with the
+    same value. `output` wraps the graph's one output tensor as the model returns it (a tensor, a
+    tuple, diffusers' output dataclass)."""
 
     inputs: pytree.TreeSpec
+    constants: tuple  # per leaf: TENSOR for a graph input, else the value captured
     output: pytree.TreeSpec
+
+    def flatten(self, arguments: dict) -> list[torch.Tensor] | None:
+        """The graph's inputs for a call with these arguments; None if the call is not one this
+        capture serves (other arguments given, another structure, another flag or number)."""
+        leaves, spec = pytree.tree_flatten(arguments)
+        if spec != self.inputs:
+            return None
+        for leaf, constant in zip(leaves, self.constants):
+            if isinstance(leaf, torch.Tensor) != isinstance(constant, TensorLeaf):
+                return None
+            if not isinstance(leaf, torch.Tensor) and not _same_constant(leaf, constant):
+                return None
+        return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+    def unflatten(self, output: torch.Tensor):
+        """The model's return value around the graph's output."""
+        return pytree.tree_unflatten([output], self.output)
+
+
+def _same_constant(a, b) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # a value without a usable ==: only itself matches
+        return a is b
 
 
 def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.GraphModule, CallSpec]:
     """`model`'s forward on these inputs as a flat GraphModule of ATen operators over the model's
-    own parameters: placeholders are the call's tensor inputs in pytree order, the output is the one
-    output tensor; and the CallSpec that maps a call of the model onto them."""
-    kwargs = dict(kwargs or {})
+    own parameters: placeholders are the call's tensor inputs in pytree order (by parameter name),
+    the output is the one output tensor; and the CallSpec that maps a call of the model onto them."""
+    arguments = call_arguments(model, args, kwargs)
     try:
-        exported = torch.export.export(model, tuple(args), kwargs, strict=False,
-                                       dynamic_shapes=_batch_dynamic(model, args, kwargs))
+        exported = torch.export.export(model, (), arguments, strict=False, dynamic_shapes=_batch_dynamic(arguments))
     except Exception as e:  # export raises many types; the user needs one line
         raise GraphcacheError(f"cannot capture {type(model).__name__} with torch.export: {exception_line(e)}") from e
     unlifted = exported.module()
@@ -122,9 +168,13 @@ def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.Graph
         node.meta.pop("val", None)
         if node.op == "call_module" or (node.op == "call_function" and node.target in _ASSERTIONS):
             graph.erase_node(node)  # export's guard module and assertions: nothing reads them
+    leaves, in_spec = pytree.tree_flatten(arguments)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, leaf in zip(placeholders, leaves, strict=True):
+        if not isinstance(leaf, torch.Tensor):  # specialised: export baked its value in
+            graph.erase_node(node)
     output = next(n for n in graph.nodes if n.op == "output")
     outputs = pytree.tree_leaves(output.args[0])
-    out_spec = exported.call_spec.out_spec
     if len(outputs) != 1 or not isinstance(outputs[0], fx.Node):
         raise GraphcacheError(f"{type(model).__name__} returns {len(outputs)} tensors; graphcache expects one "
                               "(the model's prediction)")
@@ -134,7 +184,8 @@ def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.Graph
     # The unlifted module holds the model's own parameters and buffers (the same tensors, so
     # variants share the weights) plus the constants export lifted out of the forward.
     gm = fx.GraphModule(unlifted, graph, class_name=type(model).__name__)
-    return gm, CallSpec(exported.call_spec.in_spec, out_spec)
+    constants = tuple(TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves)
+    return gm, CallSpec(in_spec, constants, exported.call_spec.out_spec)
 
 
 def capture(model: torch.nn.Module, inputs=None, kwargs=None) -> fx.GraphModule:
@@ -149,7 +200,7 @@ def capture_call(model: torch.nn.Module, inputs=None, kwargs=None) -> tuple[fx.G
     model.eval()
     inputs = tuple(inputs) if inputs is not None else (example_inputs(model) if not kwargs else ())
     gm, spec = export_graph(model, inputs, kwargs)
-    flat = [leaf for leaf in pytree.tree_leaves((inputs, dict(kwargs or {}))) if isinstance(leaf, torch.Tensor)]
+    flat = spec.flatten(call_arguments(model, inputs, kwargs))
     try:
         propagate_shapes(gm, flat)
     except Exception as e:

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import ir
 from .cache import CACHE_ATTR, CacheState, declared_slots
-from .capture import capture, propagate_shapes
+from .capture import call_arguments, capture_call, example_inputs, propagate_shapes
 from .errors import GraphcacheError
 from .exporters import get_backend
 from .methods import get_method
@@ -58,33 +58,74 @@ def extra_inputs(gm: fx.GraphModule, inputs: dict) -> dict:
 
 
 class CachedModel(SteppedModel):
-    """An nn.Module with the wrapped model's forward signature that runs the cached variants."""
+    """A drop-in nn.Module for the wrapped model: called as the model is (positional or keyword
+    arguments), it returns what the model returns (a tensor, a tuple, diffusers' output dataclass),
+    and attributes it does not have itself (`config`, `dtype`, `device`, hooks) are the model's.
+
+    The model is captured on the example inputs given, on `example_inputs(model)` for the
+    built-in DiT, or else on its first call. A call the capture cannot serve — other arguments,
+    another flag, another resolution or prompt length (any input shape past the batch) — captures
+    it again and restarts the schedule; another batch size only re-allocates the cache."""
 
     def __init__(self, model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None,
                  dump_dir=None, dump=(), backend: str = "eager", compile_options: dict | None = None,
-                 hoist_conditioning: bool = True, **options):
+                 hoist_conditioning: bool = True, kwargs: dict | None = None, **options):
         super().__init__()
-        runs = get_backend(backend, compile_options)
+        self.runs = get_backend(backend, compile_options)
         self.model = model.eval()
         self.method = get_method(method)
-        self.captured = capture(model, inputs)
+        self.method.resolve_options(options)  # unknown or invalid options fail now, not at the first call
+        self.num_steps_wanted, self.given_options = num_steps, options
+        self.dump_dir, self.dump, self.backend = dump_dir, dump, backend
+        self.hoist_requested = hoist_conditioning
+        self.spec = None
+        self.cache = CacheState()
+        self.step_index = 0
+        for attr in MODEL_ATTRS:
+            if attr in vars(model):  # diffusers models read these from `config` (the fallback below)
+                setattr(self, attr, vars(model)[attr])
+        if inputs is None and kwargs is None:
+            try:
+                inputs = example_inputs(model)
+            except GraphcacheError:
+                return  # captured at the first call
+        self._capture(inputs or (), kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__["_modules"].get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)
+
+    @property
+    def num_steps(self) -> int:
+        return self.num_steps_wanted
+
+    def _capture(self, args, kwargs) -> None:
+        """Capture the model on this call and build every variant and its runner."""
+        self.captured, self.spec = capture_call(self.model, args, kwargs)
+        flat = self.spec.flatten(call_arguments(self.model, args, kwargs))
+        self.capture_shapes = [tuple(t.shape[1:]) for t in flat]
         self.structure = ir.structure_of(self.captured)
-        self.schedule = self.method.schedule(num_steps, self.structure.depth, options, self.structure.num_tokens)
+        self.schedule = self.method.schedule(self.num_steps_wanted, self.structure.depth, self.given_options,
+                                             self.structure.num_tokens)
         self.options = self.schedule.options
-        self.hoists_conditioning = hoist_conditioning and runs.hoists_conditioning
+        self.hoists_conditioning = self.hoist_requested and self.runs.hoists_conditioning
         self.condition_inputs = conditioning_inputs(self.captured) if self.hoists_conditioning else {}
         self.cache = CacheState()
         self.variants: dict[tuple, fx.GraphModule] = {}
         self.records: dict[tuple, list[PassRecord]] = {}
         for plan in self.schedule.steps:
             if plan.variant not in self.variants:
-                self._build(plan, dump_dir, dump)
+                self._build(plan, self.dump_dir, self.dump)
         self.conditionings = {key: gm.meta[CONDITIONING_KEY] for key, gm in self.variants.items()
                               if CONDITIONING_KEY in gm.meta}
         self.condition_table: dict[int, dict] = {}  # step -> its hoisted values, for the current window
         self.conditioning_is_rowwise: bool | None = None  # checked once, on the first window
-        self.backend = backend
-        built = runs.build(self)
+        built = self.runs.build(self)
         self.runners = built.by_variant  # variant key -> callable replacing the GraphModule
         self.runner_records = built.records
         self.exported, self.files, self.weights = built.exported, built.files, built.weights
@@ -92,9 +133,18 @@ class CachedModel(SteppedModel):
         # Each step's extra graph inputs, resolved once: the sampling loop only indexes this list.
         self.step_kwargs = [extra_inputs(self.variants[p.variant], step_inputs(p)) for p in self.schedule.steps]
         self.step_index = 0
-        for attr in MODEL_ATTRS:
-            if hasattr(model, attr):
-                setattr(self, attr, getattr(model, attr))
+
+    def forward(self, *args, **kwargs):
+        arguments = call_arguments(self.model, args, kwargs)
+        flat = self.spec.flatten(arguments) if self.spec is not None else None
+        if flat is None or [tuple(t.shape[1:]) for t in flat] != self.capture_shapes:
+            if self.spec is not None and self.step_index != 0:
+                warnings.warn("the call differs from the captured one (arguments or shapes past the batch) in the "
+                              "middle of a sampling run: the model is captured again and the schedule restarts "
+                              "at its first (full) step", stacklevel=2)
+            self._capture((), arguments)
+            flat = self.spec.flatten(arguments)
+        return self.spec.unflatten(super().forward(*flat))
 
     def _build(self, plan: StepPlan, dump_dir, dump) -> None:
         gm = new_variant(self.captured, self.cache)
@@ -233,8 +283,13 @@ def _records_json(records: list[PassRecord]) -> list[dict]:
 
 
 def optimize(model: nn.Module, method: str = "fora", num_steps: int = 50, inputs=None, *, backend: str = "eager",
-             compile_options: dict | None = None, hoist_conditioning: bool = True, **options) -> CachedModel:
+             compile_options: dict | None = None, hoist_conditioning: bool = True, kwargs: dict | None = None,
+             **options) -> CachedModel:
     """Compile `method` into `model` for a `num_steps` sampling run. Options are the method's own.
+
+    Returns a drop-in replacement for `model` (CachedModel): the same call signature and return
+    type. `inputs` (positional) and `kwargs` are example arguments to capture it on; without them
+    the built-in DiT is captured on its example inputs and any other model on its first call.
 
     backend: "eager" runs the variants as GraphModules; "compile" runs each under
     `torch.compile(fullgraph=True)`, configured by `compile_options` (keys backend, mode,
@@ -244,4 +299,5 @@ def optimize(model: nn.Module, method: str = "fora", num_steps: int = 50, inputs
     (passes/hoist_conditioning.py). Values then differ from step-by-step ones by float rounding
     (a batched GEMM sums in another order); False keeps the plain model's arithmetic exactly."""
     return CachedModel(model, method=method, num_steps=num_steps, inputs=inputs, backend=backend,
-                       compile_options=compile_options, hoist_conditioning=hoist_conditioning, **options)
+                       compile_options=compile_options, hoist_conditioning=hoist_conditioning, kwargs=kwargs,
+                       **options)

@@ -1,0 +1,141 @@
+"""diffusers' DiT and PixArt-α transformers through graphcache.capture and graphcache.optimize, with
+no adapter code: the structure found, the drop-in module (call signature, return type, lazy
+capture, re-capture for a new resolution), what each method's passes insert, and diffusers' DiT
+against the built-in DiT with the same weights."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import graphcache
+from graphcache import ir
+from graphcache.models.convert_diffusers import dit_to_diffusers
+from graphcache.models.dit import DiT, DiTConfig, init_random_
+from diffusers_models import DEPTH, diffusers, dit_inputs, dit_transformer, pixart_inputs, pixart_transformer
+
+A, X, M = ir.ATTENTION, ir.CROSS_ATTENTION, ir.MLP
+MODELS = {"dit": (dit_transformer, dit_inputs, [[A, M]] * DEPTH), "pixart": (pixart_transformer, pixart_inputs,
+                                                                           [[A, X, M]] * DEPTH)}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    factory, inputs, kinds = MODELS[request.param]
+    return request.param, factory(), inputs, kinds
+
+
+def test_structure_is_found_without_adapter_code(model):
+    name, transformer, inputs, kinds = model
+    s = ir.structure_of(graphcache.capture(transformer, kwargs=inputs()))
+    assert [[br.kind for br in b.branches] for b in s.blocks] == kinds
+    assert [b.module for b in s.blocks] == [f"transformer_blocks.{i}" for i in range(DEPTH)]
+    assert (s.num_tokens, s.hidden_size) == (16, 32)
+    # the adaLN gates multiply self-attention and MLP; PixArt adds its cross-attention ungated
+    assert [[br.gate is not None for br in b.branches] for b in s.blocks] == [[k != X for k in b] for b in kinds]
+    assert s.input_names == (["hidden_states", "timestep", "class_labels"] if name == "dit"
+                             else ["hidden_states", "encoder_hidden_states", "timestep"])
+
+
+def test_none_is_a_drop_in_module(model):
+    """Captured at its first call, called as the transformer is, returning what it returns."""
+    _, transformer, inputs, _ = model
+    cached = graphcache.optimize(transformer, "none", num_steps=3)
+    assert cached.spec is None  # nothing captured yet: no example inputs for a diffusers model
+    with torch.no_grad():
+        for _ in range(3):
+            out = cached(**inputs())
+            want = transformer(**inputs())
+            assert type(out) is type(want) and torch.equal(out.sample, want.sample)
+        positional = inputs()
+        args = [positional.pop("hidden_states")]
+        out = cached(*args, **positional, return_dict=False)
+        want = transformer(*args, **positional, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1 and torch.equal(out[0], want[0])
+    assert cached.config is transformer.config and cached.dtype == transformer.dtype
+
+
+def test_new_shapes_capture_again(model):
+    name, transformer, inputs, _ = model
+    cached = graphcache.optimize(transformer, "fora", num_steps=4, kwargs=inputs())
+    captured = cached.captured
+    with torch.no_grad():
+        cached(**inputs(batch=4))  # another batch: the same capture
+        assert cached.captured is captured
+        bigger = inputs()
+        bigger["hidden_states"] = torch.randn(2, 4, 16, 16)
+        with pytest.warns(UserWarning, match="captured again and the schedule restarts"):
+            out = cached(**bigger)
+        assert cached.captured is not captured and ir.structure_of(cached.captured).num_tokens == 64
+        assert torch.equal(out.sample, transformer(**bigger).sample)  # the restarted schedule's full step
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                cached(**bigger)
+
+
+EXPECTED_COUNTS = {
+    # method: {model: counters of the passes that rewrite branches, per kind of variant}
+    "fora": lambda branches: [{"InsertCacheWritePass": {"cache_write": branches}},
+                              {"ReplaceWithCacheReadPass": {"cache_read": branches}}],
+    # ToCa: self-attention read from the cache, the MLP on the selected tokens; PixArt's
+    # cross-attention is recomputed in full (not yet partially, as the official PixArt ToCa does)
+    "toca": lambda branches: [{"InsertCacheWritePass": {"cache_write": branches},
+                               "RecordTokenScorePass": {"staleness_reset": DEPTH, "explicit_attention": DEPTH,
+                                                        "score_record": DEPTH}},
+                              {"ReplaceWithCacheReadPass": {"cache_read": DEPTH},
+                               "InsertTokenSelectPass": {"token_select": DEPTH}}],
+}
+
+
+@pytest.mark.parametrize("method", list(EXPECTED_COUNTS))
+def test_what_the_passes_insert(model, method):
+    _, transformer, inputs, kinds = model
+    cached = graphcache.optimize(transformer, method, num_steps=10, kwargs=inputs())
+    branches = sum(len(k) for k in kinds)
+    expected = EXPECTED_COUNTS[method](branches)
+    counted = []
+    for key in cached.schedule.variants():
+        if len(set(key[0])) == 1:  # ToCa's mixed steps (some blocks full, some partial) combine the two
+            counted.append({r.name: dict(r.counters) for r in cached.records[key]
+                            if r.counters and r.name in {*expected[0], *expected[1]}})
+    assert sorted(counted, key=str) == sorted(expected, key=str)
+
+
+def test_pixart_conditioning_is_hoisted():
+    """adaLN-single (one modulation from t for all blocks, plus each block's scale_shift_table) and
+    the caption projection depend on (t, text) only: they leave the variant like DiT's adaLN."""
+    transformer = pixart_transformer()
+    cached = graphcache.optimize(transformer, "fora", num_steps=4, kwargs=pixart_inputs())
+    for key, records in cached.records.items():
+        hoist = records[-1]
+        assert hoist.name == "HoistConditioningPass" and hoist.counters["hoisted_values"] > 0, key
+    assert cached.condition_inputs == {"encoder_hidden_states": 1, "timestep": 2}
+    with torch.no_grad():
+        torch.testing.assert_close(cached(**pixart_inputs()).sample, transformer(**pixart_inputs()).sample,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["none", "fora", "toca", "duca", "taylorseer", "clusca"])
+def test_diffusers_dit_behaves_like_the_builtin_dit(method):
+    """The same weights (models/convert_diffusers.py), the same method: the same outputs at every
+    step, to float rounding (the built-in DiT's fused qkv GEMM against diffusers' three)."""
+    config = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=DEPTH, num_heads=2,
+                       num_classes=10, frequency_shift=1)
+    builtin = init_random_(DiT(config), seed=4).eval()
+    state, diffusers_config = dit_to_diffusers(builtin.state_dict(), config)
+    transformer = diffusers.DiTTransformer2DModel(**diffusers_config).eval()
+    transformer.load_state_dict(state)
+    ours = graphcache.optimize(builtin, method, num_steps=6, hoist_conditioning=False)
+    theirs = graphcache.optimize(transformer, method, num_steps=6, kwargs=dit_inputs())
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for step in range(6):
+            x, t, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([900 - 150 * step] * 2), torch.tensor([3, 7])
+            torch.manual_seed(step)
+            want = ours(x, t, y)
+            torch.manual_seed(step)
+            got = theirs(x, timestep=t, class_labels=y).sample
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
