@@ -23,14 +23,16 @@ from torch import nn
 from .errors import GraphcacheError
 from .exporters import get_backend
 from .methods import get_method
-from .runtime import CachedModel
+from .runtime import CachedModel, DelegatesToModel
 
 _CACHED_CLASSES: dict[type, type] = {}
 
 
-class PipelineTransformer(nn.Module):
+class PipelineTransformer(DelegatesToModel, nn.Module):
     """The transformer a pipeline calls while graphcache is enabled: it runs the CachedModel of the
     current run's step count, and refuses a run that calls it more often than it has steps."""
+
+    _delegate = "transformer"
 
     def __init__(self, transformer: nn.Module, method: str, backend: str, compile_options, options: dict):
         super().__init__()
@@ -42,15 +44,6 @@ class PipelineTransformer(nn.Module):
         # unknown methods, options and backends fail at enable(), not at the first pipeline call
         get_method(method).resolve_options(options)
         get_backend(backend, compile_options)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            transformer = self.__dict__["_modules"].get("transformer")
-            if transformer is None or name.startswith("__"):
-                raise
-            return getattr(transformer, name)
 
     def start_run(self, num_steps: int) -> None:
         key = str(num_steps)

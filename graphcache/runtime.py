@@ -57,7 +57,23 @@ def extra_inputs(gm: fx.GraphModule, inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k in names}
 
 
-class CachedModel(SteppedModel):
+class DelegatesToModel:
+    """A module mixin: attribute lookups the module cannot answer go to its child `_delegate` (the
+    wrapped model), so that code written for the model (`model.config`, `.dtype`) works on it."""
+
+    _delegate = "model"
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__["_modules"].get(self._delegate)
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)
+
+
+class CachedModel(DelegatesToModel, SteppedModel):
     """A drop-in nn.Module for the wrapped model: called as the model is (positional or keyword
     arguments), it returns what the model returns (a tensor, a tuple, diffusers' output dataclass),
     and attributes it does not have itself (`config`, `dtype`, `device`, hooks) are the model's.
@@ -90,15 +106,6 @@ class CachedModel(SteppedModel):
             except GraphcacheError:
                 return  # captured at the first call
         self._capture(inputs or (), kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            model = self.__dict__["_modules"].get("model")
-            if model is None or name.startswith("__"):
-                raise
-            return getattr(model, name)
 
     @property
     def num_steps(self) -> int:
