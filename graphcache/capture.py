@@ -96,6 +96,16 @@ def call_arguments(model: torch.nn.Module, args=(), kwargs=None) -> dict:
     return named
 
 
+def _batch_of_two(arguments: dict) -> dict:
+    """The arguments with every batch of 1 repeated to 2: export specialises a dimension of size 1
+    (0/1 specialisation), and one image without guidance would pin every graph to a batch of 1."""
+    def widen(value):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
+            return value.expand(2, *value.shape[1:])
+        return value
+    return pytree.tree_map(widen, arguments)
+
+
 def _batch_dynamic(arguments: dict) -> dict:
     """dynamic_shapes for export: dim 0 of every tensor input of rank >= 1 is `Dim.AUTO` (export
     makes it symbolic where the model allows, and equal across inputs where the model needs)."""
@@ -125,6 +135,14 @@ class CallSpec:
     inputs: pytree.TreeSpec
     constants: tuple  # per leaf: TENSOR for a graph input, else the value captured
     output: pytree.TreeSpec
+    symbolic_batch: tuple[bool, ...]  # per graph input: whether its first dimension stayed symbolic
+
+    def signature(self, flat) -> list[tuple]:
+        """What the graph is specialised on, input by input: the shape (past the batch where the
+        batch is symbolic), the dtype and the device (export bakes the dtypes and devices of the
+        tensors the forward creates into the graph)."""
+        return [(tuple(t.shape[1:] if symbolic else t.shape), t.dtype, t.device)
+                for t, symbolic in zip(flat, self.symbolic_batch)]
 
     def flatten(self, arguments: dict) -> list[torch.Tensor] | None:
         """The graph's inputs for a call with these arguments; None if the call is not one this
@@ -157,22 +175,27 @@ def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.Graph
     the output is the one output tensor; and the CallSpec that maps a call of the model onto them."""
     arguments = call_arguments(model, args, kwargs)
     try:
-        exported = torch.export.export(model, (), arguments, strict=False, dynamic_shapes=_batch_dynamic(arguments))
+        exported = torch.export.export(model, (), _batch_of_two(arguments), strict=False,
+                                       dynamic_shapes=_batch_dynamic(arguments))
     except Exception as e:  # export raises many types; the user needs one line
         raise GraphcacheError(f"cannot capture {type(model).__name__} with torch.export: {exception_line(e)}") from e
     unlifted = exported.module()
     graph = unlifted.graph
     for node in list(graph.nodes):
-        # export's shapes are symbolic in the batch; propagate_shapes records concrete ones
-        node.meta.pop("tensor_meta", None)
-        node.meta.pop("val", None)
         if node.op == "call_module" or (node.op == "call_function" and node.target in _ASSERTIONS):
             graph.erase_node(node)  # export's guard module and assertions: nothing reads them
     leaves, in_spec = pytree.tree_flatten(arguments)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    symbolic_batch = []
     for node, leaf in zip(placeholders, leaves, strict=True):
         if not isinstance(leaf, torch.Tensor):  # specialised: export baked its value in
             graph.erase_node(node)
+        else:
+            value = node.meta.get("val")
+            symbolic_batch.append(value is not None and value.dim() > 0 and isinstance(value.shape[0], torch.SymInt))
+    for node in graph.nodes:  # export's shapes are symbolic in the batch; propagate_shapes records concrete ones
+        node.meta.pop("tensor_meta", None)
+        node.meta.pop("val", None)
     output = next(n for n in graph.nodes if n.op == "output")
     outputs = pytree.tree_leaves(output.args[0])
     if len(outputs) != 1 or not isinstance(outputs[0], fx.Node):
@@ -185,7 +208,7 @@ def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.Graph
     # variants share the weights) plus the constants export lifted out of the forward.
     gm = fx.GraphModule(unlifted, graph, class_name=type(model).__name__)
     constants = tuple(TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves)
-    return gm, CallSpec(in_spec, constants, exported.call_spec.out_spec)
+    return gm, CallSpec(in_spec, constants, exported.call_spec.out_spec, tuple(symbolic_batch))
 
 
 def capture(model: torch.nn.Module, inputs=None, kwargs=None) -> fx.GraphModule:

@@ -115,7 +115,7 @@ class CachedModel(DelegatesToModel, SteppedModel):
         """Capture the model on this call and build every variant and its runner."""
         self.captured, self.spec = capture_call(self.model, args, kwargs)
         flat = self.spec.flatten(call_arguments(self.model, args, kwargs))
-        self.capture_shapes = [tuple(t.shape[1:]) for t in flat]
+        self.capture_signature = self.spec.signature(flat)
         self.structure = ir.structure_of(self.captured)
         self.schedule = self.method.schedule(self.num_steps_wanted, self.structure.depth, self.given_options,
                                              self.structure.num_tokens)
@@ -144,11 +144,11 @@ class CachedModel(DelegatesToModel, SteppedModel):
     def forward(self, *args, **kwargs):
         arguments = call_arguments(self.model, args, kwargs)
         flat = self.spec.flatten(arguments) if self.spec is not None else None
-        if flat is None or [tuple(t.shape[1:]) for t in flat] != self.capture_shapes:
+        if flat is None or self.spec.signature(flat) != self.capture_signature:
             if self.spec is not None and self.step_index != 0:
-                warnings.warn("the call differs from the captured one (arguments or shapes past the batch) in the "
-                              "middle of a sampling run: the model is captured again and the schedule restarts "
-                              "at its first (full) step", stacklevel=2)
+                warnings.warn("the call differs from the captured one (arguments, shapes past the batch, dtypes or "
+                              "devices) in the middle of a sampling run: the model is captured again and the "
+                              "schedule restarts at its first (full) step", stacklevel=2)
             self._capture((), arguments)
             flat = self.spec.flatten(arguments)
         return self.spec.unflatten(super().forward(*flat))

@@ -76,6 +76,20 @@ def test_new_shapes_capture_again(model):
                 cached(**bigger)
 
 
+def test_a_capture_on_one_image_serves_any_batch():
+    """Export specialises dimensions of size 1: capture widens a batch of 1 to 2, so that the graph
+    of one unguided image also runs a guided batch (no second capture)."""
+    transformer = pixart_transformer()
+    cached = graphcache.optimize(transformer, "none", num_steps=2)
+    with torch.no_grad():
+        out = cached(**pixart_inputs(batch=1))
+        captured = cached.captured
+        assert cached.spec.symbolic_batch == (True, True, True)
+        assert torch.equal(out.sample, transformer(**pixart_inputs(batch=1)).sample)
+        out = cached(**pixart_inputs(batch=2))
+    assert cached.captured is captured and torch.equal(out.sample, transformer(**pixart_inputs(batch=2)).sample)
+
+
 EXPECTED_COUNTS = {
     # method: {model: counters of the passes that rewrite branches, per kind of variant}
     "fora": lambda branches: [{"InsertCacheWritePass": {"cache_write": branches}},
