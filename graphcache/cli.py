@@ -197,16 +197,28 @@ def _write_output(x, path: Path) -> None:
 
 
 def _load_model(spec: str, args):
-    """A DiT from builtin:NAME, a checkpoint path, or an artifact directory's weights."""
-    from .artifact import WEIGHTS, is_artifact
+    """A DiT from builtin:NAME, a checkpoint path, an artifact directory's weights, or the
+    transformer of a diffusers model or pipeline folder."""
+    from .artifact import is_artifact, load_artifact_model
+    from .diffusers_models import is_diffusers_folder, load_transformer
     from .models.builtin import resolve_model
 
+    allow_pickle = getattr(args, "allow_pickle", False)
     if is_artifact(spec):
-        from .io import load_model
+        return load_artifact_model(spec)
+    if is_diffusers_folder(spec):
+        return load_transformer(spec, allow_pickle=allow_pickle)
+    return resolve_model(spec, allow_pickle=allow_pickle, num_heads=getattr(args, "num_heads", None))
 
-        return load_model(Path(spec) / WEIGHTS)
-    return resolve_model(spec, allow_pickle=getattr(args, "allow_pickle", False),
-                         num_heads=getattr(args, "num_heads", None))
+
+def _capture_kwargs(model, args) -> dict | None:
+    """Example inputs for a diffusers transformer (the built-in DiT derives its own: None)."""
+    from .diffusers_models import TRANSFORMERS, example_kwargs
+
+    if type(model).__name__ not in TRANSFORMERS:
+        return None
+    tokens = getattr(args, "text_tokens", None)
+    return example_kwargs(model) if tokens is None else example_kwargs(model, tokens)
 
 
 def _open(args, *, default_method: str = "none"):
@@ -250,7 +262,8 @@ def _open(args, *, default_method: str = "none"):
     options = _compile_options(args, backend)
     model = _load_model(spec, args)
     return graphcache.optimize(model, method.name, args.steps or 50, backend=backend, compile_options=options,
-                               hoist_conditioning=getattr(args, "hoist_conditioning", True), **given)
+                               hoist_conditioning=getattr(args, "hoist_conditioning", True),
+                               kwargs=_capture_kwargs(model, args), **given)
 
 
 def _cache_bytes(cached) -> int:
@@ -289,7 +302,7 @@ def cmd_optimize(args) -> int:
     model = _load_model(args.model, args)
     cached = graphcache.optimize(model, method.name, args.steps, backend=args.backend,
                                  compile_options=compile_options, hoist_conditioning=args.hoist_conditioning,
-                                 **given)
+                                 kwargs=_capture_kwargs(model, args), **given)
     save_artifact(cached, out, model_spec=source)
     variants = _variant_lines(cached)
     print(f"optimized {args.model} with {method.name} ({_format_options(cached.options)}) "
@@ -364,7 +377,7 @@ def cmd_schedule(args) -> int:
         if args.tokens is not None:
             raise GraphcacheError("--tokens conflicts with --model (the model gives the token count)")
         model = _load_model(args.model, args)
-        structure = ir.structure_of(graphcache.capture(model))
+        structure = ir.structure_of(graphcache.capture(model, kwargs=_capture_kwargs(model, args)))
         depth, tokens = structure.depth, structure.num_tokens
     else:
         depth = args.depth if args.depth is not None else 28
@@ -489,6 +502,9 @@ def _add_model_loading(p) -> None:
                         "only for files you trust)")
     p.add_argument("--num-heads", type=_positive_int, metavar="H",
                    help="attention heads, when they cannot be inferred from the checkpoint")
+    p.add_argument("--text-tokens", type=_positive_int, metavar="L",
+                   help="diffusers PixArt-α folders: caption length to capture with (default: 120, PixArt-α's "
+                        "maximum; another length at run time captures again)")
 
 
 def _add_backend(p, *, default: str | None = "eager", default_note: str = "eager") -> None:
