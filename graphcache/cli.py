@@ -24,6 +24,8 @@ from .models.builtin import DEFAULT_MODEL, available
 from .schedule import run_lengths
 
 EXIT_ERROR = 2
+_BUILTIN_CFG_SCALE = 1.5
+_PIXART_CFG_SCALE = 4.5  # the PixArt-α pipeline's default
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE
 PROG = "graphcache"
 _OUTPUT_SUFFIXES = (".pt", ".png")
@@ -314,19 +316,27 @@ def cmd_optimize(args) -> int:
         print(f"  backend: compile (torch.compile, {cached.compile_options['backend']}, mode {mode}; "
               "each variant compiles once, on its first call)")
     if getattr(cached, "exported", None):
-        files = sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
         print(f"  backend: {cached.backend} ({len(cached.exported)} exported variants)")
-        print(f"  wrote {out}/ (manifest.json, {', '.join(files)})")
-    else:
-        print(f"  wrote {out}/ (manifest.json, model.safetensors)")
+    files = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != "manifest.json")
+    print(f"  wrote {out}/ (manifest.json, {', '.join(files)})")
     return 0
 
 
 def cmd_sample(args) -> int:
     import graphcache
 
+    from .diffusers_models import is_diffusers_folder, is_pipeline_folder
+
     out = Path(args.output)
     _check_output(out, None)  # the suffix, before loading anything
+    if is_pipeline_folder(args.model):
+        return _sample_pipeline(args, out)
+    if is_diffusers_folder(args.model):
+        raise GraphcacheError(f"{args.model} is a diffusers model folder: it has no VAE or scheduler to sample with; "
+                              "sample from the pipeline folder `pipe.save_pretrained(DIR)` writes")
+    _refuse_pipeline_options(args, "a pipeline folder")
+    if args.labels is None:
+        raise GraphcacheError("--labels is required (class ids, one image each)")
     noise = None
     if args.noise is not None:
         noise = _load_noise(Path(args.noise))
@@ -336,8 +346,8 @@ def cmd_sample(args) -> int:
         noise = noise.to(cached.input_dtype)
     start = time.perf_counter()
     x = graphcache.sample(cached, args.labels, noise=noise, seed=args.seed, num_steps=cached.num_steps,
-                          sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,
-                          progress=not args.quiet)
+                          sampler=args.sampler, cfg_scale=_BUILTIN_CFG_SCALE if args.cfg_scale is None else args.cfg_scale,
+                          guidance=args.guidance, progress=not args.quiet)
     seconds = time.perf_counter() - start
     _write_output(x, out)
     if not args.quiet:
@@ -345,6 +355,98 @@ def cmd_sample(args) -> int:
         print(f"wrote {out}: {tuple(x.shape)} {dtype} ({cached.method.name} {_format_options(cached.options)}, "
               f"{args.sampler} {cached.num_steps} steps, {seconds:.1f} s)")
     return 0
+
+
+def _refuse_pipeline_options(args, needs: str) -> None:
+    given = [flag for flag, value in (("--prompt-embeds", args.prompt_embeds), ("--negative-embeds", args.negative_embeds))
+             if value is not None]
+    if given:
+        raise GraphcacheError(f"{given[0]} needs {needs}")
+
+
+def _sample_pipeline(args, out: Path) -> int:
+    """Sample from a diffusers pipeline folder with graphcache.enable: class labels for DiT,
+    saved prompt embeddings for PixArt-α (the folder's text encoder is never loaded)."""
+    import torch
+
+    import graphcache
+
+    from .diffusers_models import load_pipeline
+
+    if args.noise is not None:
+        raise GraphcacheError("--noise applies to graphcache's own sampler; a pipeline draws its noise from --seed")
+    method = args.method or "none"
+    backend = args.backend or "eager"
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    if type(pipe).__name__ == "PixArtAlphaPipeline":
+        call = _pixart_call(args, pipe)
+    else:
+        _refuse_pipeline_options(args, "a PixArt-α pipeline folder")
+        if args.labels is None:
+            raise GraphcacheError(f"{args.model} is a DiT pipeline: --labels is required (class ids, one image each)")
+        call = dict(class_labels=args.labels)
+        if args.cfg_scale is not None:
+            call["guidance_scale"] = args.cfg_scale
+    graphcache.enable(pipe, method, backend=backend, compile_options=_compile_options(args, backend),
+                      **_options(args))
+    pipe.set_progress_bar_config(disable=args.quiet)
+    steps = args.steps or 50
+    torch.manual_seed(args.seed)  # ToCa's random scores and ClusCa's K-means draw from the global generator
+    start = time.perf_counter()
+    images = pipe(**call, num_inference_steps=steps, generator=torch.Generator().manual_seed(args.seed),
+                  output_type="np").images
+    seconds = time.perf_counter() - start
+    x = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1  # (n, H, W, C) in [0, 1] -> (n, C, H, W) in [-1, 1]
+    _write_output(x, out)
+    if not args.quiet:
+        options = pipe.transformer.current.options  # the method's options, defaults resolved
+        print(f"wrote {out}: {tuple(x.shape)} ({type(pipe).__name__}, {method} {_format_options(options)}, "
+              f"{steps} steps, {seconds:.1f} s)")
+    return 0
+
+
+def _pixart_call(args, pipe) -> dict:
+    """The PixArt-α pipeline arguments for saved embeddings, at the transformer's own resolution."""
+    if args.labels is not None:
+        raise GraphcacheError(f"{args.model} is a text-conditioned pipeline: pass --prompt-embeds, not --labels")
+    if args.prompt_embeds is None:
+        raise GraphcacheError(f"{args.model} is a text-conditioned pipeline: --prompt-embeds FILE is required "
+                              "(a safetensors file holding prompt_embeds and optionally prompt_attention_mask)")
+    channels = pipe.transformer.config.caption_channels
+    embeds, mask = _load_embeddings(Path(args.prompt_embeds), channels)
+    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    call = dict(prompt=None, negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, height=size,
+                width=size, use_resolution_binning=False)
+    if args.negative_embeds is not None:
+        embeds, mask = _load_embeddings(Path(args.negative_embeds), channels)
+        call.update(negative_prompt_embeds=embeds, negative_prompt_attention_mask=mask,
+                    guidance_scale=_PIXART_CFG_SCALE if args.cfg_scale is None else args.cfg_scale)
+    elif args.cfg_scale is not None and args.cfg_scale > 1:
+        raise GraphcacheError("--cfg-scale above 1 needs --negative-embeds (the unconditional embeddings)")
+    else:
+        call["guidance_scale"] = 1.0  # no negative embeddings: no guidance
+    return call
+
+
+def _load_embeddings(path: Path, channels: int):
+    """prompt_embeds (n, L, channels) and prompt_attention_mask (n, L) (all ones when absent) from
+    a safetensors file."""
+    import torch
+
+    from .io import load_state_dict_file
+
+    if path.suffix.lower() != ".safetensors":
+        raise GraphcacheError(f"{path}: embeddings must be a .safetensors file")
+    tensors = load_state_dict_file(path)
+    embeds = tensors.get("prompt_embeds")
+    if embeds is None or embeds.ndim != 3 or embeds.shape[2] != channels:
+        found = "no prompt_embeds" if embeds is None else f"prompt_embeds of shape {list(embeds.shape)}"
+        raise GraphcacheError(f"{path}: expected prompt_embeds (n, L, {channels}), found {found}")
+    mask = tensors.get("prompt_attention_mask", torch.ones(embeds.shape[:2]))
+    if tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise GraphcacheError(f"{path}: prompt_attention_mask has shape {list(mask.shape)}, "
+                              f"expected {list(embeds.shape[:2])}")
+    return embeds.float(), mask
 
 
 def _load_noise(path: Path):
@@ -387,7 +489,10 @@ def cmd_schedule(args) -> int:
         obj = schedule.to_json()
         from .flops import flops_json
 
-        obj["flops"] = flops_json(schedule, model)
+        try:
+            obj["flops"] = flops_json(schedule, model)
+        except GraphcacheError as e:  # a model the papers' accounting does not cover: say so, count nothing
+            obj["flops"], obj["flops_unavailable"] = None, str(e)
         _print_json(obj)
         return 0
     variants = schedule.variants()
@@ -577,20 +682,31 @@ def build_parser() -> argparse.ArgumentParser:
                f"  graphcache sample {DEFAULT_MODEL} --method toca --labels 1,2 --backend compile -o samples.pt",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_ARTIFACT",
-                   help=f"artifact directory, checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"artifact directory, checkpoint file, builtin:NAME or diffusers pipeline folder "
+                        f"(default: {DEFAULT_MODEL})")
     _add_method(p, required=False, default_note=" (default: none; an artifact's own method)")
     p.add_argument("--steps", type=_positive_int, default=None, metavar="N",
                    help="sampling steps (default: 50, or the artifact's)")
-    p.add_argument("--labels", type=_labels, required=True, metavar="1,2,3", help="class ids, one image each")
+    p.add_argument("--labels", type=_labels, metavar="1,2,3",
+                   help="class ids, one image each (class-conditional models and DiT pipelines)")
+    p.add_argument("--prompt-embeds", metavar="FILE",
+                   help="PixArt-α pipeline folders: a .safetensors file holding prompt_embeds (n, L, C) and "
+                        "optionally prompt_attention_mask (n, L); one image per row")
+    p.add_argument("--negative-embeds", metavar="FILE",
+                   help="PixArt-α: the unconditional embeddings, same format; without them there is no guidance")
     p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
-    p.add_argument("--noise", metavar="FILE.pt", help="initial noise (n, C, H, W) saved with torch.save")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
-    p.add_argument("--cfg-scale", type=float, default=1.5, metavar="S",
-                   help="classifier-free guidance scale; <= 1 disables guidance (default: 1.5)")
+    p.add_argument("--noise", metavar="FILE.pt",
+                   help="initial noise (n, C, H, W) saved with torch.save (not for pipeline folders)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="default: ddim (pipeline folders use their own scheduler)")
+    p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
+                   help=f"classifier-free guidance scale; <= 1 disables guidance (default: {_BUILTIN_CFG_SCALE}; "
+                        f"pipelines: DiT's 4.0, PixArt-α's {_PIXART_CFG_SCALE})")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, default="official",
                    help="official: the reference's 3-channel guidance; eps: all channels (default: official)")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
-                   help=".pt: the (n, C, H, W) tensor; .png: an image grid (pixel-space models only)")
+                   help=".pt: the (n, C, H, W) tensor; .png: an image grid (pixel-space models and pipelines, "
+                        "which decode with their VAE)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     _add_backend(p, default=None, default_note="the artifact's, else eager")
     _add_model_loading(p)

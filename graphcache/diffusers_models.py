@@ -22,7 +22,8 @@ import torch
 
 from .errors import GraphcacheError, exception_line
 
-__all__ = ["TRANSFORMERS", "PIPELINES", "example_kwargs", "is_diffusers_folder", "load_pipeline", "load_transformer"]
+__all__ = ["TRANSFORMERS", "PIPELINES", "example_kwargs", "is_diffusers_folder", "is_pipeline_folder",
+           "load_pipeline", "load_transformer"]
 
 CONFIG = "config.json"
 MODEL_INDEX = "model_index.json"
@@ -50,6 +51,12 @@ def is_diffusers_folder(path) -> bool:
     """True for a directory holding a diffusers config.json or model_index.json."""
     path = Path(path)
     return path.is_dir() and ((path / CONFIG).is_file() or (path / MODEL_INDEX).is_file())
+
+
+def is_pipeline_folder(path) -> bool:
+    """True for a directory holding a diffusers model_index.json."""
+    path = Path(path)
+    return path.is_dir() and (path / MODEL_INDEX).is_file()
 
 
 def _read_json(path: Path) -> dict:
@@ -140,8 +147,6 @@ def load_pipeline(path, *, allow_pickle: bool = False):
     path = Path(path)
     if not path.is_dir():
         raise GraphcacheError(f"diffusers pipeline folder not found: {path}")
-    if not (path / MODEL_INDEX).is_file():
-        raise GraphcacheError(f"{path}: not a diffusers pipeline folder: it has no {MODEL_INDEX}")
     index = _model_index(path)
     cls = getattr(diffusers_module(), index["_class_name"])
     components = dict(transformer=_load_component(path / "transformer", TRANSFORMERS, allow_pickle),
