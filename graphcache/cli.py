@@ -202,13 +202,13 @@ def _load_model(spec: str, args):
     """A DiT from builtin:NAME, a checkpoint path, an artifact directory's weights, or the
     transformer of a diffusers model or pipeline folder."""
     from .artifact import is_artifact, load_artifact_model
-    from .diffusers_models import is_diffusers_folder, load_transformer
+    from .diffusers_models import load_transformer
     from .models.builtin import resolve_model
 
     allow_pickle = getattr(args, "allow_pickle", False)
     if is_artifact(spec):
         return load_artifact_model(spec)
-    if is_diffusers_folder(spec):
+    if Path(spec).is_dir():  # not an artifact: a diffusers folder, or an error naming what it lacks
         return load_transformer(spec, allow_pickle=allow_pickle)
     return resolve_model(spec, allow_pickle=allow_pickle, num_heads=getattr(args, "num_heads", None))
 
@@ -820,6 +820,27 @@ def _bench_methods(text: str, given: dict) -> list[tuple[str, dict]]:
     return chosen
 
 
+def _bench_model(model, spec: str):
+    """bench samples with graphcache's class-conditional sampler: a diffusers DiT runs as the
+    built-in DiT with its weights (graphcache.models.convert_diffusers: the same computation)."""
+    from .diffusers_models import TRANSFORMERS
+
+    name = type(model).__name__
+    if name not in TRANSFORMERS:
+        return model
+    if name != "DiTTransformer2DModel":
+        raise GraphcacheError(f"bench samples class-conditional DiTs; {spec} holds a {name} (text-conditioned): "
+                              "time it with `graphcache sample PIPELINE_DIR --prompt-embeds FILE`")
+    from .models.convert_diffusers import dit_from_diffusers
+    from .models.dit import DiT
+
+    sd, config = dit_from_diffusers(model.state_dict(), model.config)
+    dit = DiT(config)
+    dit.load_state_dict(sd)
+    print(f"{spec}: diffusers DiTTransformer2DModel, benchmarked as the built-in DiT with its weights")
+    return dit.eval()
+
+
 def cmd_bench(args) -> int:
     import json
 
@@ -827,7 +848,7 @@ def cmd_bench(args) -> int:
 
     methods = _bench_methods(args.method, _options(args))
     compile_options = _compile_options(args, args.backend)
-    model = _load_model(args.model, args)
+    model = _bench_model(_load_model(args.model, args), args.model)
     report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
                          hoist_conditioning=args.hoist_conditioning, num_steps=args.steps, batch=args.batch,
                          sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,

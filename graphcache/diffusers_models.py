@@ -61,7 +61,7 @@ def is_pipeline_folder(path) -> bool:
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise GraphcacheError(f"{path.parent}: not a diffusers folder: it has no {path.name}")
+        raise GraphcacheError(f"{path.parent}: not a diffusers folder or a graphcache artifact: it has no {path.name}")
     try:
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
