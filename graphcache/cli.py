@@ -595,8 +595,11 @@ examples:
   graphcache sample dit-fora/ --labels 207,360 -o latents.pt
   graphcache schedule --method fora --steps 50 --json
   graphcache inspect {DEFAULT_MODEL} --method fora
+  graphcache sample pixart-alpha/ --prompt-embeds prompt.safetensors --method fora --steps 20 -o image.png
 
-MODEL is a checkpoint file (.pt/.pth/.safetensors, loaded with weights_only) or a built-in:
+MODEL is a checkpoint file (.pt/.pth/.safetensors, loaded with weights_only), a diffusers model or
+pipeline folder (DiT, PixArt-α: config.json / model_index.json + safetensors; needs
+graphcache[diffusers]) or a built-in:
 {chr(10).join(f'  {m.spec:<24} {m.summary}' for m in available())}
 Set GRAPHCACHE_DEBUG=1 to see tracebacks."""
 
@@ -655,10 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"examples:\n  graphcache optimize {DEFAULT_MODEL} --method fora -o dit-fora/\n"
                "  graphcache optimize DiT-XL-2-256x256.pt --method fora --set interval=4 --steps 50 -o out/\n"
                f"  graphcache optimize {DEFAULT_MODEL} --method toca --backend onnx -o dit-toca-onnx/\n"
-               f"  graphcache optimize {DEFAULT_MODEL} --method clusca --backend aoti -o dit-clusca-aoti/",
+               f"  graphcache optimize {DEFAULT_MODEL} --method clusca --backend aoti -o dit-clusca-aoti/\n"
+               "  graphcache optimize pixart-alpha/ --method toca --steps 20 -o pixart-toca/   (a diffusers folder)",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"checkpoint file, diffusers model or pipeline folder, or builtin:NAME "
+                        f"(default: {DEFAULT_MODEL})")
     _add_method(p, required=True)
     p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
@@ -673,13 +678,17 @@ def build_parser() -> argparse.ArgumentParser:
         "sample", formatter_class=_Formatter, help="sample images/latents from a model or an artifact",
         description="Sample class-conditional outputs. MODEL_OR_ARTIFACT is an artifact directory written by "
                     "`graphcache optimize` (its method and steps are used) or a model, optimized here with "
-                    "--method (default: none, no caching).",
+                    "--method (default: none, no caching). A diffusers pipeline folder (DiT with --labels, "
+                    "PixArt-α with --prompt-embeds) runs with graphcache.enable and its own scheduler and VAE.",
         epilog=f"examples:\n  graphcache sample {DEFAULT_MODEL} --method fora --labels 1,2 -o samples.pt\n"
                "  graphcache sample dit-fora/ --labels 207,360 --seed 1 -o latents.pt\n"
                "  graphcache sample mnist.safetensors --labels 0,1,2,3 -o digits.png   (pixel-space models)\n"
                "  graphcache sample dit-fora/ --labels 1,2 --noise noise.pt -o out.pt\n"
                "  graphcache sample dit-toca-onnx/ --labels 1,2,3 -o out.pt   (exported: any batch of 2+ rows: 1+ images with guidance)\n"
-               f"  graphcache sample {DEFAULT_MODEL} --method toca --labels 1,2 --backend compile -o samples.pt",
+               f"  graphcache sample {DEFAULT_MODEL} --method toca --labels 1,2 --backend compile -o samples.pt\n"
+               "  graphcache sample dit-pipeline/ --labels 207,360 --method fora --steps 50 -o images.png\n"
+               "  graphcache sample pixart-alpha/ --prompt-embeds p.safetensors --negative-embeds n.safetensors "
+               "--method toca --steps 20 -o image.png",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_ARTIFACT",
                    help=f"artifact directory, checkpoint file, builtin:NAME or diffusers pipeline folder "
@@ -724,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method(p, required=True)
     p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--model", metavar="MODEL", help="take depth and token count from this model")
+    where.add_argument("--model", metavar="MODEL",
+                       help="take depth and token count (and --json's FLOPs) from this model, a diffusers folder too")
     where.add_argument("--depth", type=_positive_int, metavar="D", help="number of blocks (default: 28)")
     p.add_argument("--tokens", type=_positive_int, metavar="T", help="tokens per image (default: 256)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -747,10 +757,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "point each method caches), then per variant what every pass inserted or declined.",
         epilog=f"examples:\n  graphcache inspect {DEFAULT_MODEL}\n"
                f"  graphcache inspect {DEFAULT_MODEL} --method fora --steps 10\n"
-               "  graphcache inspect dit-fora/ --json",
+               "  graphcache inspect dit-fora/ --json\n"
+               "  graphcache inspect pixart-alpha/ --method toca --text-tokens 120",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"artifact directory, checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"artifact directory, checkpoint file, diffusers model or pipeline folder, or builtin:NAME "
+                        f"(default: {DEFAULT_MODEL})")
     _add_method(p, required=False, default_note=" (default: none)")
     p.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="sampling steps (default: 50)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -770,7 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  graphcache bench DiT-XL-2-256x256.pt --method fora,toca --backend compile --compile-mode reduce-overhead",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"checkpoint file, artifact directory or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"checkpoint file, artifact directory, diffusers DiT folder (run as the built-in DiT) "
+                        f"or builtin:NAME (default: {DEFAULT_MODEL})")
     p.add_argument("--method", default="all", metavar="M[,M...]|all", help="methods to compare (default: all)")
     p.add_argument("--set", action="append", type=_key_value, metavar="[METHOD.]KEY=VALUE", default=[],
                    help="a method option for every listed method that has it, or for one method with METHOD.KEY")
