@@ -335,6 +335,7 @@ def cmd_sample(args) -> int:
         raise GraphcacheError(f"{args.model} is a diffusers model folder: it has no VAE or scheduler to sample with; "
                               "sample from the pipeline folder `pipe.save_pretrained(DIR)` writes")
     _refuse_pipeline_options(args, "a pipeline folder")
+    _refuse_diffusers_artifact(args.model)
     if args.labels is None:
         raise GraphcacheError("--labels is required (class ids, one image each)")
     noise = None
@@ -355,6 +356,16 @@ def cmd_sample(args) -> int:
         print(f"wrote {out}: {tuple(x.shape)} {dtype} ({cached.method.name} {_format_options(cached.options)}, "
               f"{args.sampler} {cached.num_steps} steps, {seconds:.1f} s)")
     return 0
+
+
+def _refuse_diffusers_artifact(spec: str) -> None:
+    """graphcache's sampler calls class-conditional DiTs; a diffusers transformer samples in its pipeline."""
+    from .artifact import is_artifact, read_manifest
+
+    made_from = read_manifest(spec)["model"].get("diffusers_class") if is_artifact(spec) else None
+    if made_from is not None:
+        raise GraphcacheError(f"{spec} holds a diffusers {made_from}: sample from its pipeline folder "
+                              "(`graphcache sample PIPELINE_DIR --method M`), which caches it the same way")
 
 
 def _refuse_pipeline_options(args, needs: str) -> None:

@@ -464,6 +464,8 @@ def test_optimize_diffusers_folder_writes_a_loadable_artifact(capsys, diffusers_
     code, text, err = run(capsys, "inspect", out, "--json")
     assert code == 0, err
     assert json.loads(text)["method"] == "fora"
+    code, _, err = run(capsys, "sample", out, "--labels", "1", "-o", tmp_path / "x.pt")
+    assert_one_line_error(code, err, f"holds a diffusers {cls}", "PIPELINE_DIR")
 
 
 def test_sample_pixart_pipeline_folder_writes_png(capsys, diffusers_dirs, tmp_path):
