@@ -410,13 +410,16 @@ def test_optimize_refuses_to_replace_other_directories(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def diffusers_dirs(tmp_path_factory):
-    """A DiT model folder, a PixArt-α pipeline folder and prompt embeddings for it (5 tokens of 24)."""
+    """DiT model and pipeline folders, a PixArt-α pipeline folder and prompt embeddings for it (5
+    tokens of 24)."""
     from safetensors.torch import save_file
 
-    from diffusers_models import dit_transformer, pixart_pipeline
+    from diffusers_models import dit_pipeline, pixart_pipeline
 
     root = tmp_path_factory.mktemp("diffusers")
-    dit_transformer().save_pretrained(root / "dit")
+    pipe = dit_pipeline()
+    pipe.save_pretrained(root / "dit-pipeline")
+    pipe.transformer.save_pretrained(root / "dit")
     pixart_pipeline().save_pretrained(root / "pixart")
     g = torch.Generator().manual_seed(1)
     save_file({"prompt_embeds": torch.randn(1, 5, 24, generator=g), "prompt_attention_mask": torch.ones(1, 5)},
@@ -479,6 +482,15 @@ def test_sample_pixart_pipeline_folder_writes_png(capsys, diffusers_dirs, tmp_pa
     w, h, depth, color = struct.unpack(">IIBB", png_chunks(png)[b"IHDR"][:10])
     assert (w, h, depth, color) == (2 + 16 + 2, 2 + 16 + 2, 8, 2)  # one 16x16 RGB image, padded
     assert [p.name for p in png.parent.iterdir()] == ["pixart.png"]
+
+
+def test_sample_dit_pipeline_folder_with_labels(capsys, diffusers_dirs, tmp_path):
+    out = tmp_path / "dit.pt"
+    code, _, err = run(capsys, "sample", diffusers_dirs / "dit-pipeline", "--labels", "1,3", "--method", "toca",
+                       "--steps", "4", "-q", "-o", out)
+    assert code == 0, err
+    x = torch.load(out, weights_only=True)
+    assert x.shape == (2, 3, 16, 16) and -1 <= x.min() and x.max() <= 1  # decoded images, as a PNG grid takes them
 
 
 def _broken_folder(root: Path, dit: Path, problem: str) -> Path:
