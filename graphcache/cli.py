@@ -24,13 +24,13 @@ from .models.builtin import DEFAULT_MODEL, available
 from .schedule import run_lengths
 
 EXIT_ERROR = 2
-_BUILTIN_CFG_SCALE = 1.5
-_PIXART_CFG_SCALE = 4.5  # the PixArt-α pipeline's default
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE
 PROG = "graphcache"
 _OUTPUT_SUFFIXES = (".pt", ".png")
 _PIXEL_CHANNELS = (1, 3)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_BUILTIN_CFG_SCALE = 1.5
+_PIXART_CFG_SCALE = 4.5  # the PixArt-α pipeline's default
 
 
 class _UsageError(Exception):
@@ -346,9 +346,9 @@ def cmd_sample(args) -> int:
     if noise is not None:
         noise = noise.to(cached.input_dtype)
     start = time.perf_counter()
+    cfg_scale = _BUILTIN_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     x = graphcache.sample(cached, args.labels, noise=noise, seed=args.seed, num_steps=cached.num_steps,
-                          sampler=args.sampler, cfg_scale=_BUILTIN_CFG_SCALE if args.cfg_scale is None else args.cfg_scale,
-                          guidance=args.guidance, progress=not args.quiet)
+                          sampler=args.sampler, cfg_scale=cfg_scale, guidance=args.guidance, progress=not args.quiet)
     seconds = time.perf_counter() - start
     _write_output(x, out)
     if not args.quiet:
@@ -369,10 +369,9 @@ def _refuse_diffusers_artifact(spec: str) -> None:
 
 
 def _refuse_pipeline_options(args, needs: str) -> None:
-    given = [flag for flag, value in (("--prompt-embeds", args.prompt_embeds), ("--negative-embeds", args.negative_embeds))
-             if value is not None]
-    if given:
-        raise GraphcacheError(f"{given[0]} needs {needs}")
+    for flag, value in (("--prompt-embeds", args.prompt_embeds), ("--negative-embeds", args.negative_embeds)):
+        if value is not None:
+            raise GraphcacheError(f"{flag} needs {needs}")
 
 
 def _sample_pipeline(args, out: Path) -> int:
@@ -457,7 +456,7 @@ def _load_embeddings(path: Path, channels: int):
     if tuple(mask.shape) != tuple(embeds.shape[:2]):
         raise GraphcacheError(f"{path}: prompt_attention_mask has shape {list(mask.shape)}, "
                               f"expected {list(embeds.shape[:2])}")
-    return embeds.float(), mask
+    return embeds, mask  # the pipeline casts them to the transformer's dtype
 
 
 def _load_noise(path: Path):

@@ -1,7 +1,7 @@
-"""diffusers' DiT and PixArt-α transformers through graphcache.capture and graphcache.optimize, with
-no adapter code (and loaded from folders by graphcache.diffusers_models): the structure found, the drop-in module (call signature, return type, lazy
-capture, re-capture for a new resolution), what each method's passes insert, and diffusers' DiT
-against the built-in DiT with the same weights."""
+"""diffusers' DiT and PixArt-α transformers (loaded from folders by graphcache.diffusers_models)
+through graphcache.capture and graphcache.optimize, with no adapter code: the structure found, the
+drop-in module (call signature, return type, lazy capture, re-capture for a new resolution), what
+each method's passes insert, and diffusers' DiT against the built-in DiT with the same weights."""
 
 from __future__ import annotations
 
