@@ -4,6 +4,9 @@
       manifest.json       what to rebuild: method, options, num_steps, model config, schedule, versions
       model.safetensors   the weights (config in the metadata; see graphcache.io.save_model)
 
+or, for a diffusers transformer, transformer/ as `save_pretrained` writes it (config.json +
+diffusion_pytorch_model.safetensors) instead of model.safetensors.
+
 The "eager" and "compile" backends store no graphs: `load_artifact` loads the weights and runs
 `graphcache.optimize` again with the recorded method, options, backend and `hoist_conditioning`
 (for "compile" also the recorded `compile_options`: compiler, mode, dynamic, options;
@@ -49,8 +52,9 @@ FORMAT = "graphcache-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+DIFFUSERS_FOLDER = "transformer"
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "is_artifact", "load_artifact",
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "is_artifact", "load_artifact", "load_artifact_model",
            "read_manifest", "save_artifact"]
 
 
@@ -66,13 +70,25 @@ def _versions() -> dict:
     return {"graphcache": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def build_manifest(cached_model, *, model_spec: str) -> dict:
-    model = cached_model.model
+def _is_diffusers(model) -> bool:
+    from .diffusers_models import TRANSFORMERS
+
+    return type(model).__name__ in TRANSFORMERS
+
+
+def _model_entry(model, model_spec: str) -> dict:
+    if _is_diffusers(model):  # its config is written beside its weights, in transformer/config.json
+        return {"source": str(model_spec), "diffusers_class": type(model).__name__}
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise GraphcacheError(
-            f"cannot save a {type(model).__name__} as an artifact: only graphcache DiT models (with a config) can be"
+            f"cannot save a {type(model).__name__} as an artifact: only graphcache DiT models (with a config) and "
+            "diffusers DiT / PixArt-α transformers can be"
         )
+    return {"source": str(model_spec), "config": config.to_dict()}
+
+
+def build_manifest(cached_model, *, model_spec: str) -> dict:
     backend = getattr(cached_model, "backend", "eager")
     manifest = {
         "format": FORMAT,
@@ -81,7 +97,7 @@ def build_manifest(cached_model, *, model_spec: str) -> dict:
         "method": cached_model.method.name,
         "options": dict(cached_model.options),
         "num_steps": cached_model.num_steps,
-        "model": {"source": str(model_spec), "config": config.to_dict()},
+        "model": _model_entry(cached_model.model, model_spec),
         "schedule": cached_model.schedule.to_json(),
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -140,6 +156,8 @@ def save_artifact(cached_model, out_dir, *, model_spec: str) -> Path:
             from .aot_artifact import copy_files
 
             copy_files(cached_model, manifest["backend"], tmp)
+        elif _is_diffusers(cached_model.model):
+            cached_model.model.save_pretrained(tmp / DIFFUSERS_FOLDER, safe_serialization=True)
         else:
             save_model(cached_model.model, tmp / WEIGHTS)
         (tmp / MANIFEST).write_text(text)  # written last: a manifest means the rest is there
@@ -199,11 +217,31 @@ def read_manifest(path) -> dict:
     return manifest
 
 
+def load_artifact_model(path, manifest: dict | None = None, *, map_location="cpu"):
+    """The model an eager or compile artifact holds: a graphcache DiT, or a diffusers transformer."""
+    from .io import load_model
+
+    path = Path(path)
+    manifest = read_manifest(path) if manifest is None else manifest
+    if "diffusers_class" in manifest["model"]:
+        from .diffusers_models import load_transformer
+
+        return load_transformer(path / DIFFUSERS_FOLDER).to(map_location)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise GraphcacheError(f"{path}: the artifact has no {WEIGHTS} (incomplete or damaged)")
+    model = load_model(weights, map_location=map_location)
+    config = manifest["model"].get("config")
+    # A manifest written before a DiTConfig field existed lacks it; like load_model, read it as the default.
+    if isinstance(config, dict) and {**DiTConfig().to_dict(), **config} != model.config.to_dict():
+        raise GraphcacheError(f"{path}: {WEIGHTS} does not match the model config recorded in {MANIFEST}")
+    return model
+
+
 def load_artifact(path, *, map_location="cpu", backend: str | None = None, compile_options: dict | None = None):
     """Rebuild the CachedModel saved at `path` by `save_artifact`, on the recorded backend (and
     compile options) unless `backend` / `compile_options` are given. An ahead-of-time artifact
     loads as an `ExportedModel` on `map_location` (default: the device it was built for)."""
-    from .io import load_model
     from .runtime import optimize
 
     path = Path(path)
@@ -220,21 +258,20 @@ def load_artifact(path, *, map_location="cpu", backend: str | None = None, compi
         model = ExportedModel(path, manifest, device=None if map_location == "cpu" else map_location)
         model.artifact_manifest = manifest
         return model
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise GraphcacheError(f"{path}: the artifact has no {WEIGHTS} (incomplete or damaged)")
-    model = load_model(weights, map_location=map_location)
-    config = manifest["model"].get("config")
-    # A manifest written before a DiTConfig field existed lacks it; like load_model, read it as the default.
-    if isinstance(config, dict) and {**DiTConfig().to_dict(), **config} != model.config.to_dict():
-        raise GraphcacheError(f"{path}: {WEIGHTS} does not match the model config recorded in {MANIFEST}")
+    model = load_artifact_model(path, manifest, map_location=map_location)
+    kwargs = None
+    if _is_diffusers(model):
+        from .diffusers_models import example_kwargs
+
+        kwargs = example_kwargs(model)  # another prompt length at run time captures again
     backend = recorded_backend if backend is None else backend
     if compile_options is None and backend == recorded_backend == "compile":
         compile_options = manifest.get("compile_options")
     try:
         cached = optimize(model, manifest["method"], manifest["num_steps"], backend=backend,
                           compile_options=compile_options,
-                          hoist_conditioning=bool(manifest.get("hoist_conditioning", True)), **manifest["options"])
+                          hoist_conditioning=bool(manifest.get("hoist_conditioning", True)), kwargs=kwargs,
+                          **manifest["options"])
     except GraphcacheError as e:
         raise GraphcacheError(f"{path}: cannot rebuild the artifact: {e}") from e
     recorded = manifest.get("schedule")

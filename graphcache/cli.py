@@ -29,6 +29,8 @@ PROG = "graphcache"
 _OUTPUT_SUFFIXES = (".pt", ".png")
 _PIXEL_CHANNELS = (1, 3)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_BUILTIN_CFG_SCALE = 1.5
+_PIXART_CFG_SCALE = 4.5  # the PixArt-α pipeline's default
 
 
 class _UsageError(Exception):
@@ -197,16 +199,28 @@ def _write_output(x, path: Path) -> None:
 
 
 def _load_model(spec: str, args):
-    """A DiT from builtin:NAME, a checkpoint path, or an artifact directory's weights."""
-    from .artifact import WEIGHTS, is_artifact
+    """A DiT from builtin:NAME, a checkpoint path, an artifact directory's weights, or the
+    transformer of a diffusers model or pipeline folder."""
+    from .artifact import is_artifact, load_artifact_model
+    from .diffusers_models import load_transformer
     from .models.builtin import resolve_model
 
+    allow_pickle = getattr(args, "allow_pickle", False)
     if is_artifact(spec):
-        from .io import load_model
+        return load_artifact_model(spec)
+    if Path(spec).is_dir():  # not an artifact: a diffusers folder, or an error naming what it lacks
+        return load_transformer(spec, allow_pickle=allow_pickle)
+    return resolve_model(spec, allow_pickle=allow_pickle, num_heads=getattr(args, "num_heads", None))
 
-        return load_model(Path(spec) / WEIGHTS)
-    return resolve_model(spec, allow_pickle=getattr(args, "allow_pickle", False),
-                         num_heads=getattr(args, "num_heads", None))
+
+def _capture_kwargs(model, args) -> dict | None:
+    """Example inputs for a diffusers transformer (the built-in DiT derives its own: None)."""
+    from .diffusers_models import TRANSFORMERS, example_kwargs
+
+    if type(model).__name__ not in TRANSFORMERS:
+        return None
+    tokens = getattr(args, "text_tokens", None)
+    return example_kwargs(model) if tokens is None else example_kwargs(model, tokens)
 
 
 def _open(args, *, default_method: str = "none"):
@@ -250,7 +264,8 @@ def _open(args, *, default_method: str = "none"):
     options = _compile_options(args, backend)
     model = _load_model(spec, args)
     return graphcache.optimize(model, method.name, args.steps or 50, backend=backend, compile_options=options,
-                               hoist_conditioning=getattr(args, "hoist_conditioning", True), **given)
+                               hoist_conditioning=getattr(args, "hoist_conditioning", True),
+                               kwargs=_capture_kwargs(model, args), **given)
 
 
 def _cache_bytes(cached) -> int:
@@ -289,7 +304,7 @@ def cmd_optimize(args) -> int:
     model = _load_model(args.model, args)
     cached = graphcache.optimize(model, method.name, args.steps, backend=args.backend,
                                  compile_options=compile_options, hoist_conditioning=args.hoist_conditioning,
-                                 **given)
+                                 kwargs=_capture_kwargs(model, args), **given)
     save_artifact(cached, out, model_spec=source)
     variants = _variant_lines(cached)
     print(f"optimized {args.model} with {method.name} ({_format_options(cached.options)}) "
@@ -301,19 +316,28 @@ def cmd_optimize(args) -> int:
         print(f"  backend: compile (torch.compile, {cached.compile_options['backend']}, mode {mode}; "
               "each variant compiles once, on its first call)")
     if getattr(cached, "exported", None):
-        files = sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
         print(f"  backend: {cached.backend} ({len(cached.exported)} exported variants)")
-        print(f"  wrote {out}/ (manifest.json, {', '.join(files)})")
-    else:
-        print(f"  wrote {out}/ (manifest.json, model.safetensors)")
+    files = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != "manifest.json")
+    print(f"  wrote {out}/ (manifest.json, {', '.join(files)})")
     return 0
 
 
 def cmd_sample(args) -> int:
     import graphcache
 
+    from .diffusers_models import is_diffusers_folder, is_pipeline_folder
+
     out = Path(args.output)
     _check_output(out, None)  # the suffix, before loading anything
+    if is_pipeline_folder(args.model):
+        return _sample_pipeline(args, out)
+    if is_diffusers_folder(args.model):
+        raise GraphcacheError(f"{args.model} is a diffusers model folder: it has no VAE or scheduler to sample with; "
+                              "sample from the pipeline folder `pipe.save_pretrained(DIR)` writes")
+    _refuse_pipeline_options(args, "a pipeline folder")
+    _refuse_diffusers_artifact(args.model)
+    if args.labels is None:
+        raise GraphcacheError("--labels is required (class ids, one image each)")
     noise = None
     if args.noise is not None:
         noise = _load_noise(Path(args.noise))
@@ -322,9 +346,9 @@ def cmd_sample(args) -> int:
     if noise is not None:
         noise = noise.to(cached.input_dtype)
     start = time.perf_counter()
+    cfg_scale = _BUILTIN_CFG_SCALE if args.cfg_scale is None else args.cfg_scale
     x = graphcache.sample(cached, args.labels, noise=noise, seed=args.seed, num_steps=cached.num_steps,
-                          sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,
-                          progress=not args.quiet)
+                          sampler=args.sampler, cfg_scale=cfg_scale, guidance=args.guidance, progress=not args.quiet)
     seconds = time.perf_counter() - start
     _write_output(x, out)
     if not args.quiet:
@@ -332,6 +356,107 @@ def cmd_sample(args) -> int:
         print(f"wrote {out}: {tuple(x.shape)} {dtype} ({cached.method.name} {_format_options(cached.options)}, "
               f"{args.sampler} {cached.num_steps} steps, {seconds:.1f} s)")
     return 0
+
+
+def _refuse_diffusers_artifact(spec: str) -> None:
+    """graphcache's sampler calls class-conditional DiTs; a diffusers transformer samples in its pipeline."""
+    from .artifact import is_artifact, read_manifest
+
+    made_from = read_manifest(spec)["model"].get("diffusers_class") if is_artifact(spec) else None
+    if made_from is not None:
+        raise GraphcacheError(f"{spec} holds a diffusers {made_from}: sample from its pipeline folder "
+                              "(`graphcache sample PIPELINE_DIR --method M`), which caches it the same way")
+
+
+def _refuse_pipeline_options(args, needs: str) -> None:
+    for flag, value in (("--prompt-embeds", args.prompt_embeds), ("--negative-embeds", args.negative_embeds)):
+        if value is not None:
+            raise GraphcacheError(f"{flag} needs {needs}")
+
+
+def _sample_pipeline(args, out: Path) -> int:
+    """Sample from a diffusers pipeline folder with graphcache.enable: class labels for DiT,
+    saved prompt embeddings for PixArt-α (the folder's text encoder is never loaded)."""
+    import torch
+
+    import graphcache
+
+    from .diffusers_models import load_pipeline
+
+    if args.noise is not None:
+        raise GraphcacheError("--noise applies to graphcache's own sampler; a pipeline draws its noise from --seed")
+    method = args.method or "none"
+    backend = args.backend or "eager"
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    if type(pipe).__name__ == "PixArtAlphaPipeline":
+        call = _pixart_call(args, pipe)
+    else:
+        _refuse_pipeline_options(args, "a PixArt-α pipeline folder")
+        if args.labels is None:
+            raise GraphcacheError(f"{args.model} is a DiT pipeline: --labels is required (class ids, one image each)")
+        call = dict(class_labels=args.labels)
+        if args.cfg_scale is not None:
+            call["guidance_scale"] = args.cfg_scale
+    graphcache.enable(pipe, method, backend=backend, compile_options=_compile_options(args, backend),
+                      **_options(args))
+    pipe.set_progress_bar_config(disable=args.quiet)
+    steps = args.steps or 50
+    torch.manual_seed(args.seed)  # ToCa's random scores and ClusCa's K-means draw from the global generator
+    start = time.perf_counter()
+    images = pipe(**call, num_inference_steps=steps, generator=torch.Generator().manual_seed(args.seed),
+                  output_type="np").images
+    seconds = time.perf_counter() - start
+    x = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1  # (n, H, W, C) in [0, 1] -> (n, C, H, W) in [-1, 1]
+    _write_output(x, out)
+    if not args.quiet:
+        options = pipe.transformer.current.options  # the method's options, defaults resolved
+        print(f"wrote {out}: {tuple(x.shape)} ({type(pipe).__name__}, {method} {_format_options(options)}, "
+              f"{steps} steps, {seconds:.1f} s)")
+    return 0
+
+
+def _pixart_call(args, pipe) -> dict:
+    """The PixArt-α pipeline arguments for saved embeddings, at the transformer's own resolution."""
+    if args.labels is not None:
+        raise GraphcacheError(f"{args.model} is a text-conditioned pipeline: pass --prompt-embeds, not --labels")
+    if args.prompt_embeds is None:
+        raise GraphcacheError(f"{args.model} is a text-conditioned pipeline: --prompt-embeds FILE is required "
+                              "(a safetensors file holding prompt_embeds and optionally prompt_attention_mask)")
+    channels = pipe.transformer.config.caption_channels
+    embeds, mask = _load_embeddings(Path(args.prompt_embeds), channels)
+    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    call = dict(prompt=None, negative_prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, height=size,
+                width=size, use_resolution_binning=False)
+    if args.negative_embeds is not None:
+        embeds, mask = _load_embeddings(Path(args.negative_embeds), channels)
+        call.update(negative_prompt_embeds=embeds, negative_prompt_attention_mask=mask,
+                    guidance_scale=_PIXART_CFG_SCALE if args.cfg_scale is None else args.cfg_scale)
+    elif args.cfg_scale is not None and args.cfg_scale > 1:
+        raise GraphcacheError("--cfg-scale above 1 needs --negative-embeds (the unconditional embeddings)")
+    else:
+        call["guidance_scale"] = 1.0  # no negative embeddings: no guidance
+    return call
+
+
+def _load_embeddings(path: Path, channels: int):
+    """prompt_embeds (n, L, channels) and prompt_attention_mask (n, L) (all ones when absent) from
+    a safetensors file."""
+    import torch
+
+    from .io import load_state_dict_file
+
+    if path.suffix.lower() != ".safetensors":
+        raise GraphcacheError(f"{path}: embeddings must be a .safetensors file")
+    tensors = load_state_dict_file(path)
+    embeds = tensors.get("prompt_embeds")
+    if embeds is None or embeds.ndim != 3 or embeds.shape[2] != channels:
+        found = "no prompt_embeds" if embeds is None else f"prompt_embeds of shape {list(embeds.shape)}"
+        raise GraphcacheError(f"{path}: expected prompt_embeds (n, L, {channels}), found {found}")
+    mask = tensors.get("prompt_attention_mask", torch.ones(embeds.shape[:2]))
+    if tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise GraphcacheError(f"{path}: prompt_attention_mask has shape {list(mask.shape)}, "
+                              f"expected {list(embeds.shape[:2])}")
+    return embeds, mask  # the pipeline casts them to the transformer's dtype
 
 
 def _load_noise(path: Path):
@@ -364,7 +489,7 @@ def cmd_schedule(args) -> int:
         if args.tokens is not None:
             raise GraphcacheError("--tokens conflicts with --model (the model gives the token count)")
         model = _load_model(args.model, args)
-        structure = ir.structure_of(graphcache.capture(model))
+        structure = ir.structure_of(graphcache.capture(model, kwargs=_capture_kwargs(model, args)))
         depth, tokens = structure.depth, structure.num_tokens
     else:
         depth = args.depth if args.depth is not None else 28
@@ -374,7 +499,10 @@ def cmd_schedule(args) -> int:
         obj = schedule.to_json()
         from .flops import flops_json
 
-        obj["flops"] = flops_json(schedule, model)
+        try:
+            obj["flops"] = flops_json(schedule, model)
+        except GraphcacheError as e:  # a model the papers' accounting does not cover: say so, count nothing
+            obj["flops"], obj["flops_unavailable"] = None, str(e)
         _print_json(obj)
         return 0
     variants = schedule.variants()
@@ -477,8 +605,11 @@ examples:
   graphcache sample dit-fora/ --labels 207,360 -o latents.pt
   graphcache schedule --method fora --steps 50 --json
   graphcache inspect {DEFAULT_MODEL} --method fora
+  graphcache sample pixart-alpha/ --prompt-embeds prompt.safetensors --method fora --steps 20 -o image.png
 
-MODEL is a checkpoint file (.pt/.pth/.safetensors, loaded with weights_only) or a built-in:
+MODEL is a checkpoint file (.pt/.pth/.safetensors, loaded with weights_only), a diffusers model or
+pipeline folder (DiT, PixArt-α: config.json / model_index.json + safetensors; needs
+graphcache[diffusers]) or a built-in:
 {chr(10).join(f'  {m.spec:<24} {m.summary}' for m in available())}
 Set GRAPHCACHE_DEBUG=1 to see tracebacks."""
 
@@ -489,6 +620,9 @@ def _add_model_loading(p) -> None:
                         "only for files you trust)")
     p.add_argument("--num-heads", type=_positive_int, metavar="H",
                    help="attention heads, when they cannot be inferred from the checkpoint")
+    p.add_argument("--text-tokens", type=_positive_int, metavar="L",
+                   help="diffusers PixArt-α folders: caption length to capture with (default: 120, PixArt-α's "
+                        "maximum; another length at run time captures again)")
 
 
 def _add_backend(p, *, default: str | None = "eager", default_note: str = "eager") -> None:
@@ -534,10 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"examples:\n  graphcache optimize {DEFAULT_MODEL} --method fora -o dit-fora/\n"
                "  graphcache optimize DiT-XL-2-256x256.pt --method fora --set interval=4 --steps 50 -o out/\n"
                f"  graphcache optimize {DEFAULT_MODEL} --method toca --backend onnx -o dit-toca-onnx/\n"
-               f"  graphcache optimize {DEFAULT_MODEL} --method clusca --backend aoti -o dit-clusca-aoti/",
+               f"  graphcache optimize {DEFAULT_MODEL} --method clusca --backend aoti -o dit-clusca-aoti/\n"
+               "  graphcache optimize pixart-alpha/ --method toca --steps 20 -o pixart-toca/   (a diffusers folder)",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"checkpoint file, diffusers model or pipeline folder, or builtin:NAME "
+                        f"(default: {DEFAULT_MODEL})")
     _add_method(p, required=True)
     p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="artifact directory to write")
@@ -552,29 +688,44 @@ def build_parser() -> argparse.ArgumentParser:
         "sample", formatter_class=_Formatter, help="sample images/latents from a model or an artifact",
         description="Sample class-conditional outputs. MODEL_OR_ARTIFACT is an artifact directory written by "
                     "`graphcache optimize` (its method and steps are used) or a model, optimized here with "
-                    "--method (default: none, no caching).",
+                    "--method (default: none, no caching). A diffusers pipeline folder (DiT with --labels, "
+                    "PixArt-α with --prompt-embeds) runs with graphcache.enable and its own scheduler and VAE.",
         epilog=f"examples:\n  graphcache sample {DEFAULT_MODEL} --method fora --labels 1,2 -o samples.pt\n"
                "  graphcache sample dit-fora/ --labels 207,360 --seed 1 -o latents.pt\n"
                "  graphcache sample mnist.safetensors --labels 0,1,2,3 -o digits.png   (pixel-space models)\n"
                "  graphcache sample dit-fora/ --labels 1,2 --noise noise.pt -o out.pt\n"
                "  graphcache sample dit-toca-onnx/ --labels 1,2,3 -o out.pt   (exported: any batch of 2+ rows: 1+ images with guidance)\n"
-               f"  graphcache sample {DEFAULT_MODEL} --method toca --labels 1,2 --backend compile -o samples.pt",
+               f"  graphcache sample {DEFAULT_MODEL} --method toca --labels 1,2 --backend compile -o samples.pt\n"
+               "  graphcache sample dit-pipeline/ --labels 207,360 --method fora --steps 50 -o images.png\n"
+               "  graphcache sample pixart-alpha/ --prompt-embeds p.safetensors --negative-embeds n.safetensors "
+               "--method toca --steps 20 -o image.png",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_ARTIFACT",
-                   help=f"artifact directory, checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"artifact directory, checkpoint file, builtin:NAME or diffusers pipeline folder "
+                        f"(default: {DEFAULT_MODEL})")
     _add_method(p, required=False, default_note=" (default: none; an artifact's own method)")
     p.add_argument("--steps", type=_positive_int, default=None, metavar="N",
                    help="sampling steps (default: 50, or the artifact's)")
-    p.add_argument("--labels", type=_labels, required=True, metavar="1,2,3", help="class ids, one image each")
+    p.add_argument("--labels", type=_labels, metavar="1,2,3",
+                   help="class ids, one image each (class-conditional models and DiT pipelines)")
+    p.add_argument("--prompt-embeds", metavar="FILE",
+                   help="PixArt-α pipeline folders: a .safetensors file holding prompt_embeds (n, L, C) and "
+                        "optionally prompt_attention_mask (n, L); one image per row")
+    p.add_argument("--negative-embeds", metavar="FILE",
+                   help="PixArt-α: the unconditional embeddings, same format; without them there is no guidance")
     p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
-    p.add_argument("--noise", metavar="FILE.pt", help="initial noise (n, C, H, W) saved with torch.save")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
-    p.add_argument("--cfg-scale", type=float, default=1.5, metavar="S",
-                   help="classifier-free guidance scale; <= 1 disables guidance (default: 1.5)")
+    p.add_argument("--noise", metavar="FILE.pt",
+                   help="initial noise (n, C, H, W) saved with torch.save (not for pipeline folders)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="default: ddim (pipeline folders use their own scheduler)")
+    p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
+                   help=f"classifier-free guidance scale; <= 1 disables guidance (default: {_BUILTIN_CFG_SCALE}; "
+                        f"pipelines: DiT's 4.0, PixArt-α's {_PIXART_CFG_SCALE})")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, default="official",
                    help="official: the reference's 3-channel guidance; eps: all channels (default: official)")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
-                   help=".pt: the (n, C, H, W) tensor; .png: an image grid (pixel-space models only)")
+                   help=".pt: the (n, C, H, W) tensor; .png: an image grid (pixel-space models and pipelines, "
+                        "which decode with their VAE)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     _add_backend(p, default=None, default_note="the artifact's, else eager")
     _add_model_loading(p)
@@ -592,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method(p, required=True)
     p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--model", metavar="MODEL", help="take depth and token count from this model")
+    where.add_argument("--model", metavar="MODEL",
+                       help="take depth and token count (and --json's FLOPs) from this model, a diffusers folder too")
     where.add_argument("--depth", type=_positive_int, metavar="D", help="number of blocks (default: 28)")
     p.add_argument("--tokens", type=_positive_int, metavar="T", help="tokens per image (default: 256)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -615,10 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "point each method caches), then per variant what every pass inserted or declined.",
         epilog=f"examples:\n  graphcache inspect {DEFAULT_MODEL}\n"
                f"  graphcache inspect {DEFAULT_MODEL} --method fora --steps 10\n"
-               "  graphcache inspect dit-fora/ --json",
+               "  graphcache inspect dit-fora/ --json\n"
+               "  graphcache inspect pixart-alpha/ --method toca --text-tokens 120",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"artifact directory, checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"artifact directory, checkpoint file, diffusers model or pipeline folder, or builtin:NAME "
+                        f"(default: {DEFAULT_MODEL})")
     _add_method(p, required=False, default_note=" (default: none)")
     p.add_argument("--steps", type=_positive_int, default=None, metavar="N", help="sampling steps (default: 50)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -638,7 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  graphcache bench DiT-XL-2-256x256.pt --method fora,toca --backend compile --compile-mode reduce-overhead",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"checkpoint file, artifact directory or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"checkpoint file, artifact directory, diffusers DiT folder (run as the built-in DiT) "
+                        f"or builtin:NAME (default: {DEFAULT_MODEL})")
     p.add_argument("--method", default="all", metavar="M[,M...]|all", help="methods to compare (default: all)")
     p.add_argument("--set", action="append", type=_key_value, metavar="[METHOD.]KEY=VALUE", default=[],
                    help="a method option for every listed method that has it, or for one method with METHOD.KEY")
@@ -688,6 +843,27 @@ def _bench_methods(text: str, given: dict) -> list[tuple[str, dict]]:
     return chosen
 
 
+def _bench_model(model, spec: str):
+    """bench samples with graphcache's class-conditional sampler: a diffusers DiT runs as the
+    built-in DiT with its weights (graphcache.models.convert_diffusers: the same computation)."""
+    from .diffusers_models import TRANSFORMERS
+
+    name = type(model).__name__
+    if name not in TRANSFORMERS:
+        return model
+    if name != "DiTTransformer2DModel":
+        raise GraphcacheError(f"bench samples class-conditional DiTs; {spec} holds a {name} (text-conditioned): "
+                              "time it with `graphcache sample PIPELINE_DIR --prompt-embeds FILE`")
+    from .models.convert_diffusers import dit_from_diffusers
+    from .models.dit import DiT
+
+    sd, config = dit_from_diffusers(model.state_dict(), model.config)
+    dit = DiT(config)
+    dit.load_state_dict(sd)
+    print(f"{spec}: diffusers DiTTransformer2DModel, benchmarked as the built-in DiT with its weights")
+    return dit.eval()
+
+
 def cmd_bench(args) -> int:
     import json
 
@@ -695,7 +871,7 @@ def cmd_bench(args) -> int:
 
     methods = _bench_methods(args.method, _options(args))
     compile_options = _compile_options(args, args.backend)
-    model = _load_model(args.model, args)
+    model = _bench_model(_load_model(args.model, args), args.model)
     report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
                          hoist_conditioning=args.hoist_conditioning, num_steps=args.steps, batch=args.batch,
                          sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,

@@ -110,19 +110,25 @@ def schedule_flops(
 
 def _model_dims(model) -> dict:
     config = getattr(model, "config", model)
+    if type(model).__name__ == "DiTTransformer2DModel":  # diffusers' DiT: the same blocks as the built-in DiT
+        from .models.convert_diffusers import dit_config_from_diffusers
+
+        config = dit_config_from_diffusers(config)
     try:
         grid = config.input_size // config.patch_size
         return dict(
             tokens=grid * grid, hidden=config.hidden_size, heads=config.num_heads, mlp_ratio=config.mlp_ratio
         )
     except AttributeError:
-        raise GraphcacheError(f"cannot count FLOPs for {type(model).__name__}: not a DiT with a config") from None
+        raise GraphcacheError(f"FLOPs are not available for {type(model).__name__}: the papers' accounting covers "
+                              "DiT blocks (self-attention and MLP) only") from None
 
 
 def flops_json(schedule: Schedule, model=None) -> dict:
     """{"total", "uncached", "speedup"} in FLOPs (not TFLOPs), B = 2 (one image with CFG).
 
-    `model`: a graphcache DiT (or its DiTConfig) whose size is counted; DiT-XL/2 at 256px if None.
+    `model`: a graphcache DiT (or its DiTConfig) or a diffusers DiT whose size is counted; DiT-XL/2 at
+    256px if None. Other models (PixArt-α's cross-attention blocks) raise GraphcacheError.
     """
     dims = _model_dims(model) if model is not None else DIT_XL_2
     r = schedule_flops(schedule, batch=2, **dims)

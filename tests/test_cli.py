@@ -33,6 +33,21 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def png_chunks(path) -> dict[bytes, bytes]:
+    """The chunks of a PNG file by tag (CRCs checked)."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = {}, 8
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
+        chunks[tag] = chunks.get(tag, b"") + body
+        pos += 12 + n
+    return chunks
+
+
 def assert_one_line_error(code, err, *needles):
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -176,16 +191,7 @@ def test_sample_png_for_pixel_model(capsys, tmp_path):
     png = tmp_path / "grid.png"
     code, _, err = run(capsys, "sample", ckpt, "--labels", "0,1,2", "--steps", "2", "-q", "-o", png)
     assert code == 0, err
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, pos = {}, 8
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        tag, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
-        assert crc == zlib.crc32(tag + body) & 0xFFFFFFFF
-        chunks[tag] = chunks.get(tag, b"") + body
-        pos += 12 + n
+    chunks = png_chunks(png)
     w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
     # 3 images of 8x8 in a 2x2 grid with 2-pixel padding, grayscale
     assert (w, h, depth, color) == (2 + 2 * 10, 2 + 2 * 10, 8, 0)
@@ -395,3 +401,153 @@ def test_optimize_refuses_to_replace_other_directories(capsys, tmp_path):
     code, _, err = run(capsys, "optimize", TINY, "--method", "none", "--steps", "3", "-o", out)
     assert_one_line_error(code, err, "not a graphcache artifact")
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers model and pipeline folders
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def diffusers_dirs(tmp_path_factory):
+    """DiT model and pipeline folders, a PixArt-α pipeline folder and prompt embeddings for it (5
+    tokens of 24)."""
+    from safetensors.torch import save_file
+
+    from diffusers_models import dit_pipeline, pixart_pipeline
+
+    root = tmp_path_factory.mktemp("diffusers")
+    pipe = dit_pipeline()
+    pipe.save_pretrained(root / "dit-pipeline")
+    pipe.transformer.save_pretrained(root / "dit")
+    pixart_pipeline().save_pretrained(root / "pixart")
+    g = torch.Generator().manual_seed(1)
+    save_file({"prompt_embeds": torch.randn(1, 5, 24, generator=g), "prompt_attention_mask": torch.ones(1, 5)},
+              root / "prompt.safetensors")
+    save_file({"prompt_embeds": torch.randn(1, 5, 24, generator=g)}, root / "negative.safetensors")
+    return root
+
+
+@pytest.mark.parametrize("folder, kinds", [("dit", ["attention", "mlp"]),
+                                           ("pixart", ["attention", "cross_attention", "mlp"])])
+def test_inspect_diffusers_folder(capsys, diffusers_dirs, folder, kinds):
+    code, out, err = run(capsys, "inspect", diffusers_dirs / folder, "--method", "fora", "--steps", "4",
+                         "--text-tokens", "5")
+    assert code == 0, err
+    assert "2 blocks, 16 tokens, hidden 32" in out
+    branches = [line.split()[0] for line in out.splitlines() if "transformer_blocks.0." in line]
+    assert branches == kinds
+
+
+def test_schedule_json_of_diffusers_folders_counts_flops_only_for_dit(capsys, diffusers_dirs):
+    code, out, err = run(capsys, "schedule", "--method", "fora", "--steps", "4", "--model", diffusers_dirs / "dit",
+                         "--json")
+    assert code == 0, err
+    dit = json.loads(out)
+    assert dit["depth"] == 2 and dit["flops"]["speedup"] > 1
+    code, out, err = run(capsys, "schedule", "--method", "fora", "--steps", "4", "--model",
+                         diffusers_dirs / "pixart", "--json")
+    assert code == 0, err
+    pixart = json.loads(out)
+    assert pixart["steps"] == dit["steps"]
+    assert pixart["flops"] is None and "PixArtTransformer2DModel" in pixart["flops_unavailable"]
+
+
+@pytest.mark.parametrize("folder, cls", [("dit", "DiTTransformer2DModel"), ("pixart", "PixArtTransformer2DModel")])
+def test_optimize_diffusers_folder_writes_a_loadable_artifact(capsys, diffusers_dirs, tmp_path, folder, cls):
+    out = tmp_path / "fora"
+    code, text, err = run(capsys, "optimize", diffusers_dirs / folder, "--method", "fora", "--steps", "4",
+                          "-o", out)
+    assert code == 0, err
+    assert "wrote" in text and "transformer/" in text
+    assert sorted(p.name for p in (out / "transformer").iterdir()) == ["config.json",
+                                                                       "diffusion_pytorch_model.safetensors"]
+    manifest = read_manifest(out)
+    assert manifest["model"] == {"source": str(diffusers_dirs / folder), "diffusers_class": cls}
+    code, text, err = run(capsys, "inspect", out, "--json")
+    assert code == 0, err
+    assert json.loads(text)["method"] == "fora"
+    code, _, err = run(capsys, "sample", out, "--labels", "1", "-o", tmp_path / "x.pt")
+    assert_one_line_error(code, err, f"holds a diffusers {cls}", "PIPELINE_DIR")
+
+
+def test_sample_pixart_pipeline_folder_writes_png(capsys, diffusers_dirs, tmp_path):
+    png = tmp_path / "out" / "pixart.png"
+    code, out, err = run(capsys, "sample", diffusers_dirs / "pixart", "--prompt-embeds",
+                         diffusers_dirs / "prompt.safetensors", "--negative-embeds",
+                         diffusers_dirs / "negative.safetensors", "--method", "fora", "--steps", "4", "--seed", "1",
+                         "-o", png)
+    assert code == 0, err
+    assert "wrote" in out and "interval=3" in out
+    w, h, depth, color = struct.unpack(">IIBB", png_chunks(png)[b"IHDR"][:10])
+    assert (w, h, depth, color) == (2 + 16 + 2, 2 + 16 + 2, 8, 2)  # one 16x16 RGB image, padded
+    assert [p.name for p in png.parent.iterdir()] == ["pixart.png"]
+
+
+def test_sample_dit_pipeline_folder_with_labels(capsys, diffusers_dirs, tmp_path):
+    out = tmp_path / "dit.pt"
+    code, _, err = run(capsys, "sample", diffusers_dirs / "dit-pipeline", "--labels", "1,3", "--method", "toca",
+                       "--steps", "4", "-q", "-o", out)
+    assert code == 0, err
+    x = torch.load(out, weights_only=True)
+    assert x.shape == (2, 3, 16, 16) and -1 <= x.min() and x.max() <= 1  # decoded images, as a PNG grid takes them
+
+
+def _broken_folder(root: Path, dit: Path, problem: str) -> Path:
+    folder = root / problem
+    folder.mkdir()
+    if problem == "no-config":
+        return folder
+    config = json.loads((dit / "config.json").read_text())
+    weights = (dit / "diffusion_pytorch_model.safetensors").read_bytes()
+    if problem == "unsupported-class":
+        config["_class_name"] = "UNet2DConditionModel"
+    elif problem == "mismatched":
+        config["num_layers"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    if problem == "pickled-weights":
+        from safetensors.torch import load_file
+
+        torch.save(load_file(dit / "diffusion_pytorch_model.safetensors"), folder / "diffusion_pytorch_model.bin")
+    else:
+        cut = len(weights) // 2 if problem == "corrupt" else len(weights)
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(weights[:cut])
+    return folder
+
+
+@pytest.mark.parametrize("problem, needle", [
+    ("no-config", "has no config.json"),
+    ("unsupported-class", "'UNet2DConditionModel' is not supported"),
+    ("pickled-weights", "--allow-pickle"),
+    ("corrupt", "not a readable safetensors file"),
+    ("mismatched", "missing keys: transformer_blocks.2."),
+])
+def test_error_broken_diffusers_folder(capsys, diffusers_dirs, tmp_path, problem, needle):
+    folder = _broken_folder(tmp_path, diffusers_dirs / "dit", problem)
+    out = tmp_path / "art"
+    code, _, err = run(capsys, "optimize", folder, "--method", "fora", "-o", out)
+    assert_one_line_error(code, err, needle)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [problem]
+
+
+def test_pickled_diffusers_weights_load_with_allow_pickle(capsys, diffusers_dirs, tmp_path):
+    folder = _broken_folder(tmp_path, diffusers_dirs / "dit", "pickled-weights")
+    code, out, err = run(capsys, "schedule", "--method", "fora", "--model", folder, "--allow-pickle")
+    assert code == 0, err
+    assert "depth 2, 16 tokens" in out
+
+
+def test_error_pixart_sample_needs_embeddings(capsys, diffusers_dirs, tmp_path):
+    png = tmp_path / "x.png"
+    code, _, err = run(capsys, "sample", diffusers_dirs / "pixart", "--labels", "1", "-o", png)
+    assert_one_line_error(code, err, "--prompt-embeds")
+    code, _, err = run(capsys, "sample", diffusers_dirs / "pixart", "--prompt-embeds",
+                       diffusers_dirs / "negative.safetensors", "--cfg-scale", "4", "-o", png)
+    assert_one_line_error(code, err, "--negative-embeds")
+    assert not png.exists()
+
+
+def test_error_without_the_diffusers_extra(capsys, diffusers_dirs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` raises ImportError
+    code, _, err = run(capsys, "inspect", diffusers_dirs / "dit")
+    assert_one_line_error(code, err, "graphcache[diffusers]")

@@ -1,7 +1,7 @@
-"""diffusers' DiT and PixArt-α transformers through graphcache.capture and graphcache.optimize, with
-no adapter code: the structure found, the drop-in module (call signature, return type, lazy
-capture, re-capture for a new resolution), what each method's passes insert, and diffusers' DiT
-against the built-in DiT with the same weights."""
+"""diffusers' DiT and PixArt-α transformers (loaded from folders by graphcache.diffusers_models)
+through graphcache.capture and graphcache.optimize, with no adapter code: the structure found, the
+drop-in module (call signature, return type, lazy capture, re-capture for a new resolution), what
+each method's passes insert, and diffusers' DiT against the built-in DiT with the same weights."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import torch
 
 import graphcache
 from graphcache import ir
+from graphcache.diffusers_models import example_kwargs, load_pipeline, load_transformer
 from graphcache.models.convert_diffusers import dit_to_diffusers
 from graphcache.models.dit import DiT, DiTConfig, init_random_
-from diffusers_models import DEPTH, diffusers, dit_inputs, dit_transformer, pixart_inputs, pixart_transformer
+from diffusers_models import (DEPTH, diffusers, dit_inputs, dit_transformer, pixart_inputs, pixart_pipeline,
+                              pixart_transformer)
 
 A, X, M = ir.ATTENTION, ir.CROSS_ATTENTION, ir.MLP
 MODELS = {"dit": (dit_transformer, dit_inputs, [[A, M]] * DEPTH), "pixart": (pixart_transformer, pixart_inputs,
@@ -153,3 +155,28 @@ def test_diffusers_dit_behaves_like_the_builtin_dit(method):
             torch.manual_seed(step)
             got = theirs(x, timestep=t, class_labels=y).sample
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_example_kwargs_capture_from_the_config(model):
+    name, transformer, inputs, _ = model
+    kwargs = example_kwargs(transformer, text_tokens=7)
+    assert {k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)} == {
+        "hidden_states": (2, 4, 8, 8), "timestep": (2,),
+        **({"class_labels": (2,)} if name == "dit" else {"encoder_hidden_states": (2, 7, 24)})}
+    if name == "pixart":
+        assert kwargs["added_cond_kwargs"] == {"resolution": None, "aspect_ratio": None}
+    s = ir.structure_of(graphcache.capture(transformer, kwargs=kwargs))
+    assert s.depth == DEPTH and s.num_tokens == 16
+
+
+def test_pipeline_folder_loads_without_text_encoder(tmp_path):
+    """The transformer of a saved pipeline, alone or in the pipeline, has exactly the saved weights."""
+    pipe = pixart_pipeline()
+    pipe.save_pretrained(tmp_path)
+    want = pipe.transformer.state_dict()
+    for transformer in (load_transformer(tmp_path), load_pipeline(tmp_path).transformer):
+        got = transformer.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    loaded = load_pipeline(tmp_path)
+    assert type(loaded) is type(pipe) and loaded.text_encoder is None and loaded.tokenizer is None
+    assert type(loaded.scheduler) is type(pipe.scheduler)

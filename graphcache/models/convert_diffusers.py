@@ -43,7 +43,7 @@ from ..errors import GraphcacheError
 from ..io import state_dict_problems
 from .dit import DiT, DiTConfig, pos_embed_table
 
-__all__ = ["dit_from_diffusers", "dit_to_diffusers"]
+__all__ = ["dit_config_from_diffusers", "dit_from_diffusers", "dit_to_diffusers"]
 
 # The settings of DiTTransformer2DModel that the built-in DiT has, and only those.
 _ARCHITECTURE = {
@@ -190,7 +190,8 @@ def _diffusers_config(config: DiTConfig) -> dict:
     }
 
 
-def _dit_config(diffusers_config: Mapping) -> DiTConfig:
+def dit_config_from_diffusers(diffusers_config: Mapping) -> DiTConfig:
+    """The built-in DiTConfig of a `DiTTransformer2DModel` config (GraphcacheError if it does not convert)."""
     cfg = {**_DIFFUSERS_DEFAULTS, **diffusers_config}
     for key, value in _ARCHITECTURE.items():
         if cfg[key] != value:
@@ -235,7 +236,7 @@ def dit_from_diffusers(state_dict: Mapping[str, torch.Tensor], diffusers_config:
     """A `DiTTransformer2DModel` state dict and config (``transformer.config`` or its config.json)
     as the built-in DiT's state dict and DiTConfig (frequency_shift=1, mlp_norm_eps=norm_eps).
     Every block's timestep/label embedder must be the same."""
-    config = _dit_config(diffusers_config)
+    config = dit_config_from_diffusers(diffusers_config)
     expected = _to_diffusers_tensors(_meta_state_dict(config), config.depth)
     _check(state_dict, expected, "diffusers DiT")
     sd = _from_diffusers_tensors(state_dict, config.depth)
