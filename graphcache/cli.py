@@ -357,7 +357,7 @@ def cmd_schedule(args) -> int:
     from .methods import get_method
 
     method = get_method(args.method)
-    model = None
+    model = structure = None
     if args.model is not None:
         import graphcache
 
@@ -369,7 +369,7 @@ def cmd_schedule(args) -> int:
     else:
         depth = args.depth if args.depth is not None else 28
         tokens = args.tokens if args.tokens is not None else 256
-    schedule = method.schedule(args.steps, depth, _options(args), tokens)
+    schedule = method.schedule(args.steps, depth, _options(args), tokens, structure)
     if args.json:
         obj = schedule.to_json()
         from .flops import flops_json

@@ -111,7 +111,7 @@ class CachedModel(SteppedModel):
         self.capture_shapes = [tuple(t.shape[1:]) for t in flat]
         self.structure = ir.structure_of(self.captured)
         self.schedule = self.method.schedule(self.num_steps_wanted, self.structure.depth, self.given_options,
-                                             self.structure.num_tokens)
+                                             self.structure.num_tokens, self.structure)
         self.options = self.schedule.options
         self.hoists_conditioning = self.hoist_requested and self.runs.hoists_conditioning
         self.condition_inputs = conditioning_inputs(self.captured) if self.hoists_conditioning else {}
