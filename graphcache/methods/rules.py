@@ -179,13 +179,10 @@ def toca_plans(num_steps: int, depth: int, num_tokens: int, options: dict, rules
                 kind = SKIP
             kinds.append(kind)
 
-            def count(module):
-                if kind != PARTIAL:
-                    return None
-                return fresh_tokens(scheduler, fresh_ratio, s, num_steps, layer, depth, module, num_tokens, rules)
-
-            tokens.append(count("mlp"))
-            cross.append(count("cross-attn"))
+            for module, counts in (("mlp", tokens), ("cross-attn", cross)):
+                partial = kind == PARTIAL and module in rules.module_factors
+                counts.append(fresh_tokens(scheduler, fresh_ratio, s, num_steps, layer, depth, module, num_tokens,
+                                           rules) if partial else None)
         plans.append(StepPlan(index, s, tuple(kinds), tuple(tokens), cross_tokens=tuple(cross) if partial_cross else None))
     return plans
 
