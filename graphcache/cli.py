@@ -387,6 +387,8 @@ def cmd_schedule(args) -> int:
         line = f"{p.index:>5} {p.step:>5}  {_rle(p.kinds)}"
         if p.tokens is not None:
             line += f"  tokens {_rle(p.tokens, ones=False)}"
+        if p.cross_tokens is not None:
+            line += f"  cross-attention tokens {_rle(p.cross_tokens, ones=False)}"
         print(line)
     return 0
 

@@ -94,7 +94,7 @@ def token_locality_problem(gm: fx.GraphModule, branch: ir.Branch) -> str | None:
         if len(in_axes) != 1:
             return f"node {name} ({ir.op_name(node)}) combines the stream in different layouts" if in_axes else \
                 f"node {name} ({ir.op_name(node)}) does not read the stream"
-        axis = _moved_token_axis(node, in_axes.pop(), on_path[0], n_tokens)
+        axis = _moved_token_axis(node, in_axes.pop(), on_path[0])
         if isinstance(axis, str):
             return f"node {name} ({ir.op_name(node)}) {axis}"
         if shape is None or len(shape) <= axis or shape[axis] != n_tokens:
@@ -112,7 +112,7 @@ def token_locality_problem(gm: fx.GraphModule, branch: ir.Branch) -> str | None:
     return None
 
 
-def _moved_token_axis(node: fx.Node, axis: int, source: fx.Node, n_tokens: int) -> int | str:
+def _moved_token_axis(node: fx.Node, axis: int, source: fx.Node) -> int | str:
     """Where `node` puts the token axis of its stream input `source` (at `axis`), or why it is
     not a token-local op."""
     if node.op != "call_function":
@@ -144,8 +144,10 @@ def _cross_attention_problem(sdpa: fx.Node, stream_in: fx.Node, on_path: list, a
     stream may reach it only through the queries (sequence axis -2), its keys, values and mask
     must not depend on the stream, and the mask must not vary over queries."""
     q, k, v = sdpa.args[:3]
-    if on_path != [q] or axis != len(ir.tensor_shape(q)) - 2:
+    if on_path != [q]:
         return "attends over the stream's tokens (its keys or values come from the image stream)"
+    if axis != len(ir.tensor_shape(q)) - 2:
+        return "takes the stream's tokens on another axis than the query sequence"
     mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
     for name, arg in (("keys", k), ("values", v), ("mask", mask)):
         if isinstance(arg, fx.Node) and stream_in in ir.upstream(arg):

@@ -15,14 +15,15 @@ import torch.nn.functional as F
 
 import graphcache
 from graphcache import ir
-from graphcache.cache import CacheState
+from graphcache.cache import CacheState, slot_name
 from graphcache.capture import call_arguments, capture_call
 from graphcache.methods import get_method
 from graphcache.methods.rules import kinds_string
-from graphcache.ops import gather_tokens
+from graphcache.ops import gather_tokens, is_cache_write
 from graphcache.passes import token_score
 from graphcache.passes.token_select import InsertTokenSelectPass, TokenMerger, TokenSelector, token_locality_problem
 from graphcache.runtime import new_variant
+from graphcache.schedule import StepPlan
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusers_models import DEPTH, dit_inputs, dit_transformer, pixart_inputs, pixart_transformer  # noqa: E402
@@ -102,25 +103,24 @@ def test_variant_structure(method):
     cached = graphcache.optimize(pixart_transformer(), method, num_steps=6, kwargs=pixart_inputs())
     seen = set()
     for (kinds, _), gm in cached.variants.items():
-        seen.add(kinds_string([type("P", (), {"kinds": kinds})]))
-        full = kinds.count("full")
-        partial = kinds.count("partial")
-        reads = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("_attention")
-                 and "cross" not in n.target]
+        seen.add(kinds_string([StepPlan(0, 0, kinds)]))
+        full, partial = kinds.count("full"), kinds.count("partial")
+        read = {slot_name(n) for n in gm.graph.nodes if slot_name(n) and not all(is_cache_write(u) for u in n.users)}
         entropy = calls(gm, token_score.cross_attention_entropy)
         selects = [n for n in gm.graph.nodes if n.op == "call_function"
                    and getattr(n.target, "__wrapped__", n.target) is token_score.toca_select]
-        gathers = calls(gm, gather_tokens)
+        gathered = [n.args[0].name for n in calls(gm, gather_tokens)]  # the streams they gather from
         sdpa = calls(gm, torch.ops.aten.scaled_dot_product_attention.default)
         assert len(entropy) == full, kinds  # s2 recorded by every full block, from its cross-attention
-        assert len(selects) == len(gathers) == 2 * partial, kinds  # cross-attention and MLP tokens
-        gathered_kinds = sorted(ir.structure_of(gm).branch(0, k).kind for k in (ir.CROSS_ATTENTION, ir.MLP))
-        assert gathered_kinds == [ir.CROSS_ATTENTION, ir.MLP]
-        # full blocks: self-attention by SDPA, cross-attention explicit; partial blocks: the
-        # self-attention from the cache, the cross-attention's SDPA on the gathered queries
+        assert len(selects) == 2 * partial, kinds  # cross-attention and MLP tokens, each block
+        structure = ir.structure_of(gm)
+        assert sorted(gathered) == sorted(structure.branch(b, kind).stream_in for b, k in enumerate(kinds)
+                                          if k == "partial" for kind in (ir.CROSS_ATTENTION, ir.MLP)), kinds
+        # self-attention: SDPA in full blocks, the cache in partial ones; cross-attention: written
+        # out in full blocks (for its map), SDPA on the gathered queries in partial ones
+        assert {f"b{b}_attention" for b, k in enumerate(kinds) if k == "partial"} <= read, kinds
+        assert not {f"b{b}_attention" for b, k in enumerate(kinds) if k == "full"} & read, kinds
         assert len(sdpa) == full + partial, kinds
-        assert len([n for n in reads if any(u.op == "call_function" and u.target is torch.ops.aten.mul.Tensor
-                                            for u in n.users)]) == partial, kinds
     assert {"F", "T"} <= seen and (method == "toca" or "A" in seen)
     with torch.no_grad():
         outs = [cached(**pixart_inputs(seed=i)).sample for i in range(6)]
