@@ -11,10 +11,12 @@ have a cross-attention branch, DiT's otherwise:
   fresh-token count. Defaults are the DDIM-50 README command; for DDPM-250 use interval=4
   ratio_scheduler=ToCa-ddpm250.
 * `pixart` (`PixArt-alpha-ToCa`): cross-attention and MLP are partially computed (module factors
-  0.6 and 1.6), scored by the entropy of each token's cross-attention over the text (s2); the step
-  counter runs up, force_scheduler has weight 0.2 and no sensitive window; the 'ToCa' ratio
-  scheduler has sw = -0.9, lw = 0.6; s4 gives 0.4 on 4x4 cells. Defaults are the README's
-  (fresh_ratio 0.30, N = 3, DPM-Solver 20 steps).
+  0.6 and 1.6), each with its own staleness counters; the score is s2, the entropy of each token's
+  cross-attention over the text recorded at full steps, in the place DiT's code gives s1, plus
+  λ3·staleness/N and the s4 bonus as in DiT (0.4 on 4x4 cells). The step counter runs up,
+  force_scheduler has weight 0.2 and no sensitive window, and the 'ToCa' ratio scheduler has
+  sw = -0.9, lw = 0.6. Defaults are the README's (fresh_ratio 0.30, N = 3, DPM-Solver 20 steps).
+  As in DiT's code, force_scheduler runs in a full layer-0 block, so mixed steps occur here too.
 """
 
 from .. import ir

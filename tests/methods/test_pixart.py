@@ -6,12 +6,17 @@ only, and the cross-attention entropy score s2."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers_models import (
+    DEPTH,
+    dit_inputs,
+    dit_transformer,
+    pixart_inputs,
+    pixart_transformer,
+)
+from graph_queries import calls
 
 import graphcache
 from graphcache import ir
@@ -21,13 +26,14 @@ from graphcache.methods import get_method
 from graphcache.methods.rules import kinds_string
 from graphcache.ops import gather_tokens, is_cache_write
 from graphcache.passes import token_score
-from graphcache.passes.token_select import InsertTokenSelectPass, TokenMerger, TokenSelector, token_locality_problem
+from graphcache.passes.token_select import (
+    InsertTokenSelectPass,
+    TokenMerger,
+    TokenSelector,
+    token_locality_problem,
+)
 from graphcache.runtime import new_variant
 from graphcache.schedule import StepPlan
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusers_models import DEPTH, dit_inputs, dit_transformer, pixart_inputs, pixart_transformer  # noqa: E402
-from graph_queries import calls  # noqa: E402
 
 PIXART_DEPTH, PIXART_TOKENS = 28, 1024  # PixArt-α at 512px: 28 blocks, a 32x32 token grid
 
@@ -167,17 +173,18 @@ def _selected(stream):
     return SELECTED
 
 
+FRESH: list[torch.Tensor] = []  # what RecordFresh's merge saw, call by call
+
+
 class RecordFresh(TokenMerger):
     """Keeps the k fresh rows for the test; the branch output is the full one with them scattered in."""
-
-    fresh: list = []
 
     def merge(self, ctx, idx, fresh):
         return ctx.gm.graph.call_function(_record_scatter, (ctx.branch_out, idx, fresh))
 
 
 def _record_scatter(full, idx, fresh):
-    RecordFresh.fresh.append(fresh)
+    FRESH.append(fresh)
     return full.scatter(1, idx[..., None].expand(-1, -1, full.shape[-1]), fresh)
 
 
@@ -189,10 +196,10 @@ def test_cross_attention_on_selected_tokens_equals_full_rows():
     select = InsertTokenSelectPass([0], FixedSelector(), RecordFresh(), kind=ir.CROSS_ATTENTION)
     assert select(gm).modified and not select.declined
     gm.recompile()
-    RecordFresh.fresh.clear()
+    FRESH.clear()
     with torch.no_grad():
         out = gm(*spec.flatten(call_arguments(transformer, (), inputs)))
-    fresh = RecordFresh.fresh[0]
+    fresh = FRESH[0]
     assert fresh.shape == (2, SELECTED.shape[1], 32)  # the SDPA ran on 4 queries, not 16
     got = _attn2_inputs(transformer, inputs)
     _, reference = _maps(transformer.transformer_blocks[0].attn2, got["x"], got["text"])
@@ -228,7 +235,7 @@ def _captured_cross_attention():
 
 
 def test_cross_attention_with_image_keys_is_declined():
-    gm, branch, nodes, sdpa = _captured_cross_attention()
+    gm, branch, _, sdpa = _captured_cross_attention()
     assert token_locality_problem(gm, branch) is None  # control: the text keys keep it local
     q = sdpa.args[0]
     sdpa.args = (q, q, *sdpa.args[2:])  # keys from the image stream: self-attention in disguise
@@ -239,7 +246,7 @@ def test_cross_attention_with_image_keys_is_declined():
 
 
 def test_baked_token_count_is_declined():
-    gm, branch, nodes, sdpa = _captured_cross_attention()
+    gm, branch, nodes, _ = _captured_cross_attention()
     view = next(nodes[n] for n in branch.work if nodes[n].target == torch.ops.aten.view.default)
     batch, _, heads, width = view.args[1]
     view.args = (view.args[0], [batch, 16, heads, width])  # what a static-shape capture would hold
