@@ -34,6 +34,7 @@ from .base import Pass, PassResult
 from .token_select import SelectContext, TokenMerger, TokenSelector
 
 SCORES = ("attention", "kv-norm", "random", "cross-attention")
+_BRANCH_NAMES = {ir.ATTENTION: "attention", ir.CROSS_ATTENTION: "cross-attention", ir.MLP: "MLP"}
 # the branch whose attention a recorded score reads
 SCORED_BRANCH = {"attention": ir.ATTENTION, "kv-norm": ir.ATTENTION, "cross-attention": ir.CROSS_ATTENTION}
 
@@ -129,7 +130,8 @@ class RecordTokenScorePass(Pass):
         for b in self.blocks:
             selected = [br for br in (structure.branch(b, kind) for kind in self.kinds) if br is not None]
             if not selected:
-                self.decline(f"block {b}", f"has no {' or '.join(self.kinds)} branch to score tokens for")
+                names = " or ".join(_BRANCH_NAMES[kind] for kind in self.kinds)
+                self.decline(f"block {b}", f"has no {names} branch to score tokens for")
                 continue
             for branch in selected:
                 slot = staleness_slot(b, branch.kind)

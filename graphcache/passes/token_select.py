@@ -94,11 +94,13 @@ def token_locality_problem(gm: fx.GraphModule, branch: ir.Branch) -> str | None:
         if len(in_axes) != 1:
             return f"node {name} ({ir.op_name(node)}) combines the stream in different layouts" if in_axes else \
                 f"node {name} ({ir.op_name(node)}) does not read the stream"
-        axis = _moved_token_axis(node, in_axes.pop(), on_path[0])
+        in_axis = in_axes.pop()
+        axis = _moved_token_axis(node, in_axis, on_path[0])
+        checked = in_axis if isinstance(axis, str) else axis  # a shape change is the clearer reason
+        if shape is None or len(shape) <= checked or shape[checked] != n_tokens:
+            return f"node {name} changes the token axis (shape {tuple(shape or ())})"
         if isinstance(axis, str):
             return f"node {name} ({ir.op_name(node)}) {axis}"
-        if shape is None or len(shape) <= axis or shape[axis] != n_tokens:
-            return f"node {name} changes the token axis (shape {tuple(shape or ())})"
         if ir.is_sdpa(node):
             problem = _cross_attention_problem(node, stream_in, on_path, axis)
             if problem:
