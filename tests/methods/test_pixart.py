@@ -90,6 +90,20 @@ def test_twenty_step_schedule(method, fresh_ratio, expected):
     assert list(first_partial.cross_tokens) == sorted(first_partial.cross_tokens, reverse=True)
 
 
+@pytest.mark.parametrize("duca", [False, True])
+@pytest.mark.parametrize("S", [10, 20, 50])
+@pytest.mark.parametrize("N", [2, 3, 4, 5])
+def test_plans_match_reference(N, S, duca):
+    ratio = 0.75 if duca else 0.30
+    options = {"profile": "pixart", "interval": N}
+    schedule = get_method("duca" if duca else "toca").schedule(S, PIXART_DEPTH, options, PIXART_TOKENS)
+    for plan, (s, types, mlp, cross) in zip(schedule.steps, _reference_run(S, N, ratio, duca)):
+        assert (plan.step, plan.kinds) == (s, tuple(_KIND[t] for t in types))
+        assert plan.tokens == tuple(mlp) and plan.cross_tokens == tuple(cross), s
+    if duca:  # force weight 0: the interval stays N, so no step is mixed
+        assert set(kinds_string(schedule.steps)) <= set("FTA")
+
+
 def test_profile_follows_the_captured_structure():
     pixart = ir.structure_of(graphcache.capture(pixart_transformer(), kwargs=pixart_inputs()))
     dit = ir.structure_of(graphcache.capture(dit_transformer(), kwargs=dit_inputs()))
