@@ -20,8 +20,9 @@ Generalisations beyond DiT-XL/2 (documented choices, identical on DiT-XL/2):
   block gets `1 + lw`.
 - The ratio scheduler name `'ToCa'` is not a branch of ToCa's DiT `fresh_ratio_scheduler` (the
   official ToCa raises on it, and it is ToCa's argparse default), while DuCa's scheduler of the same
-  name has exactly `ToCa-ddim50`'s constants. So `'ToCa'` is accepted only with `duca=True`, where it
-  means `ToCa-ddim50`; for ToCa it raises a GraphcacheError that names the valid choices.
+  name has exactly `ToCa-ddim50`'s constants. So `'ToCa'` is accepted only with DuCa's rules, where it
+  means `ToCa-ddim50`; with ToCa's DiT rules it raises a GraphcacheError that names the valid
+  choices. The PixArt rules have a 'ToCa' scheduler of their own.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import numpy as np
 
 from ..errors import GraphcacheError
 from ..schedule import FULL, PARTIAL, REUSE, SKIP, StepPlan
-
 
 
 @dataclass(frozen=True)

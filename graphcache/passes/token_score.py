@@ -34,6 +34,7 @@ from .base import Pass, PassResult
 from .token_select import SelectContext, TokenMerger, TokenSelector
 
 SCORES = ("attention", "kv-norm", "random", "cross-attention")
+# how messages name the branch kinds
 _BRANCH_NAMES = {ir.ATTENTION: "attention", ir.CROSS_ATTENTION: "cross-attention", ir.MLP: "MLP"}
 # the branch whose attention a recorded score reads
 SCORED_BRANCH = {"attention": ir.ATTENTION, "kv-norm": ir.ATTENTION, "cross-attention": ir.CROSS_ATTENTION}
@@ -145,10 +146,10 @@ class RecordTokenScorePass(Pass):
             sdpa = _sdpa_node(gm, scored) if scored else None
             if sdpa is None or not 3 <= len(sdpa.args) <= 4 or sdpa.kwargs:
                 self.decline(f"block {b}", f"no plain scaled_dot_product_attention(q, k, v[, mask]) in its "
-                                           f"{SCORED_BRANCH[self.score]} branch")
+                                           f"{_BRANCH_NAMES[SCORED_BRANCH[self.score]]} branch")
                 continue
-            if len(sdpa.args) == 4 and self.score != "cross-attention":
-                self.decline(f"block {b}", "its self-attention is masked: the score has no masked form")
+            if len(sdpa.args) == 4 and self.score == "attention":
+                self.decline(f"block {b}", "its self-attention is masked: the attention-map score has no masked form")
                 continue
             declare_slot(gm, CacheSlot(score_slot(b), like=selected[0].stream_in, shape=lambda s: s[:2]))
             q, k, v = sdpa.args[:3]
