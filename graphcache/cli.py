@@ -482,7 +482,7 @@ def cmd_schedule(args) -> int:
     from .methods import get_method
 
     method = get_method(args.method)
-    model = None
+    model = structure = None
     if args.model is not None:
         import graphcache
 
@@ -494,7 +494,7 @@ def cmd_schedule(args) -> int:
     else:
         depth = args.depth if args.depth is not None else 28
         tokens = args.tokens if args.tokens is not None else 256
-    schedule = method.schedule(args.steps, depth, _options(args), tokens)
+    schedule = method.schedule(args.steps, depth, _options(args), tokens, structure)
     if args.json:
         obj = schedule.to_json()
         from .flops import flops_json
@@ -515,6 +515,8 @@ def cmd_schedule(args) -> int:
         line = f"{p.index:>5} {p.step:>5}  {_rle(p.kinds)}"
         if p.tokens is not None:
             line += f"  tokens {_rle(p.tokens, ones=False)}"
+        if p.cross_tokens is not None:
+            line += f"  cross-attention tokens {_rle(p.cross_tokens, ones=False)}"
         print(line)
     return 0
 

@@ -118,7 +118,7 @@ class CachedModel(DelegatesToModel, SteppedModel):
         self.capture_signature = self.spec.signature(flat)
         self.structure = ir.structure_of(self.captured)
         self.schedule = self.method.schedule(self.num_steps_wanted, self.structure.depth, self.given_options,
-                                             self.structure.num_tokens)
+                                             self.structure.num_tokens, self.structure)
         self.options = self.schedule.options
         self.hoists_conditioning = self.hoist_requested and self.runs.hoists_conditioning
         self.condition_inputs = conditioning_inputs(self.captured) if self.hoists_conditioning else {}

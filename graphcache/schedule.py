@@ -17,9 +17,10 @@ KINDS = (FULL, REUSE, PARTIAL, SKIP, FORECAST)
 @dataclass(frozen=True)
 class StepPlan:
     index: int  # position in the sampling loop: 0 is the first model call
-    step: int  # the official "current step": num_steps-1 first, counting DOWN to 0
+    step: int  # the official "current step": num_steps-1 first, counting DOWN to 0 (PixArt ToCa: UP from 0)
     kinds: tuple[str, ...]  # one per block
-    tokens: tuple[int | None, ...] | None = None  # fresh-token count per block (partial blocks)
+    tokens: tuple[int | None, ...] | None = None  # fresh-token count per block (partial blocks' MLP)
+    cross_tokens: tuple[int | None, ...] | None = None  # the same for a partially computed cross-attention
     # ClusCa: K-means starts from fresh random centres at this full step (its first), not from the
     # last full step's: the one graph choice the block kinds do not show
     init_clusters: bool = False
@@ -34,6 +35,8 @@ class StepPlan:
         d = {"index": self.index, "step": self.step, "kinds": list(self.kinds)}
         if self.tokens is not None:
             d["tokens"] = list(self.tokens)
+        if self.cross_tokens is not None:
+            d["cross_tokens"] = list(self.cross_tokens)
         return d
 
 
@@ -76,14 +79,18 @@ class Schedule:
         return json.dumps(self.to_json(), indent=2)
 
 
-def tokens_input(block: int) -> str:
-    """Name of the graph input that carries a partial block's fresh-token count."""
-    return f"gc_tokens_b{block}"
+CROSS_SUFFIX = "_cross_attention"
+
+
+def tokens_input(block: int, cross_attention: bool = False) -> str:
+    """Name of the graph input that carries a partial block's fresh-token count (of its MLP, or
+    of its cross-attention)."""
+    return f"gc_tokens_b{block}" + (CROSS_SUFFIX if cross_attention else "")
 
 
 def is_token_input(name: str) -> bool:
     """Whether the per-step input `name` is a partial block's fresh-token count."""
-    rest = name.removeprefix(tokens_input(0).removesuffix("0"))
+    rest = name.removeprefix(tokens_input(0).removesuffix("0")).removesuffix(CROSS_SUFFIX)
     return rest != name and rest.isdigit()
 
 
@@ -93,6 +100,9 @@ def step_inputs(plan: StepPlan) -> dict:
     for block, k in enumerate(plan.tokens or ()):
         if k is not None:
             inputs[tokens_input(block)] = k
+    for block, k in enumerate(plan.cross_tokens or ()):
+        if k is not None:
+            inputs[tokens_input(block, cross_attention=True)] = k
     return inputs
 
 

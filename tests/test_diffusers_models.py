@@ -93,16 +93,18 @@ def test_a_capture_on_one_image_serves_any_batch():
 
 
 EXPECTED_COUNTS = {
-    # method: {model: counters of the passes that rewrite branches, per kind of variant}
-    "fora": lambda branches: [{"InsertCacheWritePass": {"cache_write": branches}},
-                              {"ReplaceWithCacheReadPass": {"cache_read": branches}}],
-    # ToCa: self-attention read from the cache, the MLP on the selected tokens; PixArt's
-    # cross-attention is recomputed in full (not yet partially, as the official PixArt ToCa does)
-    "toca": lambda branches: [{"InsertCacheWritePass": {"cache_write": branches},
-                               "RecordTokenScorePass": {"staleness_reset": DEPTH, "explicit_attention": DEPTH,
-                                                        "score_record": DEPTH}},
-                              {"ReplaceWithCacheReadPass": {"cache_read": DEPTH},
-                               "InsertTokenSelectPass": {"token_select": DEPTH}}],
+    # method: (branches per model, whether its blocks have cross-attention) -> the counters of the
+    # passes that rewrite branches, per kind of variant, pass by pass
+    "fora": lambda branches, cross: [[("InsertCacheWritePass", {"cache_write": branches})],
+                                     [("ReplaceWithCacheReadPass", {"cache_read": branches})]],
+    # ToCa: self-attention read from the cache, the MLP on the selected tokens; PixArt's profile
+    # selects cross-attention tokens too (each with its own staleness) and scores by its entropy
+    "toca": lambda branches, cross: [
+        [("InsertCacheWritePass", {"cache_write": branches}),
+         ("RecordTokenScorePass", {"staleness_reset": DEPTH * (1 + cross), "explicit_attention": DEPTH,
+                                   "score_record": DEPTH})],
+        [("ReplaceWithCacheReadPass", {"cache_read": DEPTH}),
+         *[("InsertTokenSelectPass", {"token_select": DEPTH})] * (1 + cross)]],
 }
 
 
@@ -111,12 +113,13 @@ def test_what_the_passes_insert(model, method):
     _, transformer, inputs, kinds = model
     cached = graphcache.optimize(transformer, method, num_steps=10, kwargs=inputs())
     branches = sum(len(k) for k in kinds)
-    expected = EXPECTED_COUNTS[method](branches)
+    expected = EXPECTED_COUNTS[method](branches, X in kinds[0])
+    names = {name for variant in expected for name, _ in variant}
     counted = []
     for key in cached.schedule.variants():
         if len(set(key[0])) == 1:  # ToCa's mixed steps (some blocks full, some partial) combine the two
-            counted.append({r.name: dict(r.counters) for r in cached.records[key]
-                            if r.counters and r.name in {*expected[0], *expected[1]}})
+            counted.append([(r.name, dict(r.counters)) for r in cached.records[key]
+                            if r.counters and r.name in names])
     assert sorted(counted, key=str) == sorted(expected, key=str)
 
 

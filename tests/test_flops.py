@@ -7,7 +7,7 @@ import pytest
 from graphcache.errors import GraphcacheError
 from graphcache.flops import block_flops, flops_json, schedule_flops
 from graphcache.methods import fora
-from graphcache.methods.rules import toca_plans
+from graphcache.methods.rules import DIT, DUCA_DIT, toca_plans
 from graphcache.models.dit import DiT, dit_config
 from graphcache.schedule import FORECAST, FULL, PARTIAL, REUSE, SKIP, Schedule, StepPlan, descending
 
@@ -51,7 +51,7 @@ def test_block_formulas_literal():
 
 def _toca_schedule(method, N, r, scheduler, duca=False):
     opts = dict(interval=N, fresh_ratio=r, ratio_scheduler=scheduler)
-    return Schedule(method, opts, S, DEPTH, toca_plans(S, DEPTH, 256, opts, duca=duca))
+    return Schedule(method, opts, S, DEPTH, toca_plans(S, DEPTH, 256, opts, DUCA_DIT if duca else DIT))
 
 
 def _clusca_like(method, N, K, num_steps=S):

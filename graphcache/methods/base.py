@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import GraphcacheError
@@ -51,18 +51,32 @@ class Method:
     plan: Callable[[int, int, int, dict], list[StepPlan]]
     # (plan of a step, options) -> the passes that turn the captured graph into that step's variant
     passes: Callable[[StepPlan, dict], list[Pass]]
+    # A method whose official settings differ by backbone has a `profile` option: profile name ->
+    # the option defaults it changes; "auto" picks `detect_profile(structure)` (structure None
+    # when planning without a model: DiT-XL/2)
+    profiles: dict[str, dict] = field(default_factory=dict)
+    detect_profile: Callable[[Any], str] | None = None
 
-    def resolve_options(self, given: dict) -> dict:
+    def resolve_options(self, given: dict, structure=None) -> dict:
         known = {o.name: o for o in self.options}
         unknown = sorted(set(given) - set(known))
         if unknown:
             valid = ", ".join(known) or "none"
             raise GraphcacheError(f"method {self.name} has no option {unknown[0]!r} (its options: {valid})")
-        return {name: o.parse(given[name]) if name in given else o.default for name, o in known.items()}
+        options = {name: o.parse(given[name]) if name in given else o.default for name, o in known.items()}
+        if self.profiles:
+            if options["profile"] == "auto":
+                options["profile"] = self.detect_profile(structure)
+            for name, value in self.profiles[options["profile"]].items():
+                if name not in given:
+                    options[name] = value
+        return options
 
-    def schedule(self, num_steps: int, depth: int = 28, options: dict | None = None, num_tokens: int = 256) -> Schedule:
-        """The plan of a sampling run; depth and token count default to DiT-XL/2 at 256px."""
+    def schedule(self, num_steps: int, depth: int = 28, options: dict | None = None, num_tokens: int = 256,
+                 structure=None) -> Schedule:
+        """The plan of a sampling run; depth and token count default to DiT-XL/2 at 256px, the
+        profile to the captured `structure`'s."""
         if not 1 <= num_steps <= 1000:
             raise GraphcacheError(f"num_steps must be between 1 and 1000, got {num_steps}")
-        options = self.resolve_options(options or {})
+        options = self.resolve_options(options or {}, structure)
         return Schedule(self.name, options, num_steps, depth, self.plan(num_steps, depth, num_tokens, options))

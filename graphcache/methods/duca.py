@@ -1,16 +1,22 @@
-"""DuCa (Zou et al., 2024, arXiv 2412.18911): dual caching. After each full step the official DiT
+"""DuCa (Zou et al., 2024, arXiv 2412.18911): dual caching. After each full step the official
 code (DuCa-DiT, cache_functions/cal_type.py) alternates aggressive steps (every block skipped: the
 previous step's final hidden state is reused and only the final layer runs with the new timestep)
 and conservative ToCa steps.
 V-caching is `score=kv-norm`; DuCa v2's random selection is `score=random`.
+
+Profiles as ToCa's (toca.py): `pixart` (DuCa-PixArt-alpha) counts steps up, force_scheduler has
+weight 0 (T = N: full, conservative, aggressive for N = 3), conservative steps recompute
+cross-attention and MLP tokens; README defaults fresh_ratio 0.75, N = 3.
 """
 
 from ..passes.cache_passes import EliminateDeadBranchesPass
 from ..passes.skip_blocks import InsertFinalStreamWritePass, SkipBlocksPass
 from ..schedule import SKIP
 from .base import Method
-from .rules import toca_plans
-from .toca import options, token_wise_passes
+from .rules import DUCA_DIT, DUCA_PIXART, toca_plans
+from .toca import PIXART_DEFAULTS, detect_profile, options, token_wise_passes
+
+RULES = {"dit": DUCA_DIT, "pixart": DUCA_PIXART}
 
 
 def passes(plan, options):
@@ -25,8 +31,12 @@ def passes(plan, options):
 
 METHOD = Method(
     name="duca",
-    summary="dual caching: aggressive steps skip every block, conservative steps are ToCa steps",
+    summary="dual caching: aggressive steps skip every block, conservative steps are ToCa steps "
+            "(PixArt-α profile as ToCa's)",
     options=options(0.05, "ToCa", 0.8),
-    plan=lambda num_steps, depth, num_tokens, options: toca_plans(num_steps, depth, num_tokens, options, duca=True),
+    plan=lambda num_steps, depth, num_tokens, options: toca_plans(num_steps, depth, num_tokens, options,
+                                                                  RULES[options["profile"]]),
     passes=passes,
+    profiles={"dit": {}, "pixart": dict(PIXART_DEFAULTS, fresh_ratio=0.75)},
+    detect_profile=detect_profile,
 )

@@ -8,7 +8,9 @@ planned before it starts. The arithmetic follows the official code's precision: 
 scheduler divides in float32 and rounds half-to-even (as `torch.round` does), and the fresh-ratio
 scheduler clamps in float32 and truncates `ratio * num_tokens` toward zero.
 
-Steps count DOWN (`s = num_steps-1` is the first model call), as in every Shenyi-Z DiT loop.
+Steps count DOWN (`s = num_steps-1` is the first model call), as in every Shenyi-Z DiT loop. The
+PixArt-α code (Shenyi-Z/ToCa `PixArt-alpha-ToCa`, Shenyi-Z/DuCa `DuCa-PixArt-alpha`) counts UP
+(`s = 0` first) and differs in constants: a `Rules` holds one backbone's set.
 
 Generalisations beyond DiT-XL/2 (documented choices, identical on DiT-XL/2):
 
@@ -18,52 +20,86 @@ Generalisations beyond DiT-XL/2 (documented choices, identical on DiT-XL/2):
   block gets `1 + lw`.
 - The ratio scheduler name `'ToCa'` is not a branch of ToCa's DiT `fresh_ratio_scheduler` (the
   official ToCa raises on it, and it is ToCa's argparse default), while DuCa's scheduler of the same
-  name has exactly `ToCa-ddim50`'s constants. So `'ToCa'` is accepted only with `duca=True`, where it
-  means `ToCa-ddim50`; for ToCa it raises a GraphcacheError that names the valid choices.
+  name has exactly `ToCa-ddim50`'s constants. So `'ToCa'` is accepted only with DuCa's rules, where it
+  means `ToCa-ddim50`; with ToCa's DiT rules it raises a GraphcacheError that names the valid
+  choices. The PixArt rules have a 'ToCa' scheduler of their own.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import numpy as np
 
 from ..errors import GraphcacheError
-from ..schedule import FULL, PARTIAL, REUSE, SKIP, StepPlan, descending
-
-# name: (step weight sw, layer weight lw); the module factors are shared (mlp 2.5, attn 0.0)
-RATIO_SCHEDULERS = {
-    "ToCa-ddim50": (2.0, -0.2),
-    "ToCa-ddpm250": (0.4, 0.8),
-}
-DUCA_ALIASES = {"ToCa": "ToCa-ddim50"}  # DuCa's 'ToCa' scheduler == ToCa's 'ToCa-ddim50'
-MODULE_WEIGHT, MODULE_SCALE = 0.6, 2.5
-MODULE_FACTORS = {
-    "attn": 1 - (1 - MODULE_WEIGHT) * MODULE_SCALE,  # 0.0: attention is never partially computed
-    "mlp": 1 + MODULE_WEIGHT * MODULE_SCALE,  # 2.5
-}
-FORCE_WEIGHT = 0.4  # force_scheduler's w when fresh_ratio != 0
+from ..schedule import FULL, PARTIAL, REUSE, SKIP, StepPlan
 
 
-def force_interval(step: int, num_steps: int, fresh_threshold: int, fresh_ratio: float) -> int:
-    """ToCa/DuCa `force_scheduler`: the interval T a full layer-0 block sets at descending step s.
+@dataclass(frozen=True)
+class Rules:
+    """One backbone's official ToCa/DuCa step decisions, as data.
 
-    T = round_half_even(float32(N) / float32(1 + w - 2*w*s/S)), w = 0.4 (0 in FORA mode, where
-    fresh_ratio == 0 and T = N); T = 2 in the sensitive window s in [int(0.2*S), int(0.4*S)).
+    schedulers: ratio-scheduler name -> (step weight sw, layer weight lw); aliases: other accepted
+    names; module_factors: module -> ratio factor (a module missing here is never partially
+    computed); force_weight: force_scheduler's w when fresh_ratio != 0; sensitive_window: T = 2 for
+    s in [0.2 S, 0.4 S); counts_up: the step counter runs up from 0 (PixArt) instead of down;
+    alternate: DuCa's type rule (odd residue conservative, even residue aggressive).
     """
-    w = FORCE_WEIGHT if fresh_ratio != 0 else 0.0
+
+    schedulers: dict
+    module_factors: dict
+    force_weight: float
+    sensitive_window: bool = True
+    counts_up: bool = False
+    alternate: bool = False
+    aliases: dict = field(default_factory=dict)
+
+
+MODULE_WEIGHT, MODULE_SCALE = 0.6, 2.5
+DIT = Rules(
+    schedulers={"ToCa-ddim50": (2.0, -0.2), "ToCa-ddpm250": (0.4, 0.8)},
+    module_factors={
+        "attn": 1 - (1 - MODULE_WEIGHT) * MODULE_SCALE,  # 0.0: attention is never partially computed
+        "mlp": 1 + MODULE_WEIGHT * MODULE_SCALE,  # 2.5
+    },
+    force_weight=0.4,
+)
+# DuCa's 'ToCa' scheduler == ToCa's 'ToCa-ddim50'
+DUCA_DIT = replace(DIT, alternate=True, aliases={"ToCa": "ToCa-ddim50"})
+# PixArt-α: self-attention from cache, cross-attention and MLP partially recomputed; the 'ToCa'
+# scheduler's step factor is written 1 - sw + 2 sw s/S for the counter running up
+PIXART = Rules(
+    schedulers={"ToCa": (-0.9, 0.6)},
+    module_factors={"cross-attn": 0.6, "mlp": 1.6},
+    force_weight=0.2,
+    sensitive_window=False,
+    counts_up=True,
+)
+DUCA_PIXART = replace(PIXART, force_weight=0.0, alternate=True)
+
+
+def force_interval(step: int, num_steps: int, fresh_threshold: int, fresh_ratio: float, rules: Rules = DIT) -> int:
+    """ToCa/DuCa `force_scheduler`: the interval T a full layer-0 block sets at step s.
+
+    T = round_half_even(float32(N) / float32(1 + w - 2*w*s/S)), w = rules.force_weight (0 in FORA
+    mode, where fresh_ratio == 0 and T = N); with a sensitive window (DiT), T = 2 for s in
+    [int(0.2*S), int(0.4*S)).
+    """
+    w = rules.force_weight if fresh_ratio != 0 else 0.0
     step_factor = np.float32(1 + w - 2 * w * step / num_steps)
     t = int(np.round(np.float32(fresh_threshold) / step_factor))
-    if fresh_ratio != 0 and step in range(int(0.2 * num_steps), int(0.4 * num_steps)):
+    if rules.sensitive_window and fresh_ratio != 0 and step in range(int(0.2 * num_steps), int(0.4 * num_steps)):
         t = 2
     return t
 
 
-def resolve_scheduler(scheduler: str, *, duca: bool = False) -> str:
+def resolve_scheduler(scheduler: str, rules: Rules = DIT) -> str:
     """The canonical ratio-scheduler name, or a GraphcacheError naming the valid ones."""
-    if scheduler in RATIO_SCHEDULERS:
+    if scheduler in rules.schedulers:
         return scheduler
-    if duca and scheduler in DUCA_ALIASES:
-        return DUCA_ALIASES[scheduler]
-    valid = list(RATIO_SCHEDULERS) + (list(DUCA_ALIASES) if duca else [])
+    if scheduler in rules.aliases:
+        return rules.aliases[scheduler]
+    valid = [*rules.schedulers, *rules.aliases]
     hint = (
         " ('ToCa' is the official ToCa default but no branch of its DiT ratio scheduler; "
         "DuCa's 'ToCa' equals 'ToCa-ddim50')"
@@ -84,26 +120,29 @@ def fresh_tokens(
     depth: int,
     module: str,
     num_tokens: int,
-    *,
-    duca: bool = False,
+    rules: Rules = DIT,
 ) -> int:
     """ToCa/DuCa `fresh_ratio_scheduler` + top-k size: tokens recomputed by (step, layer, module).
 
     ratio = fresh_ratio * layer_factor * step_factor * module_factor, clamped to [0, 1] in float32;
-    topk = int(ratio * num_tokens) (float32 product, truncated).
+    topk = int(ratio * num_tokens) (float32 product, truncated). step_factor = 1 + sw - 2*sw*s/S
+    for a counter running down (DiT), 1 - sw + 2*sw*s/S for one running up (PixArt).
     """
-    sw, lw = RATIO_SCHEDULERS[resolve_scheduler(scheduler, duca=duca)]
-    if module not in MODULE_FACTORS:
-        raise GraphcacheError(f"unknown module {module!r}; choose one of {', '.join(MODULE_FACTORS)}")
-    step_factor = 1 + sw - 2 * sw * step / num_steps
+    sw, lw = rules.schedulers[resolve_scheduler(scheduler, rules)]
+    if module not in rules.module_factors:
+        raise GraphcacheError(f"unknown module {module!r}; choose one of {', '.join(rules.module_factors)}")
+    if rules.counts_up:
+        step_factor = 1 - sw + 2 * sw * step / num_steps
+    else:
+        step_factor = 1 + sw - 2 * sw * step / num_steps
     layer_factor = 1 + lw - (2 * lw * layer / (depth - 1) if depth > 1 else 0.0)
-    ratio = fresh_ratio * layer_factor * step_factor * MODULE_FACTORS[module]
+    ratio = fresh_ratio * layer_factor * step_factor * rules.module_factors[module]
     ratio32 = np.clip(np.float32(ratio), np.float32(0.0), np.float32(1.0))
     return int(np.float32(ratio32) * np.float32(num_tokens))
 
 
-def toca_plans(num_steps: int, depth: int, num_tokens: int, options: dict, *, duca: bool = False) -> list[StepPlan]:
-    """Per-step, per-block kinds of a ToCa (or, with duca=True, DuCa) sampling run.
+def toca_plans(num_steps: int, depth: int, num_tokens: int, options: dict, rules: Rules = DIT) -> list[StepPlan]:
+    """Per-step, per-block kinds of a ToCa (or, with alternating rules, DuCa) sampling run.
 
     options: `interval` (N = fresh_threshold), `fresh_ratio`, `ratio_scheduler`.
 
@@ -112,36 +151,39 @@ def toca_plans(num_steps: int, depth: int, num_tokens: int, options: dict, *, du
     partial when (s % T) is odd and skip ('aggressive') when it is even (DuCa's `cal_type`). A full
     block 0 reschedules T right after it runs, so blocks 1.. of the same step may already see a T that does
     not divide s: the mixed step (block 0 full, the rest partial/skipped).
-    Partial blocks carry their MLP fresh-token count; every other block has tokens None.
+    Partial blocks carry their MLP fresh-token count, and with rules that recompute cross-attention
+    partially (PixArt) its count too; every other block has None.
     """
     n = int(options["interval"])
     fresh_ratio = float(options["fresh_ratio"])
-    scheduler = resolve_scheduler(options["ratio_scheduler"], duca=duca)
+    scheduler = resolve_scheduler(options["ratio_scheduler"], rules)
     if n < 1:
         raise GraphcacheError(f"interval must be >= 1, got {n}")
+    partial_cross = "cross-attn" in rules.module_factors
     cal_threshold = n
     plans = []
-    for index, s in descending(num_steps):
-        first = s == num_steps - 1
-        kinds, tokens = [], []
+    for index in range(num_steps):
+        s = index if rules.counts_up else num_steps - 1 - index
+        first = index == 0
+        kinds, tokens, cross = [], [], []
         for layer in range(depth):
             interval = n if first else cal_threshold
             residue = s % interval
             if first or residue == 0:
                 kind = FULL
                 if layer == 0:  # force_init -> force_scheduler, after the block's attention
-                    cal_threshold = force_interval(s, num_steps, n, fresh_ratio)
-            elif not duca or residue % 2 == 1:
+                    cal_threshold = force_interval(s, num_steps, n, fresh_ratio, rules)
+            elif not rules.alternate or residue % 2 == 1:
                 kind = PARTIAL
             else:
                 kind = SKIP
             kinds.append(kind)
-            tokens.append(
-                fresh_tokens(scheduler, fresh_ratio, s, num_steps, layer, depth, "mlp", num_tokens)
-                if kind == PARTIAL
-                else None
-            )
-        plans.append(StepPlan(index, s, tuple(kinds), tuple(tokens)))
+
+            for module, counts in (("mlp", tokens), ("cross-attn", cross)):
+                partial = kind == PARTIAL and module in rules.module_factors
+                counts.append(fresh_tokens(scheduler, fresh_ratio, s, num_steps, layer, depth, module, num_tokens,
+                                           rules) if partial else None)
+        plans.append(StepPlan(index, s, tuple(kinds), tuple(tokens), cross_tokens=tuple(cross) if partial_cross else None))
     return plans
 
 

@@ -1,11 +1,22 @@
 """ToCa (Zou et al., ICLR 2025, arXiv 2410.05317; official code Shenyi-Z/ToCa): token-wise
-caching. Full steps cache every branch; partial steps take attention entirely from the cache and
-recompute the MLP for the top-scoring tokens only.
+caching. Full steps cache every branch; partial steps take self-attention entirely from the cache
+and recompute the top-scoring tokens of the other branches.
 
-Schedule, token counts and the score follow the official DiT code (`DiT-ToCa/models.py` and
-`DiT-ToCa/cache_functions/`): the interval is rescheduled at layer 0 of every full step (so a step can be mixed: block 0 full, the rest partial),
-and the ratio scheduler sets each block's fresh-token count. Defaults are the DDIM-50 settings of
-the official README; for DDPM-250 use interval=4 ratio_scheduler=ToCa-ddpm250.
+Two profiles follow the two official codes; `profile=auto` takes PixArt's for a model whose blocks
+have a cross-attention branch, DiT's otherwise:
+
+* `dit` (`DiT-ToCa/models.py`, `DiT-ToCa/cache_functions/`): the MLP alone is partially computed,
+  scored by the self-attention map; the interval is rescheduled at layer 0 of every full step (so
+  a step can be mixed: block 0 full, the rest partial) and the ratio scheduler sets each block's
+  fresh-token count. Defaults are the DDIM-50 README command; for DDPM-250 use interval=4
+  ratio_scheduler=ToCa-ddpm250.
+* `pixart` (`PixArt-alpha-ToCa`): cross-attention and MLP are partially computed (module factors
+  0.6 and 1.6), each with its own staleness counters; the score is s2, the entropy of each token's
+  cross-attention over the text recorded at full steps, in the place DiT's code gives s1, plus
+  λ3·staleness/N and the s4 bonus as in DiT (0.4 on 4x4 cells). The step counter runs up,
+  force_scheduler has weight 0.2 and no sensitive window, and the 'ToCa' ratio scheduler has
+  sw = -0.9, lw = 0.6. Defaults are the README's (fresh_ratio 0.30, N = 3, DPM-Solver 20 steps).
+  As in DiT's code, force_scheduler runs in a full layer-0 block, so mixed steps occur here too.
 """
 
 from .. import ir
@@ -14,41 +25,64 @@ from ..passes.token_score import SCORES, RecordTokenScorePass, ScatterIntoCacheM
 from ..passes.token_select import InsertTokenSelectPass
 from ..schedule import FULL, PARTIAL
 from .base import Method, Option
-from .rules import toca_plans
+from .rules import DIT, PIXART, toca_plans
+
+RULES = {"dit": DIT, "pixart": PIXART}
+PIXART_DEFAULTS = dict(ratio_scheduler="ToCa", score="cross-attention", spatial_bonus=0.4, spatial_grid=4)
+
+
+def detect_profile(structure) -> str:
+    """PixArt's rules for a model with cross-attention (text-conditioned), DiT's otherwise."""
+    return "pixart" if structure is not None and structure.select(kinds={ir.CROSS_ATTENTION}) else "dit"
 
 
 def options(fresh_ratio, scheduler, bonus):
     return (
-        Option("interval", 3, "N (fresh_threshold): full where the descending step index is divisible by the rescheduled interval", minimum=1),
-        Option("fresh_ratio", fresh_ratio, "base fraction of MLP tokens recomputed in partial steps", float,
+        Option("profile", "auto", "whose official settings: dit, pixart, or auto (pixart for a model with "
+                                  "cross-attention); the profile sets the other defaults", str, ("auto", *RULES)),
+        Option("interval", 3, "N (fresh_threshold): full where the step index is divisible by the rescheduled interval", minimum=1),
+        Option("fresh_ratio", fresh_ratio, "base fraction of tokens recomputed in partial steps", float,
                minimum=0, maximum=1),
-        Option("ratio_scheduler", scheduler, "how the fresh ratio varies by step and layer: ToCa-ddim50 or ToCa-ddpm250", str),
-        Option("score", "attention", "token score s1: attention map, value norms (V-caching) or random", str, SCORES),
+        Option("ratio_scheduler", scheduler, "how the fresh ratio varies by step and layer: ToCa-ddim50 or "
+                                             "ToCa-ddpm250 (DiT), ToCa (PixArt)", str),
+        Option("score", "attention", "token score: self-attention map, value norms (V-caching), random, or "
+                                     "cross-attention entropy (PixArt's s2)", str, SCORES),
         Option("soft_fresh_weight", 0.25, "λ3: weight of staleness (steps since a token was computed)", float),
-        Option("spatial_bonus", bonus, "s4: bonus for each 2x2 cell's best token (0 disables)", float, minimum=0),
+        Option("spatial_bonus", bonus, "s4: bonus for each grid cell's best token (0 disables)", float, minimum=0),
+        Option("spatial_grid", 2, "s4: side of the token-grid cells", minimum=1),
     )
 
 
+def partial_kinds(options) -> tuple[str, ...]:
+    return (ir.CROSS_ATTENTION, ir.MLP) if "cross-attn" in RULES[options["profile"]].module_factors else (ir.MLP,)
+
+
 def token_wise_passes(plan, options):
-    """Full blocks cache and record scores; partial blocks reuse attention and recompute the MLP
-    of the top-k tokens. Shared with DuCa, whose aggressive (skip) blocks are added on top."""
+    """Full blocks cache and record scores; partial blocks reuse self-attention and recompute the
+    top-k tokens of the partially computed branches. Shared with DuCa, whose aggressive (skip)
+    blocks are added on top."""
     full = [b for b, k in enumerate(plan.kinds) if k == FULL]
     partial = [b for b, k in enumerate(plan.kinds) if k == PARTIAL]
     selector = ToCaSelector(options["score"], options["interval"], options["soft_fresh_weight"],
-                            options["spatial_bonus"])
+                            options["spatial_bonus"], options["spatial_grid"])
+    kinds = partial_kinds(options)
     return [
         InsertCacheWritePass(blocks=full),
-        RecordTokenScorePass(full, options["score"]),
+        RecordTokenScorePass(full, options["score"], kinds),
         ReplaceWithCacheReadPass(blocks=partial, kinds=(ir.ATTENTION,)),
-        InsertTokenSelectPass(partial, selector, ScatterIntoCacheMerger()),
+        *(InsertTokenSelectPass(partial, selector, ScatterIntoCacheMerger(), kind=kind) for kind in kinds),
         EliminateDeadBranchesPass(),
     ]
 
 
 METHOD = Method(
     name="toca",
-    summary="token-wise caching: reuse attention, recompute the MLP of the top-scoring tokens",
+    summary="token-wise caching: reuse self-attention, recompute the top-scoring tokens of the MLP "
+            "(PixArt-α profile: of cross-attention and MLP)",
     options=options(0.07, "ToCa-ddim50", 0.6),
-    plan=lambda num_steps, depth, num_tokens, options: toca_plans(num_steps, depth, num_tokens, options),
+    plan=lambda num_steps, depth, num_tokens, options: toca_plans(num_steps, depth, num_tokens, options,
+                                                                  RULES[options["profile"]]),
     passes=token_wise_passes,
+    profiles={"dit": {}, "pixart": dict(PIXART_DEFAULTS, fresh_ratio=0.30)},
+    detect_profile=detect_profile,
 )

@@ -9,6 +9,11 @@ Full blocks record, per block, the part of the score that only depends on the fu
   gives none. Only the (B, N) column sums are kept — the (B, N, N) map itself is never cached.
 - `kv-norm` (DuCa's V-caching): s1 = normalize(Σ_h (1 − ‖v_h‖)), from the values SDPA already has.
 - `random`: nothing to record; partial steps draw rand(B/2, N), shared by the cond/uncond halves.
+- `cross-attention` (s2 of PixArt-α ToCa, Shenyi-Z/ToCa `PixArt-alpha-ToCa`): the entropy of each
+  image token's cross-attention over the text, from the explicit cross-attention map.
+
+Each partially computed branch (the MLP; PixArt's cross-attention too) keeps its own staleness
+counters and shares the block's recorded score.
 
 Partial blocks score = s1 + λ·staleness/N (+ the spatial bonus), take the top-k per batch row,
 update the staleness counters, and scatter the k fresh outputs into the cached branch output.
@@ -28,15 +33,19 @@ from ..ops import CACHE_SCATTER, random_function
 from .base import Pass, PassResult
 from .token_select import SelectContext, TokenMerger, TokenSelector
 
-SCORES = ("attention", "kv-norm", "random")
+SCORES = ("attention", "kv-norm", "random", "cross-attention")
+# how messages name the branch kinds
+_BRANCH_NAMES = {ir.ATTENTION: "attention", ir.CROSS_ATTENTION: "cross-attention", ir.MLP: "MLP"}
+# the branch whose attention a recorded score reads
+SCORED_BRANCH = {"attention": ir.ATTENTION, "kv-norm": ir.ATTENTION, "cross-attention": ir.CROSS_ATTENTION}
 
 
 def score_slot(block: int) -> str:
     return f"b{block}_score"
 
 
-def staleness_slot(block: int) -> str:
-    return f"b{block}_staleness"
+def staleness_slot(block: int, kind: str = ir.MLP) -> str:
+    return f"b{block}_staleness" if kind == ir.MLP else f"b{block}_{kind}_staleness"
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -45,6 +54,24 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
     received = attn.mean(dim=1).sum(dim=1)
     return attn @ v, F.normalize(received, p=2, dim=1)
+
+
+def cross_attention_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+    """Cross-attention written out, and PixArt-α ToCa's s2: with m the head-averaged (B, N, L)
+    map averaged 0.5/0.5 over the cond and uncond halves, H = -Σ_l m log(m + 1e-7) per image
+    token and s2 = normalize(1 + H) over tokens, repeated for both halves (an odd batch: per row)."""
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    attn = logits.softmax(dim=-1)
+    m = attn.mean(dim=1)
+    halves = m.shape[0] % 2 == 0
+    if halves:
+        cond, uncond = m.chunk(2)
+        m = 0.5 * cond + 0.5 * uncond
+    entropy = -(m * torch.log(m + 1e-7)).sum(dim=-1)
+    score = F.normalize(1 + entropy, p=2, dim=1)
+    return attn @ v, score.repeat(2, 1) if halves else score
 
 
 def value_norm_score(v: torch.Tensor) -> torch.Tensor:
@@ -92,42 +119,48 @@ def _sdpa_node(gm: fx.GraphModule, branch: ir.Branch) -> fx.Node | None:
 
 
 class RecordTokenScorePass(Pass):
-    """In full blocks: record the block's full-step score part and zero its staleness counters."""
+    """In full blocks: record the block's full-step score part and zero the staleness counters of
+    the branches partial steps select tokens for (`kinds`)."""
 
-    def __init__(self, blocks, score: str):
+    def __init__(self, blocks, score: str, kinds=(ir.MLP,)):
         super().__init__()
-        self.blocks, self.score = list(blocks), score
+        self.blocks, self.score, self.kinds = list(blocks), score, tuple(kinds)
 
     def call(self, gm):
         structure = ir.structure_of(gm)
         for b in self.blocks:
-            mlp = structure.branch(b, ir.MLP)
-            if mlp is None:
-                self.decline(f"block {b}", "has no MLP branch to score tokens for")
+            selected = [br for br in (structure.branch(b, kind) for kind in self.kinds) if br is not None]
+            if not selected:
+                names = " or ".join(_BRANCH_NAMES[kind] for kind in self.kinds)
+                self.decline(f"block {b}", f"has no {names} branch to score tokens for")
                 continue
-            stream = mlp.stream_in
-            declare_slot(gm, CacheSlot(staleness_slot(b), like=stream, shape=lambda s: s[:2], dtype=torch.int32))
-            nodes = ir.nodes_by_name(gm.graph)
-            with ir.insert_after(nodes[stream]):
-                zero = gm.graph.call_function(torch.zeros_like, (read_slot(gm.graph, staleness_slot(b)),))
-                write_slot(gm.graph, staleness_slot(b), zero)
-            self.counters["staleness_reset"] += 1
+            for branch in selected:
+                slot = staleness_slot(b, branch.kind)
+                declare_slot(gm, CacheSlot(slot, like=branch.stream_in, shape=lambda s: s[:2], dtype=torch.int32))
+                with ir.insert_after(ir.nodes_by_name(gm.graph)[branch.stream_in]):
+                    write_slot(gm.graph, slot, gm.graph.call_function(torch.zeros_like, (read_slot(gm.graph, slot),)))
+                self.counters["staleness_reset"] += 1
             if self.score == "random":
                 continue
-            attn = structure.branch(b, ir.ATTENTION)
-            sdpa = _sdpa_node(gm, attn) if attn else None
-            if sdpa is None or len(sdpa.args) < 3 or sdpa.kwargs:
-                self.decline(f"block {b}", "no plain scaled_dot_product_attention(q, k, v) in its attention branch")
+            scored = structure.branch(b, SCORED_BRANCH[self.score])
+            sdpa = _sdpa_node(gm, scored) if scored else None
+            if sdpa is None or not 3 <= len(sdpa.args) <= 4 or sdpa.kwargs:
+                self.decline(f"block {b}", f"no plain scaled_dot_product_attention(q, k, v[, mask]) in its "
+                                           f"{_BRANCH_NAMES[SCORED_BRANCH[self.score]]} branch")
                 continue
-            declare_slot(gm, CacheSlot(score_slot(b), like=stream, shape=lambda s: s[:2]))
+            if len(sdpa.args) == 4 and self.score == "attention":
+                self.decline(f"block {b}", "its self-attention is masked: the attention-map score has no masked form")
+                continue
+            declare_slot(gm, CacheSlot(score_slot(b), like=selected[0].stream_in, shape=lambda s: s[:2]))
             q, k, v = sdpa.args[:3]
             with ir.insert_after(sdpa):
-                if self.score == "attention":
-                    both = gm.graph.call_function(explicit_attention, (q, k, v))
+                if self.score == "kv-norm":
+                    out, s1 = sdpa, gm.graph.call_function(value_norm_score, (v,))
+                else:
+                    explicit = explicit_attention if self.score == "attention" else cross_attention_entropy
+                    both = gm.graph.call_function(explicit, tuple(sdpa.args))
                     out = gm.graph.call_function(operator.getitem, (both, 0))
                     s1 = gm.graph.call_function(operator.getitem, (both, 1))
-                else:
-                    out, s1 = sdpa, gm.graph.call_function(value_norm_score, (v,))
                 write_slot(gm.graph, score_slot(b), s1)
             if out is not sdpa:
                 sdpa.replace_all_uses_with(out)
@@ -138,7 +171,7 @@ class RecordTokenScorePass(Pass):
 
 
 class ToCaSelector(TokenSelector):
-    """Top-k of s1 + λ·staleness/N (+ spatial bonus) per row; updates the staleness counters."""
+    """Top-k of s + λ·staleness/N (+ spatial bonus) per row; updates the branch's staleness counters."""
 
     def __init__(self, score: str, interval: int, soft_fresh_weight: float, bonus: float, grid: int = 2):
         self.score, self.interval = score, interval
@@ -146,9 +179,9 @@ class ToCaSelector(TokenSelector):
 
     def indices(self, ctx: SelectContext) -> fx.Node:
         g, b = ctx.gm.graph, ctx.branch.block
-        declare_slot(ctx.gm, CacheSlot(staleness_slot(b), like=ctx.branch.stream_in, shape=lambda s: s[:2],
-                                       dtype=torch.int32))
-        staleness = read_slot(g, staleness_slot(b))
+        slot = staleness_slot(b, ctx.branch.kind)
+        declare_slot(ctx.gm, CacheSlot(slot, like=ctx.branch.stream_in, shape=lambda s: s[:2], dtype=torch.int32))
+        staleness = read_slot(g, slot)
         if self.score == "random":
             base = g.call_function(random_scores, (staleness,))
         else:
@@ -159,7 +192,7 @@ class ToCaSelector(TokenSelector):
             (base, staleness, ctx.tokens()),
             dict(interval=self.interval, soft_fresh_weight=self.weight, bonus=self.bonus, grid=self.grid),
         )
-        write_slot(g, staleness_slot(b), g.call_function(operator.getitem, (both, 1)))
+        write_slot(g, slot, g.call_function(operator.getitem, (both, 1)))
         return g.call_function(operator.getitem, (both, 0))
 
 

@@ -43,6 +43,8 @@ _LOCAL_OPERATORS = {
 }
 # normalisations over the channel axis only: local when normalized_shape has one entry
 _CHANNEL_NORMS = {aten.layer_norm.default, aten.rms_norm.default, F.layer_norm}
+# layout ops: local when they keep the axes up to the token axis (_moved_token_axis)
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 @dataclass
@@ -56,7 +58,8 @@ class SelectContext:
 
     def tokens(self) -> fx.Node:
         """The graph input carrying this block's fresh-token count (created on first use)."""
-        return ir.graph_input(self.gm.graph, tokens_input(self.branch.block), type_expr=int)
+        name = tokens_input(self.branch.block, cross_attention=self.branch.kind == ir.CROSS_ATTENTION)
+        return ir.graph_input(self.gm.graph, name, type_expr=int)
 
 
 class TokenSelector:
@@ -72,25 +75,89 @@ class TokenMerger:
 
 
 def token_locality_problem(gm: fx.GraphModule, branch: ir.Branch) -> str | None:
-    """None if the branch treats tokens independently, else why not (naming the node)."""
+    """None if the branch treats tokens independently, else why not (naming the node).
+
+    The token axis is followed through the branch: it starts at axis 1 of the stream, layout ops
+    (view/reshape that keep the axes up to it, transpose, permute) move it, and an attention whose
+    keys and values do not come from the stream — cross-attention to the text, as in PixArt-α —
+    keeps it local: each query token attends to the same keys on its own.
+    """
     nodes = ir.nodes_by_name(gm.graph)
-    on_path = set(branch.work) | {branch.stream_in}
-    n_tokens = ir.tensor_shape(nodes[branch.stream_in])[1]
+    stream_in = nodes[branch.stream_in]
+    n_tokens = ir.tensor_shape(stream_in)[1]
+    axes = {stream_in: 1}  # node on the path -> its token axis
     for name in branch.work:
         node = nodes[name]
         shape = ir.tensor_shape(node)
-        if shape is None or len(shape) < 2 or shape[1] != n_tokens:
+        on_path = [inp for inp in node.all_input_nodes if inp in axes]
+        in_axes = {axes[inp] for inp in on_path}
+        if len(in_axes) != 1:
+            return f"node {name} ({ir.op_name(node)}) combines the stream in different layouts" if in_axes else \
+                f"node {name} ({ir.op_name(node)}) does not read the stream"
+        in_axis = in_axes.pop()
+        axis = _moved_token_axis(node, in_axis, on_path[0])
+        checked = in_axis if isinstance(axis, str) else axis  # a shape change is the clearer reason
+        if shape is None or len(shape) <= checked or shape[checked] != n_tokens:
             return f"node {name} changes the token axis (shape {tuple(shape or ())})"
-        ok = node.op == "call_function" and (node.target in _LOCAL_OPERATORS or (
-            node.target in _CHANNEL_NORMS and len(node.args) > 1 and len(node.args[1]) == 1))
-        if not ok:
-            return f"node {name} ({ir.op_name(node)}) may mix tokens"
-        for inp in node.all_input_nodes:
-            if inp.name in on_path:
-                continue
-            side = ir.tensor_shape(inp)
-            if side is not None and len(side) >= 2 and len(side) == len(shape) and side[1] != 1:
-                return f"node {name} reads {inp.name} of shape {tuple(side)}, which varies over tokens"
+        if isinstance(axis, str):
+            return f"node {name} ({ir.op_name(node)}) {axis}"
+        if ir.is_sdpa(node):
+            problem = _cross_attention_problem(node, stream_in, on_path, axis)
+            if problem:
+                return f"node {name} ({ir.op_name(node)}) {problem}"
+        else:
+            for inp in node.all_input_nodes:
+                side = ir.tensor_shape(inp)
+                if inp not in axes and side is not None and len(side) == len(shape) and side[axis] != 1:
+                    return f"node {name} reads {inp.name} of shape {tuple(side)}, which varies over tokens"
+        axes[node] = axis
+    return None
+
+
+def _moved_token_axis(node: fx.Node, axis: int, source: fx.Node) -> int | str:
+    """Where `node` puts the token axis of its stream input `source` (at `axis`), or why it is
+    not a token-local op."""
+    if node.op != "call_function":
+        return "may mix tokens"
+    target = node.target
+    if target in _LOCAL_OPERATORS or ir.is_sdpa(node):
+        return axis
+    if target in _CHANNEL_NORMS:
+        return axis if len(node.args) > 1 and len(node.args[1]) == 1 else "may mix tokens"
+    before, after = ir.tensor_shape(source), ir.tensor_shape(node)
+    if target in _RESHAPES:
+        if after is None or tuple(after[: axis + 1]) != tuple(before[: axis + 1]):
+            return "may mix tokens (it reshapes the axes up to the token axis)"
+        size = node.args[1][axis]
+        if isinstance(size, int) and size != -1:
+            # torch.export bakes a static size in: on the gathered tokens it would be wrong
+            return f"bakes the token count {size} into its shape argument (expected -1 or a symbol)"
+        return axis
+    if target == aten.transpose.int:
+        d0, d1 = (d % len(before) for d in node.args[1:3])
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    if target == aten.permute.default:
+        return [d % len(before) for d in node.args[1]].index(axis)
+    return "may mix tokens"
+
+
+def _cross_attention_problem(sdpa: fx.Node, stream_in: fx.Node, on_path: list, axis: int) -> str | None:
+    """Why this scaled_dot_product_attention is not token-local in its queries, or None: the
+    stream may reach it only through the queries (sequence axis -2), its keys, values and mask
+    must not depend on the stream, and the mask must not vary over queries."""
+    q, k, v = sdpa.args[:3]
+    if on_path != [q]:
+        return "attends over the stream's tokens (its keys or values come from the image stream)"
+    if axis != len(ir.tensor_shape(q)) - 2:
+        return "takes the stream's tokens on another axis than the query sequence"
+    mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+    for name, arg in (("keys", k), ("values", v), ("mask", mask)):
+        if isinstance(arg, fx.Node) and stream_in in ir.upstream(arg):
+            return f"attends over the stream's tokens (its {name} come from the image stream)"
+    if isinstance(mask, fx.Node) and ir.tensor_shape(mask)[-2] != 1:
+        return "has a mask that varies over the query tokens"
+    if (sdpa.args[5] if len(sdpa.args) > 5 else sdpa.kwargs.get("is_causal", False)):
+        return "is causal: each query sees a token-dependent set of keys"
     return None
 
 

@@ -47,7 +47,7 @@ def narrow():
 
 
 def test_defaults_are_the_readme_command():
-    assert get_method("duca").resolve_options({}) == {**DDIM50, "score": "attention"}
+    assert get_method("duca").resolve_options({}) == {**DDIM50, "score": "attention", "profile": "dit", "spatial_grid": 2}
 
 
 @pytest.mark.parametrize(

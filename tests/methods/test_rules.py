@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from graphcache.errors import GraphcacheError
-from graphcache.methods.rules import force_interval, fresh_tokens, kinds_string, toca_plans
+from graphcache.methods.rules import DIT, DUCA_DIT, force_interval, fresh_tokens, kinds_string, toca_plans
 from graphcache.schedule import FULL, PARTIAL, SKIP
 
 DEPTH, TOKENS = 28, 256
@@ -80,7 +80,7 @@ _KIND = {"full": FULL, "ToCa": PARTIAL, "aggressive": SKIP}
 
 def _plans(S, N, r, scheduler="ToCa-ddim50", duca=False):
     opts = dict(interval=N, fresh_ratio=r, ratio_scheduler=scheduler)
-    return toca_plans(S, DEPTH, TOKENS, opts, duca=duca)
+    return toca_plans(S, DEPTH, TOKENS, opts, DUCA_DIT if duca else DIT)
 
 
 # ---------------------------------------------------------------- tests

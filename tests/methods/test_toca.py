@@ -77,7 +77,7 @@ def narrow():
 
 def test_defaults_are_the_readme_ddim50_command():
     opts = get_method("toca").resolve_options({})
-    assert opts == {**DDIM50, "score": "attention"}
+    assert opts == {**DDIM50, "score": "attention", "profile": "dit", "spatial_grid": 2}
 
 
 @pytest.mark.parametrize(
