@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from .cache import CacheState
-from .capture import example_inputs
 from .errors import GraphcacheError
 from .exporters.export import WEIGHTS_FILE, backend_module, quiet_torch, variant_files
 from .exporters.functional import FunctionalRunner
@@ -76,11 +75,10 @@ def manifest_entries(cached, backend: str) -> dict:
             "signature": v.sig.names(),
             "token_ranges": v.token_ranges,
         })
-    args = example_inputs(cached.model, batch=1)
     return {
         "device": param.device.type,
         "inputs": {name: {"shape": list(a.shape[1:]), "dtype": _dtype_name(a.dtype)}
-                   for name, a in zip(cached.structure.input_names, args)},
+                   for name, a in zip(cached.structure.input_names, cached.capture_inputs)},
         "batch": batch,
         "slots": {name: {"shape": list(shape[1:]), "dtype": _dtype_name(dtype)}
                   for name, (shape, dtype) in cached.slot_specs().items()},

@@ -31,7 +31,7 @@ import torch
 import torch.fx.experimental._config  # noqa: F401 (backed_size_oblivious)
 from torch.export import Dim
 
-from ..capture import example_inputs, propagate_shapes
+from ..capture import propagate_shapes, with_batch
 from ..errors import GraphcacheError
 from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize
 from ..schedule import is_token_input, step_inputs
@@ -112,7 +112,7 @@ def _export(gm, names, env, num_tokens) -> torch.export.ExportedProgram:
 def export_variants(cached) -> list[ExportedVariant]:
     """torch.export every variant of `cached` (in `cached.schedule.variants()` order)."""
     n = cached.structure.num_tokens
-    args = example_inputs(cached.model, batch=EXAMPLE_BATCH)
+    args = with_batch(cached.capture_inputs, EXAMPLE_BATCH)
     propagate_shapes(cached.captured, args)
     specs = cached.slot_specs()
     for slot, (shape, _) in specs.items():
