@@ -68,12 +68,18 @@ def _versions() -> dict:
 
 def build_manifest(cached_model, *, model_spec: str) -> dict:
     model = cached_model.model
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        raise GraphcacheError(
-            f"cannot save a {type(model).__name__} as an artifact: only graphcache DiT models (with a config) can be"
-        )
     backend = getattr(cached_model, "backend", "eager")
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict"):  # graphcache's DiT
+        config = config.to_dict()
+    elif backend in AHEAD_OF_TIME and hasattr(model, "to_json_string"):
+        config = json.loads(model.to_json_string())  # diffusers': recorded only, the files run without it
+    else:
+        raise GraphcacheError(
+            f"cannot save a {type(model).__name__} as a {backend} artifact: that needs a graphcache DiT model "
+            "(rebuilt from its weights and config); other models (diffusers') save with an ahead-of-time backend "
+            f"({', '.join(AHEAD_OF_TIME)})"
+        )
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -81,7 +87,7 @@ def build_manifest(cached_model, *, model_spec: str) -> dict:
         "method": cached_model.method.name,
         "options": dict(cached_model.options),
         "num_steps": cached_model.num_steps,
-        "model": {"source": str(model_spec), "config": config.to_dict()},
+        "model": {"source": str(model_spec), "config": config},
         "schedule": cached_model.schedule.to_json(),
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

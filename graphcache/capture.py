@@ -172,6 +172,24 @@ def _drop_noop_squeezes(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
+def _pin_static_view_sizes(graph: fx.Graph) -> None:
+    """Write the size a view's or reshape's -1 stands for when export found it static. Export
+    infers it from the input's size, and each input has its own batch symbol: PixArt's
+    `encoder_attention_mask.view(batch, heads, -1, text)` divides the mask's batch by the latents'
+    there, a quotient that a later export of the variant cannot prove to be 1 (it broadcasts
+    against the queries). With the 1 written, that export sees that the two batches are equal."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.view.default,
+                                                             torch.ops.aten.reshape.default):
+            continue
+        sizes = list(node.args[1])
+        if -1 in sizes:
+            known = node.meta["val"].shape[sizes.index(-1)]
+            if isinstance(known, int):
+                sizes[sizes.index(-1)] = known
+                node.args = (node.args[0], sizes, *node.args[2:])
+
+
 def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.GraphModule, CallSpec]:
     """`model`'s forward on these inputs as a flat GraphModule of ATen operators over the model's
     own parameters: placeholders are the call's tensor inputs in pytree order (by parameter name),
@@ -184,6 +202,7 @@ def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.Graph
     unlifted = exported.module()
     graph = unlifted.graph
     _drop_noop_squeezes(graph)
+    _pin_static_view_sizes(graph)
     for node in list(graph.nodes):
         # export's shapes are symbolic in the batch; propagate_shapes records concrete ones
         node.meta.pop("tensor_meta", None)
