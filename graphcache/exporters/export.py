@@ -7,7 +7,8 @@ backend module (`aoti.build`, `onnx.build`, ...), which writes one file. The eag
 without the model's Python code; in-process they run as the GraphModules they are.
 
 Dynamic dimensions: dim 0 of every tensor input (the batch: x, t, y, cache slots and draws are
-batch-major) is `Dim.AUTO`, exported at an example batch of 4; a token count `gc_tokens_b<i>`
+batch-major) is `Dim.AUTO`, exported at a batch of 4 (the inputs the model was captured on, rows
+repeated: `capture.with_batch`); a token count `gc_tokens_b<i>`
 (a `(k,)` tensor) is `Dim(min=0, max=N-1)`. `token_ranges` gives the k each variant actually
 receives in the run (TensorRT profiles and the manifest use it).
 
