@@ -8,16 +8,16 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 
 from .cache import CacheState
-from .capture import example_inputs
 from .errors import GraphcacheError
 from .exporters.export import WEIGHTS_FILE, backend_module, quiet_torch, variant_files
 from .exporters.functional import FunctionalRunner
 from .methods import get_method
 from .passes.functionalize import Signature
 from .schedule import Schedule, StepPlan, is_token_input
-from .stepping import MODEL_ATTRS, SteppedModel
+from .stepping import SteppedModel, model_attributes
 
 # Smallest batch an artifact accepts: one image with guidance. Size-oblivious export reports
 # ranges from 0, but the graphs branch on batch parity (ToCa's shared CFG draw) and were traced
@@ -76,15 +76,14 @@ def manifest_entries(cached, backend: str) -> dict:
             "signature": v.sig.names(),
             "token_ranges": v.token_ranges,
         })
-    args = example_inputs(cached.model, batch=1)
     return {
         "device": param.device.type,
         "inputs": {name: {"shape": list(a.shape[1:]), "dtype": _dtype_name(a.dtype)}
-                   for name, a in zip(cached.structure.input_names, args)},
+                   for name, a in zip(cached.structure.input_names, cached.capture_inputs)},
         "batch": batch,
         "slots": {name: {"shape": list(shape[1:]), "dtype": _dtype_name(dtype)}
                   for name, (shape, dtype) in cached.slot_specs().items()},
-        "attributes": {a: getattr(cached.model, a) for a in MODEL_ATTRS if hasattr(cached.model, a)},
+        "attributes": model_attributes(cached.model),
         "variants": variants,
         "steps": [{"variant": keys.index(p.variant), "inputs": kwargs}
                   for p, kwargs in zip(cached.schedule.steps, cached.step_kwargs)],
@@ -126,7 +125,15 @@ def check_compatible(manifest: dict, path, device) -> None:
 
 
 class ExportedModel(SteppedModel):
-    """An artifact of an ahead-of-time backend, loaded: runs the exported files step by step."""
+    """An artifact of an ahead-of-time backend, loaded: runs the exported files step by step.
+
+    Called as the model was, without its Python code: the tensor inputs recorded in the manifest
+    (`inputs`, in the forward's order: x, t, y for graphcache's DiT; hidden_states,
+    encoder_hidden_states, timestep for PixArt-α) positionally or by name. Any other keyword
+    argument must hold no value (None, or diffusers' `added_cond_kwargs={"resolution": None, ...}`):
+    what the model was captured with is built into the files. It returns the prediction tensor,
+    or with `return_dict=False` a 1-tuple, as diffusers' models do; their output dataclass
+    (`return_dict=True`) would need diffusers, so the tensor comes bare."""
 
     def __init__(self, path: Path, manifest: dict, device=None):
         super().__init__()
@@ -170,6 +177,26 @@ class ExportedModel(SteppedModel):
         self.step_kwargs = [s["inputs"] for s in manifest["steps"]]
         self.step_index = 0
 
+    def forward(self, *args, return_dict: bool = True, **kwargs):
+        if len(args) > len(self.arg_names):
+            raise GraphcacheError(f"{self.path}: expected at most {len(self.arg_names)} positional inputs "
+                                  f"({', '.join(self.arg_names)}), got {len(args)}")
+        named = dict(zip(self.arg_names, args))
+        for name, value in kwargs.items():
+            if name in named:
+                raise GraphcacheError(f"{self.path}: input {name} given twice")
+            if name in self.arg_names:
+                named[name] = value
+            elif any(leaf is not None for leaf in pytree.tree_leaves(value)):
+                raise GraphcacheError(f"{self.path}: the artifact has no input {name} "
+                                      f"(its inputs: {', '.join(self.arg_names)})")
+        missing = [n for n in self.arg_names if n not in named]
+        if missing:
+            raise GraphcacheError(f"{self.path}: missing input {', '.join(missing)} "
+                                  f"(the artifact's inputs: {', '.join(self.arg_names)})")
+        out = super().forward(*(named[n] for n in self.arg_names))
+        return out if return_dict else (out,)
+
     @property
     def input_dtype(self) -> torch.dtype:
         return _dtype(self.inputs[self.arg_names[0]]["dtype"])
@@ -178,8 +205,6 @@ class ExportedModel(SteppedModel):
         return self.runners_by_variant[self.step_variants[index]]
 
     def _allocate(self, args, signature) -> None:
-        if len(args) != len(self.arg_names):
-            raise GraphcacheError(f"expected {len(self.arg_names)} inputs ({', '.join(self.arg_names)}), got {len(args)}")
         batch = args[0].shape[0]
         low, high = self.manifest["batch"]
         for name, a in zip(self.arg_names, args):

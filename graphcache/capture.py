@@ -53,6 +53,13 @@ def example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor
     )
 
 
+def with_batch(inputs, batch: int) -> list[torch.Tensor]:
+    """Flat graph inputs resized to `batch` rows (dim 0 of every tensor of rank >= 1, as capture
+    makes it symbolic; rows repeat cyclically): a captured call's inputs at another batch size,
+    for models that have no `example_inputs`."""
+    return [t[torch.arange(batch, device=t.device) % t.shape[0]] if t.dim() >= 1 else t for t in inputs]
+
+
 def shapes_recorded(gm: fx.GraphModule, inputs) -> bool:
     """Whether `gm`'s `tensor_meta` was last recorded for tensor inputs of these shapes and dtypes
     (any other input, or another number of them, counts as not recorded)."""
@@ -169,6 +176,40 @@ def _same_constant(a, b) -> bool:
         return a is b
 
 
+def _drop_noop_squeezes(graph: fx.Graph) -> None:
+    """Remove `squeeze(x, dim)` where that dim of x is a static size other than 1 (a no-op that
+    diffusers' blocks leave behind: `hidden_states.squeeze(1)` on a 3-d tensor). ONNX's Squeeze
+    refuses such a dim, and no backend needs the node."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims):
+            continue
+        shape = node.args[0].meta["val"].shape
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        if all(isinstance(shape[d], int) and shape[d] != 1 for d in dims):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def _pin_static_view_sizes(graph: fx.Graph) -> None:
+    """Write the size a view's or reshape's -1 stands for when export found it to be 1. Export
+    infers it from the input's size, and each input has its own batch symbol: PixArt's
+    `encoder_attention_mask.view(batch, heads, -1, text)` divides the mask's batch by the latents'
+    there, a quotient that a later export of the variant cannot prove to be 1 (it broadcasts
+    against the queries). With the 1 written, that export sees that the two batches are equal.
+    Other sizes keep their -1: a token axis written as -1 is what lets a branch's work run on
+    the selected tokens only (passes/token_select.py)."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.view.default,
+                                                             torch.ops.aten.reshape.default):
+            continue
+        sizes = list(node.args[1])
+        if -1 in sizes:
+            known = node.meta["val"].shape[sizes.index(-1)]
+            if isinstance(known, int) and known == 1:
+                sizes[sizes.index(-1)] = known
+                node.args = (node.args[0], sizes, *node.args[2:])
+
+
 def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.GraphModule, CallSpec]:
     """`model`'s forward on these inputs as a flat GraphModule of ATen operators over the model's
     own parameters: placeholders are the call's tensor inputs in pytree order (by parameter name),
@@ -181,6 +222,8 @@ def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.Graph
         raise GraphcacheError(f"cannot capture {type(model).__name__} with torch.export: {exception_line(e)}") from e
     unlifted = exported.module()
     graph = unlifted.graph
+    _drop_noop_squeezes(graph)
+    _pin_static_view_sizes(graph)
     for node in list(graph.nodes):
         if node.op == "call_module" or (node.op == "call_function" and node.target in _ASSERTIONS):
             graph.erase_node(node)  # export's guard module and assertions: nothing reads them

@@ -114,8 +114,9 @@ class CachedModel(DelegatesToModel, SteppedModel):
     def _capture(self, args, kwargs) -> None:
         """Capture the model on this call and build every variant and its runner."""
         self.captured, self.spec = capture_call(self.model, args, kwargs)
-        flat = self.spec.flatten(call_arguments(self.model, args, kwargs))
-        self.capture_signature = self.spec.signature(flat)
+        # the flat inputs captured on: the ahead-of-time exporters trace with them (at their own batch)
+        self.capture_inputs = self.spec.flatten(call_arguments(self.model, args, kwargs))
+        self.capture_signature = self.spec.signature(self.capture_inputs)
         self.structure = ir.structure_of(self.captured)
         self.schedule = self.method.schedule(self.num_steps_wanted, self.structure.depth, self.given_options,
                                              self.structure.num_tokens, self.structure)

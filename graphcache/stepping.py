@@ -16,6 +16,14 @@ from .errors import GraphcacheError
 MODEL_ATTRS = ("in_channels", "input_size", "learn_sigma", "num_classes", "out_channels", "patch_size")
 
 
+def model_attributes(model: nn.Module) -> dict:
+    """The MODEL_ATTRS `model` has: its own (graphcache's DiT) or its config's (diffusers' models
+    keep them in `config`, and reading them off the model is deprecated there)."""
+    config = getattr(model, "config", None)
+    found = {**(config if isinstance(config, dict) else {}), **vars(model)}
+    return {a: found[a] for a in MODEL_ATTRS if a in found}
+
+
 class SteppedModel(nn.Module):
     """The sampling-loop side shared by CachedModel and exported artifacts (graphcache/aot_artifact.py):
     a step counter, the cache for the current input signature, one runner per step.

@@ -55,7 +55,7 @@ import torch.fx as fx
 
 from ..errors import GraphcacheError
 from ..schedule import is_token_input, step_inputs
-from .base import Runners
+from .base import Runners, refuse_attention_on_selected_tokens
 from .functional import ScalarTensors
 
 DEFAULT_COMPILER = "inductor"
@@ -170,6 +170,7 @@ class CompileBackend:
         self.kwargs = compile_kwargs(self.options)
 
     def build(self, cached) -> Runners:
+        refuse_attention_on_selected_tokens(cached, self.name)
         runners = {key: CompiledVariant(gm, torch.compile(gm.forward, **self.kwargs), per_step_inputs(cached, key))
                    for key, gm in cached.variants.items()}
         return Runners(runners, compile_options=self.options)

@@ -7,7 +7,8 @@ backend module (`aoti.build`, `onnx.build`, ...), which writes one file. The eag
 without the model's Python code; in-process they run as the GraphModules they are.
 
 Dynamic dimensions: dim 0 of every tensor input (the batch: x, t, y, cache slots and draws are
-batch-major) is `Dim.AUTO`, exported at an example batch of 4; a token count `gc_tokens_b<i>`
+batch-major) is `Dim.AUTO`, exported at a batch of 4 (the inputs the model was captured on, rows
+repeated: `capture.with_batch`); a token count `gc_tokens_b<i>`
 (a `(k,)` tensor) is `Dim(min=0, max=N-1)`. `token_ranges` gives the k each variant actually
 receives in the run (TensorRT profiles and the manifest use it).
 
@@ -31,11 +32,11 @@ import torch
 import torch.fx.experimental._config  # noqa: F401 (backed_size_oblivious)
 from torch.export import Dim
 
-from ..capture import example_inputs, propagate_shapes
+from ..capture import propagate_shapes, with_batch
 from ..errors import GraphcacheError
 from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize
 from ..schedule import is_token_input, step_inputs
-from .base import Runners
+from .base import Runners, refuse_attention_on_selected_tokens
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
 AHEAD_OF_TIME = ("aoti", "onnx", "tensorrt")
@@ -112,7 +113,7 @@ def _export(gm, names, env, num_tokens) -> torch.export.ExportedProgram:
 def export_variants(cached) -> list[ExportedVariant]:
     """torch.export every variant of `cached` (in `cached.schedule.variants()` order)."""
     n = cached.structure.num_tokens
-    args = example_inputs(cached.model, batch=EXAMPLE_BATCH)
+    args = with_batch(cached.capture_inputs, EXAMPLE_BATCH)
     propagate_shapes(cached.captured, args)
     specs = cached.slot_specs()
     for slot, (shape, _) in specs.items():
@@ -215,6 +216,7 @@ class AheadOfTimeBackend:
         self.module = backend_module(name)
 
     def build(self, cached) -> Runners:
+        refuse_attention_on_selected_tokens(cached, self.name)
         files = tempfile.TemporaryDirectory(prefix="graphcache-")
         directory = Path(files.name)
         variants, weights = build_files(cached, self.name, directory)
