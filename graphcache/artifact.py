@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from .errors import GraphcacheError
+from .io import read_json_object
 from .exporters.export import AHEAD_OF_TIME
 from .models.dit import DiTConfig
 
@@ -187,12 +188,7 @@ def read_manifest(path) -> dict:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise GraphcacheError(f"{path} is not a graphcache artifact: it has no {MANIFEST}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise GraphcacheError(f"{mpath}: not valid JSON ({' '.join(str(e).split())})") from e
-    if not isinstance(manifest, dict):
-        raise GraphcacheError(f"{mpath}: expected a JSON object, found {type(manifest).__name__}")
+    manifest = read_json_object(mpath)
     if manifest.get("format") != FORMAT:
         raise GraphcacheError(f"{mpath}: not a graphcache artifact manifest (format {manifest.get('format')!r})")
     version = manifest.get("format_version")

@@ -15,12 +15,12 @@ tokenizers are not loaded: text-conditioned pipelines run from saved prompt embe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .errors import GraphcacheError, exception_line
+from .io import read_json_object
 
 __all__ = ["TRANSFORMERS", "PIPELINES", "example_kwargs", "is_diffusers_folder", "is_pipeline_folder",
            "load_pipeline", "load_transformer"]
@@ -62,13 +62,7 @@ def is_pipeline_folder(path) -> bool:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise GraphcacheError(f"{path.parent}: not a diffusers folder or a graphcache artifact: it has no {path.name}")
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise GraphcacheError(f"{path}: not valid JSON ({exception_line(e)})") from e
-    if not isinstance(obj, dict):
-        raise GraphcacheError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
+    return read_json_object(path)
 
 
 def _diffusers_class(name, allowed: tuple[str, ...], where: Path):

@@ -273,6 +273,17 @@ def load_model(path, *, num_heads=None, allow_pickle=False, map_location="cpu", 
     return model.eval()
 
 
+def read_json_object(path: Path) -> dict:
+    """The JSON object in the file `path` (a manifest, a config); GraphcacheError if it is not one."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise GraphcacheError(f"{path}: not valid JSON ({exception_line(e)})") from e
+    if not isinstance(obj, dict):
+        raise GraphcacheError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp) for a temp path in the same directory, then rename it onto `path`: readers
     never see a half-written file, and a failure leaves nothing behind."""
