@@ -165,7 +165,6 @@ SDPA_TARGETS = {aten.scaled_dot_product_attention.default, torch.nn.functional.s
 SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default, torch.softmax, torch.nn.functional.softmax}
 MATMUL_TARGETS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default,
                   operator.matmul, torch.matmul, torch.bmm}
-CHUNK_TARGETS = {aten.chunk.default, aten.split.Tensor, torch.chunk}
 
 
 def is_call(node, targets) -> bool:
