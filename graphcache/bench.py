@@ -92,20 +92,6 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _flops(cached, model, batch: int, cfg: bool) -> dict:
-    from .flops import schedule_flops
-
-    cfg_dims = model.config
-    return schedule_flops(
-        cached.schedule,
-        batch=batch * (2 if cfg else 1),
-        tokens=cached.structure.num_tokens,
-        hidden=cfg_dims.hidden_size,
-        heads=cfg_dims.num_heads,
-        mlp_ratio=cfg_dims.mlp_ratio,
-    )
-
-
 def _quality(out, reference, labels, pixel: bool, digits) -> dict:
     from . import metrics
 
@@ -137,6 +123,15 @@ def _digit_classifier(model):
         return None
 
 
+def _check_backend(backend: str, compile_options) -> None:
+    from .exporters import BACKENDS
+
+    if backend not in BACKENDS:
+        raise GraphcacheError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if compile_options and backend != "compile":
+        raise GraphcacheError(f"compile options need backend 'compile' (backend is {backend!r})")
+
+
 class BenchSession:
     """The parts of `bench` — build a method, run it once, report its figures — for callers that
     order the runs themselves (tools/gpu_bench.py runs under a time budget).
@@ -151,12 +146,7 @@ class BenchSession:
                  hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str = "ddim",
                  cfg_scale: float | None = 1.5, guidance: str = "official", seed: int = 0,
                  interleaved: bool = True):
-        from .exporters import BACKENDS
-
-        if backend not in BACKENDS:
-            raise GraphcacheError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-        if compile_options and backend != "compile":
-            raise GraphcacheError(f"compile options need backend 'compile' (backend is {backend!r})")
+        _check_backend(backend, compile_options)
         self.model, self.backend, self.compile_options = model, backend, compile_options
         self.hoist_conditioning, self.num_steps, self.batch = hoist_conditioning, num_steps, batch
         self.sampler, self.cfg_scale, self.guidance, self.seed = sampler, cfg_scale, guidance, seed
@@ -192,12 +182,26 @@ class BenchSession:
             entry["output"], entry["peak"] = out, max(entry["peak"], _peak_memory_bytes(self.device))
         return seconds
 
+    def cached(self, entry: dict):
+        """The CachedModel an entry runs."""
+        return entry["cached"]
+
+    def release(self, entry: dict) -> None:
+        """Free an entry's variants (onnxruntime sessions: a copy of the weights each); its report stays."""
+        del entry["cached"]
+
+    def flops(self, cached) -> dict:
+        from .flops import model_dims, schedule_flops
+
+        dims = {**model_dims(self.model), "tokens": cached.structure.num_tokens}
+        return schedule_flops(cached.schedule, batch=self.batch * (2 if self.cfg else 1), **dims)
+
     def report(self, entry: dict, base: dict) -> dict:
         """The figures of one method; `base`: the `none` entry. Interleaved, the speedup is the
         median of each round's ratio, `none`'s run over this method's run of the same round:
         that pairs runs made minutes apart, not the best run of one with the worst of the other."""
-        cached, out, seconds = entry["cached"], entry["output"], statistics.median(entry["times"])
-        flops = _flops(cached, self.model, self.batch, self.cfg)
+        cached, out, seconds = self.cached(entry), entry["output"], statistics.median(entry["times"])
+        flops = self.flops(cached)
         if self.interleaved:
             speedup = statistics.median(b / t for b, t in zip(base["times"], entry["times"]))
         else:
@@ -245,11 +249,92 @@ class BenchSession:
         }
 
 
+class PipelineBenchSession(BenchSession):
+    """bench through `graphcache.enable(pipe)`, for text-conditioned transformers (PixArt-α): every
+    method samples in its own diffusers pipeline around the shared transformer, with the pipeline's
+    scheduler (DPM-Solver multistep, as PixArt-α ships) and guidance, from seeded random prompt and
+    negative embeddings of `text_tokens` tokens (no text encoder runs). The pipelines return
+    latents: the VAE decode, the same for every method, is not timed, and fidelity is measured on
+    the latents."""
+
+    def __init__(self, transformer, *, backend: str = "eager", compile_options: dict | None = None,
+                 num_steps: int = 20, batch: int = 1, cfg_scale: float = 4.5, seed: int = 0, text_tokens: int = 120,
+                 interleaved: bool = True):
+        from .diffusers_models import TEXT_PIPELINE_SCHEDULER
+
+        _check_backend(backend, compile_options)
+        self.model, self.backend, self.compile_options = transformer, backend, compile_options
+        self.num_steps, self.batch, self.cfg_scale, self.seed = num_steps, batch, cfg_scale, seed
+        self.interleaved, self.text_tokens = interleaved, text_tokens
+        self.hoist_conditioning = True
+        self.sampler, self.guidance = TEXT_PIPELINE_SCHEDULER, "pipeline"
+        self.labels, self.pixel, self.digits = None, False, None
+        self.cfg = cfg_scale > 1.0
+        self.device = next(transformer.parameters()).device
+        g = torch.Generator().manual_seed(seed + 1)
+        channels = transformer.config.caption_channels
+        self.prompt, self.negative = (torch.randn(1, text_tokens, channels, generator=g) for _ in range(2))
+
+    def build(self, name: str, options: dict) -> dict:
+        from .diffusers_models import text_pipeline
+        from .pipelines import enable
+
+        start = time.perf_counter()
+        pipe = enable(text_pipeline(self.model), name, backend=self.backend, compile_options=self.compile_options,
+                      **options)
+        pipe.set_progress_bar_config(disable=True)
+        # capture and passes happen at the first pipeline call (a warm-up run unless warmup=0)
+        return {"name": name, "pipe": pipe, "build_seconds": time.perf_counter() - start,
+                "times": [], "output": None, "peak": 0}
+
+    def cached(self, entry: dict):
+        return entry["pipe"].transformer.current
+
+    def release(self, entry: dict) -> None:
+        del entry["pipe"]
+
+    def flops(self, cached) -> dict:
+        from .flops import model_dims, schedule_flops
+
+        dims = {**model_dims(self.model, self.text_tokens), "tokens": cached.structure.num_tokens}
+        return schedule_flops(cached.schedule, batch=self.batch * (2 if self.cfg else 1), **dims)
+
+    def run(self, entry: dict, timed: bool) -> float:
+        pipe = entry["pipe"]
+        mask = torch.ones(1, self.text_tokens)
+        size = self.model.config.sample_size * pipe.vae_scale_factor
+
+        def call():
+            torch.manual_seed(self.seed)  # ToCa's random scores and ClusCa's K-means draw from it
+            return pipe(prompt=None, negative_prompt=None, prompt_embeds=self.prompt, prompt_attention_mask=mask,
+                        negative_prompt_embeds=self.negative, negative_prompt_attention_mask=mask,
+                        num_images_per_prompt=self.batch, num_inference_steps=self.num_steps,
+                        guidance_scale=self.cfg_scale, height=size, width=size, use_resolution_binning=False,
+                        generator=torch.Generator().manual_seed(self.seed), output_type="latent").images
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        seconds, out = _timed_run(self.model, call)
+        if timed:
+            entry["times"].append(seconds)
+            entry["output"], entry["peak"] = out, max(entry["peak"], _peak_memory_bytes(self.device))
+        return seconds
+
+    def summary(self, results: list[dict], model_name: str = "") -> dict:
+        return {**super().summary(results, model_name), "text_tokens": self.text_tokens}
+
+
 def bench(model, methods, *, backend: str = "eager", compile_options: dict | None = None,
-          hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str = "ddim",
-          cfg_scale: float | None = 1.5, guidance: str = "official", repeats: int = 3, warmup: int = 1,
-          seed: int = 0, interleave: bool | None = None, model_name: str = "", progress: bool = False) -> dict:
+          hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str | None = None,
+          cfg_scale: float | None = 1.5, guidance: str | None = None, repeats: int = 3, warmup: int = 1,
+          seed: int = 0, interleave: bool | None = None, model_name: str = "", progress: bool = False,
+          text_tokens: int | None = None) -> dict:
     """Time and score each (method, options) against the uncached model on the same backend.
+
+    A class-conditional DiT samples with graphcache's sampler (`sampler`, default ddim; `guidance`,
+    default official). A text-conditioned transformer (PixArt-α) samples in its diffusers pipeline
+    (`PipelineBenchSession`: the pipeline's scheduler and guidance, `text_tokens` random caption
+    tokens, default 120); `sampler`, `guidance` and hoist_conditioning=False do not apply to it.
 
     `none` runs first (added if missing): every speedup and fidelity figure is relative to it,
     built with the same backend, compile options and `hoist_conditioning`.
@@ -268,9 +353,24 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
     _check_counts(repeats, warmup)
     if interleave is None:
         interleave = backend in ("eager", "compile")
-    session = BenchSession(model, backend=backend, compile_options=compile_options,
-                           hoist_conditioning=hoist_conditioning, num_steps=num_steps, batch=batch, sampler=sampler,
-                           cfg_scale=cfg_scale, guidance=guidance, seed=seed, interleaved=interleave)
+    from .diffusers_models import PIXART_TEXT_TOKENS, is_text_conditioned
+
+    if is_text_conditioned(model):
+        given = [f"{name}={value!r}" for name, value in (("sampler", sampler), ("guidance", guidance))
+                 if value is not None] + ([] if hoist_conditioning else ["hoist_conditioning=False"])
+        if given:
+            raise GraphcacheError(f"{type(model).__name__} samples in its diffusers pipeline, with the pipeline's "
+                                  f"scheduler and guidance: {', '.join(given)} does not apply")
+        session = PipelineBenchSession(model, backend=backend, compile_options=compile_options, num_steps=num_steps,
+                                       batch=batch, cfg_scale=1.0 if cfg_scale is None else cfg_scale, seed=seed,
+                                       text_tokens=text_tokens or PIXART_TEXT_TOKENS, interleaved=interleave)
+    else:
+        if text_tokens is not None:
+            raise GraphcacheError(f"text_tokens applies to text-conditioned models, not to a {type(model).__name__}")
+        session = BenchSession(model, backend=backend, compile_options=compile_options,
+                               hoist_conditioning=hoist_conditioning, num_steps=num_steps, batch=batch,
+                               sampler=sampler or "ddim", cfg_scale=cfg_scale, guidance=guidance or "official",
+                               seed=seed, interleaved=interleave)
     methods = list(methods)
     if not any(m == "none" for m, _ in methods):
         methods.insert(0, ("none", {}))
@@ -305,7 +405,7 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
             measure([entry])
             base = base or entry
             results.append(session.report(entry, base))
-            del entry["cached"]  # free the variants (onnxruntime sessions: a copy of the weights each)
+            session.release(entry)
     if bar is not None:
         bar.close()
     return session.summary(results, model_name)

@@ -131,11 +131,6 @@ def _print_json(obj) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOPS HOOK: the single call site for `graphcache.flops` (written separately).
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
 # PNG output (no imaging dependency)
 # ---------------------------------------------------------------------------------------------
 
@@ -500,7 +495,7 @@ def cmd_schedule(args) -> int:
         from .flops import flops_json
 
         try:
-            obj["flops"] = flops_json(schedule, model)
+            obj["flops"] = flops_json(schedule, model, getattr(args, "text_tokens", None))
         except GraphcacheError as e:  # a model the papers' accounting does not cover: say so, count nothing
             obj["flops"], obj["flops_unavailable"] = None, str(e)
         _print_json(obj)
@@ -791,17 +786,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"examples:\n  graphcache bench {DEFAULT_MODEL} --method all\n"
                f"  graphcache bench {DEFAULT_MODEL} --method fora,toca --set fora.interval=4 --json bench.json --plot plots/\n"
                "  graphcache bench DiT-XL-2-256x256.pt --method toca --repeats 2 --steps 50\n"
-               "  graphcache bench DiT-XL-2-256x256.pt --method fora,toca --backend compile --compile-mode reduce-overhead",
+               "  graphcache bench DiT-XL-2-256x256.pt --method fora,toca --backend compile --compile-mode reduce-overhead\n"
+               "  graphcache bench builtin:pixart-xl2-256-random --method none,fora,toca   (PixArt-α: its pipeline, "
+               "DPM-Solver 20 steps, guidance 4.5, one image)\n\n"
+               "A text-conditioned model (a PixArt-α folder or builtin:pixart-xl2-256-random) samples in its diffusers "
+               "pipeline with graphcache.enable: the pipeline's DPM-Solver scheduler and guidance, random prompt and "
+               "negative embeddings of --text-tokens tokens, latents out (the VAE is not run); fidelity is measured "
+               "on the latents.",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"checkpoint file, artifact directory, diffusers DiT folder (run as the built-in DiT) "
-                        f"or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"checkpoint file, artifact directory, diffusers DiT folder (run as the built-in DiT), "
+                        f"diffusers PixArt-α folder or builtin:NAME (default: {DEFAULT_MODEL})")
     p.add_argument("--method", default="all", metavar="M[,M...]|all", help="methods to compare (default: all)")
     p.add_argument("--set", action="append", type=_key_value, metavar="[METHOD.]KEY=VALUE", default=[],
                    help="a method option for every listed method that has it, or for one method with METHOD.KEY")
     _add_backend(p)
-    p.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampling steps (default: 50)")
-    p.add_argument("--batch", type=_positive_int, default=8, metavar="B", help="images per run (default: 8)")
+    p.add_argument("--steps", type=_positive_int, metavar="N",
+                   help="sampling steps (default: 50; text-conditioned: 20, as PixArt-α samples)")
+    p.add_argument("--batch", type=_positive_int, metavar="B",
+                   help="images per run (default: 8; text-conditioned: 1)")
     p.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed runs, median reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs first (default: 1)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
@@ -810,9 +813,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and compile; off for aoti, onnx and tensorrt, which hold a copy of the weights per "
                         "method)")
     p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
-    p.add_argument("--cfg-scale", type=float, default=1.5, metavar="S", help="guidance scale (default: 1.5)")
-    p.add_argument("--guidance", choices=GUIDANCE_MODES, default="official", help="default: official")
+    p.add_argument("--sampler", choices=SAMPLERS, help="class-conditional DiTs (default: ddim)")
+    p.add_argument("--cfg-scale", type=float, metavar="S",
+                   help=f"guidance scale (default: 1.5; text-conditioned: {_PIXART_CFG_SCALE})")
+    p.add_argument("--guidance", choices=GUIDANCE_MODES, help="class-conditional DiTs (default: official)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write frontier and step x block heatmap PNGs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -846,16 +850,10 @@ def _bench_methods(text: str, given: dict) -> list[tuple[str, dict]]:
 
 
 def _bench_model(model, spec: str):
-    """bench samples with graphcache's class-conditional sampler: a diffusers DiT runs as the
-    built-in DiT with its weights (graphcache.models.convert_diffusers: the same computation)."""
-    from .diffusers_models import TRANSFORMERS
-
-    name = type(model).__name__
-    if name not in TRANSFORMERS:
+    """A diffusers DiT is benchmarked as the built-in DiT with its weights, with graphcache's
+    class-conditional sampler (graphcache.models.convert_diffusers: the same computation)."""
+    if type(model).__name__ != "DiTTransformer2DModel":
         return model
-    if name != "DiTTransformer2DModel":
-        raise GraphcacheError(f"bench samples class-conditional DiTs; {spec} holds a {name} (text-conditioned): "
-                              "time it with `graphcache sample PIPELINE_DIR --prompt-embeds FILE`")
     from .models.convert_diffusers import dit_from_diffusers
     from .models.dit import DiT
 
@@ -870,15 +868,19 @@ def cmd_bench(args) -> int:
     import json
 
     from . import bench
+    from .diffusers_models import is_text_conditioned
 
     methods = _bench_methods(args.method, _options(args))
     compile_options = _compile_options(args, args.backend)
     model = _bench_model(_load_model(args.model, args), args.model)
+    text = is_text_conditioned(model)
     report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
-                         hoist_conditioning=args.hoist_conditioning, num_steps=args.steps, batch=args.batch,
-                         sampler=args.sampler, cfg_scale=args.cfg_scale, guidance=args.guidance,
-                         repeats=args.repeats, warmup=args.warmup, seed=args.seed, interleave=args.interleave,
-                         model_name=args.model, progress=not args.quiet)
+                         hoist_conditioning=args.hoist_conditioning, num_steps=args.steps or (20 if text else 50),
+                         batch=args.batch or (1 if text else 8), sampler=args.sampler,
+                         cfg_scale=args.cfg_scale if args.cfg_scale is not None else (_PIXART_CFG_SCALE if text else 1.5),
+                         guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                         interleave=args.interleave, model_name=args.model, progress=not args.quiet,
+                         text_tokens=args.text_tokens)
     print(bench.format_table(report))
     print(f"FLOPs: {bench.FLOPS_COUNTING}")
     if args.json:

@@ -35,6 +35,8 @@ VAES = ("AutoencoderKL",)
 PIPELINES = ("DiTPipeline", "PixArtAlphaPipeline")
 # PixArt-α's T5 prompt length (the pipeline's max_sequence_length)
 PIXART_TEXT_TOKENS = 120
+# the scheduler PixArt-α ships with (DPM-Solver++ multistep, 2nd order by history: one model call per step)
+TEXT_PIPELINE_SCHEDULER = "DPMSolverMultistepScheduler"
 
 
 def diffusers_module():
@@ -148,6 +150,20 @@ def load_pipeline(path, *, allow_pickle: bool = False):
     if index["_class_name"] == "PixArtAlphaPipeline":
         components.update(tokenizer=None, text_encoder=None)
     return cls(**components)
+
+
+def is_text_conditioned(model) -> bool:
+    """Whether `model` is a diffusers transformer conditioned on text embeddings (PixArt-α)."""
+    return type(model).__name__ == "PixArtTransformer2DModel"
+
+
+def text_pipeline(transformer: torch.nn.Module):
+    """A PixArt-α pipeline around `transformer` that samples latents from prompt embeddings: no
+    text encoder, tokenizer or VAE (call it with output_type="latent"), PixArt-α's scheduler."""
+    diffusers = diffusers_module()
+    scheduler = getattr(diffusers, TEXT_PIPELINE_SCHEDULER)()
+    return diffusers.PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                                         scheduler=scheduler)
 
 
 def example_kwargs(transformer: torch.nn.Module, text_tokens: int = PIXART_TEXT_TOKENS, batch: int = 2) -> dict:

@@ -105,3 +105,18 @@ def test_bench_cli_rejects_option_no_method_has(capsys):
 
     assert main(["bench", "builtin:dit-tiny-random", "--method", "fora", "--set", "clusters=3"]) == 2
     assert "clusters" in capsys.readouterr().err
+
+
+def test_bench_text_conditioned_model_samples_in_its_pipeline():
+    from diffusers_models import pixart_transformer
+
+    from graphcache.bench import bench
+
+    model = pixart_transformer()
+    report = bench(model, [("toca", {})], num_steps=3, cfg_scale=4.5, repeats=1, warmup=0, text_tokens=5)
+    assert report["sampler"] == "DPMSolverMultistepScheduler" and report["text_tokens"] == 5
+    none, toca = report["results"]
+    assert toca["options"]["profile"] == "pixart" and toca["flops_speedup"] > 1
+    assert toca["rel_l2"] > 0 and none["rel_l2"] == 0  # scored against `none`'s latents
+    with pytest.raises(GraphcacheError, match="sampler='ddpm' does not apply"):
+        bench(model, [("fora", {})], num_steps=3, sampler="ddpm")

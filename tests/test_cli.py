@@ -439,18 +439,32 @@ def test_inspect_diffusers_folder(capsys, diffusers_dirs, folder, kinds):
     assert branches == kinds
 
 
-def test_schedule_json_of_diffusers_folders_counts_flops_only_for_dit(capsys, diffusers_dirs):
+def test_schedule_json_of_diffusers_folders_counts_flops(capsys, diffusers_dirs):
     code, out, err = run(capsys, "schedule", "--method", "fora", "--steps", "4", "--model", diffusers_dirs / "dit",
                          "--json")
     assert code == 0, err
     dit = json.loads(out)
     assert dit["depth"] == 2 and dit["flops"]["speedup"] > 1
-    code, out, err = run(capsys, "schedule", "--method", "fora", "--steps", "4", "--model",
-                         diffusers_dirs / "pixart", "--json")
+    pixart = {}
+    for tokens in ("5", "120"):
+        code, out, err = run(capsys, "schedule", "--method", "fora", "--steps", "4", "--model",
+                             diffusers_dirs / "pixart", "--text-tokens", tokens, "--json")
+        assert code == 0, err
+        pixart[tokens] = json.loads(out)
+    assert pixart["5"]["steps"] == dit["steps"]
+    assert 1 < pixart["5"]["flops"]["speedup"] and pixart["5"]["flops"]["uncached"] < pixart["120"]["flops"]["uncached"]
+
+
+def test_bench_pixart_folder_samples_in_its_pipeline(capsys, diffusers_dirs, tmp_path):
+    out = tmp_path / "bench.json"
+    code, _, err = run(capsys, "bench", diffusers_dirs / "pixart", "--method", "fora", "--steps", "2",
+                       "--text-tokens", "5", "--repeats", "1", "--warmup", "0", "--json", out, "-q")
     assert code == 0, err
-    pixart = json.loads(out)
-    assert pixart["steps"] == dit["steps"]
-    assert pixart["flops"] is None and "PixArtTransformer2DModel" in pixart["flops_unavailable"]
+    report = json.loads(out.read_text())
+    assert (report["steps"], report["batch"], report["cfg_scale"], report["text_tokens"]) == (2, 1, 4.5, 5)
+    assert [r["method"] for r in report["results"]] == ["none", "fora"]
+    code, _, err = run(capsys, "bench", diffusers_dirs / "pixart", "--method", "fora", "--sampler", "ddpm")
+    assert_one_line_error(code, err, "does not apply")
 
 
 @pytest.mark.parametrize("folder, cls", [("dit", "DiTTransformer2DModel"), ("pixart", "PixArtTransformer2DModel")])

@@ -139,3 +139,37 @@ def test_registered_methods_reproduce_published_ddim50_flops(method, published):
     got = flops_json(get_method(method).schedule(50))
     assert abs(got["total"] - published) / published < 0.01
     assert got["uncached"] == pytest.approx(23.735e12, rel=1e-4)
+
+
+def test_pixart_blocks_hand_count():
+    # adaLN-single (6*B*C) and a cross-attention over L text tokens of width C, written out by hand
+    B, N, C, H, hd, L = 2, 16, 32, 2, 16, 5
+    dims = dict(batch=B, tokens=N, hidden=C, heads=H, text_tokens=L, modulation="single")
+    mlp = lambda n: B * n * C * 4 * C * 2 + B * n * 4 * C * C * 2 + B * n * 4 * C * 6  # noqa: E731
+    attn = (B * N * C * 3 * C * 2 + B * H * N * hd + B * H * N * N * hd * 2 + B * H * N * N * 5
+            + B * H * N * N * hd * 2 + B * N * C * C * 2)
+    cross = lambda n: (B * n * C * C * 2 + B * L * C * C * 2 * 2 + B * H * n * hd + B * H * n * L * hd * 2  # noqa: E731
+                       + B * H * n * L * 5 + B * H * n * L * hd * 2 + B * n * C * C * 2)
+    ada = 6 * B * C
+    assert block_flops(FULL, **dims) == attn + cross(N) + 2 * B * N * C + ada + mlp(N)
+    # ToCa's PixArt profile: cross-attention and MLP on their own fresh tokens, self-attention cached
+    assert block_flops(PARTIAL, fresh=7, fresh_cross=3, **dims) == 2 * B * N * C + ada + mlp(7) + cross(3)
+    assert block_flops(PARTIAL, fresh=7, **dims) == 2 * B * N * C + ada + mlp(7)  # cross-attention from cache
+    assert block_flops(REUSE, **dims) == block_flops(FORECAST, **dims) == ada
+    with pytest.raises(GraphcacheError, match="modulation"):
+        block_flops(FULL, **{**dims, "modulation": "film"})
+
+
+def test_pixart_model_dims_and_toca_schedule():
+    from diffusers_models import pixart_transformer
+
+    from graphcache.methods import get_method
+
+    model = pixart_transformer()  # 16 tokens, hidden 32, 2 heads, depth 2
+    schedule = get_method("toca").schedule(6, depth=2, num_tokens=16, options={"profile": "pixart"})
+    assert schedule.steps[1].cross_tokens is not None
+    dims = dict(batch=2, tokens=16, hidden=32, heads=2, mlp_ratio=4.0, modulation="single")
+    j = flops_json(schedule, model, text_tokens=5)
+    assert j["total"] == schedule_flops(schedule, text_tokens=5, **dims)["total"]
+    assert j["uncached"] == 6 * 2 * block_flops(FULL, text_tokens=5, **dims)
+    assert flops_json(schedule, model)["uncached"] > j["uncached"]  # PixArt-α's 120 caption tokens by default

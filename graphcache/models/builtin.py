@@ -16,6 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
 
 from ..errors import GraphcacheError
 from .dit import DiT, DiTConfig, dit_config, init_random_
@@ -36,12 +40,15 @@ class BuiltinModel:
     seed: int = 0  # ... filled by init_random_(seed=seed)
     weights: str | None = None  # shipped: a file name in graphcache/weights/
     hidden: bool = False  # left out of listings (test fixtures)
+    make: Callable[[int], nn.Module] | None = None  # generated another way: make(seed) -> a random model
 
     @property
     def spec(self) -> str:
         return PREFIX + self.name
 
-    def load(self, *, allow_pickle: bool = False) -> DiT:
+    def load(self, *, allow_pickle: bool = False) -> nn.Module:
+        if self.make is not None:
+            return self.make(self.seed).eval()
         if self.weights is not None:
             from ..io import load_model
 
@@ -54,6 +61,22 @@ class BuiltinModel:
         if self.config is None:
             raise GraphcacheError(f"{self.spec}: has neither a config nor a weights file")
         return init_random_(DiT(self.config), seed=self.seed).eval()
+
+
+def _pixart_xl2_256(seed: int) -> nn.Module:
+    """PixArt-α's transformer at 256px (diffusers' PixArtTransformer2DModel: 28 blocks, hidden 1152,
+    16 heads, T5-XXL captions of width 4096), every parameter N(0, 0.02)."""
+    from ..diffusers_models import diffusers_module
+
+    model = diffusers_module().PixArtTransformer2DModel(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
+        patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        use_additional_conditions=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
 
 
 def _register(*models: BuiltinModel) -> dict[str, BuiltinModel]:
@@ -80,6 +103,13 @@ BUILTINS: dict[str, BuiltinModel] = _register(
         config=dit_config("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000),
     ),
     BuiltinModel(
+        "pixart-xl2-256-random",
+        "PixArt-α-shaped (diffusers PixArtTransformer2DModel, 611M parameters): 32x32x4 latents (256 image "
+        "tokens), cross-attention to 4096-wide captions, random N(0, 0.02) weights: for speed benchmarks "
+        "(needs graphcache[diffusers])",
+        make=_pixart_xl2_256,
+    ),
+    BuiltinModel(
         "dit-tiny-random",
         "tiny DiT (hidden 64, depth 2, 4 heads), 8x8x4 inputs, 10 classes, random weights: for tests",
         config=DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
@@ -97,7 +127,7 @@ def is_builtin(spec) -> bool:
     return isinstance(spec, str) and spec.startswith(PREFIX)
 
 
-def resolve_model(spec, *, allow_pickle: bool = False, num_heads: int | None = None) -> DiT:
+def resolve_model(spec, *, allow_pickle: bool = False, num_heads: int | None = None) -> nn.Module:
     """The model named by `spec`: ``builtin:NAME`` or a checkpoint path (see graphcache.io)."""
     if is_builtin(spec):
         name = spec[len(PREFIX):]
@@ -106,11 +136,12 @@ def resolve_model(spec, *, allow_pickle: bool = False, num_heads: int | None = N
             names = ", ".join(m.spec for m in available())
             raise GraphcacheError(f"unknown built-in model {spec!r}; available: {names}")
         model = entry.load(allow_pickle=allow_pickle)
-        if num_heads is not None and int(num_heads) != model.config.num_heads:
-            raise GraphcacheError(
-                f"{spec} has {model.config.num_heads} attention heads; num_heads (--num-heads) only "
-                "applies to checkpoint files"
-            )
+        if num_heads is not None:
+            heads = getattr(model.config, "num_heads", None) or model.config.num_attention_heads
+            if int(num_heads) != heads:
+                raise GraphcacheError(
+                    f"{spec} has {heads} attention heads; num_heads (--num-heads) only applies to checkpoint files"
+                )
         return model
     from ..io import load_model
 

@@ -84,3 +84,12 @@ def test_shipped_weights_entry(tmp_path, monkeypatch):
     assert torch.equal(loaded.final_layer.linear.weight, model.final_layer.linear.weight)
     with pytest.raises(GraphcacheError, match="not part of this installation"):
         resolve_model("builtin:absent")
+
+
+def test_generated_entries_other_than_dit(monkeypatch):
+    # builtin:pixart-xl2-256-random is made by a function (a diffusers model), like this one
+    assert "builtin:pixart-xl2-256-random" in [m.spec for m in available()]
+    made = []
+    monkeypatch.setitem(BUILTINS, "made", BuiltinModel("made", "made", seed=7,
+                                                       make=lambda seed: made.append(seed) or torch.nn.Linear(2, 2)))
+    assert isinstance(resolve_model("builtin:made"), torch.nn.Linear) and made == [7]
