@@ -238,7 +238,13 @@ def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.Graph
             symbolic_batch.append(value is not None and value.dim() > 0 and isinstance(value.shape[0], torch.SymInt))
     for node in graph.nodes:  # export's shapes are symbolic in the batch; propagate_shapes records concrete ones
         node.meta.pop("tensor_meta", None)
-        node.meta.pop("val", None)
+        value = node.meta.pop("val", None)
+        # which sizes are one symbol (HoistConditioningPass reads a latent's batch off the text's)
+        if node.target is ir.SYM_SIZE and isinstance(value, torch.SymInt):
+            node.meta[ir.SIZE_SYMBOL] = str(value.node.expr)
+        elif node.op == "placeholder" and isinstance(value, torch.Tensor):
+            node.meta[ir.DIM_SYMBOLS] = tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else None
+                                              for d in value.shape)
     output = next(n for n in graph.nodes if n.op == "output")
     outputs = pytree.tree_leaves(output.args[0])
     if len(outputs) != 1 or not isinstance(outputs[0], fx.Node):

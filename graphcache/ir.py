@@ -20,6 +20,11 @@ META_KEY = "graphcache"
 # set (True) on the nodes InsertTokenSelectPass clones onto the gathered tokens: they run on the
 # step's few selected tokens, not on all N (TransposeFewTokenLinearsPass reads it)
 ON_SELECTED_TOKENS = "graphcache_on_selected_tokens"
+# set by capture, which keeps only concrete shapes: the symbol (str) of a `sym_size` node, and the
+# symbols of a placeholder's dimensions (None where static); equal symbols are equal sizes
+SIZE_SYMBOL = "graphcache_size_symbol"
+DIM_SYMBOLS = "graphcache_dim_symbols"
+SYM_SIZE = torch.ops.aten.sym_size.int
 
 ATTENTION = "attention"
 CROSS_ATTENTION = "cross_attention"

@@ -172,6 +172,8 @@ class CachedModel(DelegatesToModel, SteppedModel):
     def reset(self) -> None:
         super().reset()
         self.condition_table = {}
+        for conditioning in getattr(self, "conditionings", {}).values():  # none before the first capture
+            conditioning.forget()  # values kept from the last run's inputs: the weights may have changed since
 
     def announce_inputs(self, step_args) -> None:
         super().announce_inputs(step_args)
@@ -188,7 +190,7 @@ class CachedModel(DelegatesToModel, SteppedModel):
         if conditioning is None:
             return {}
         announced = self.announced[index] if self.announced is not None else None
-        if (announced is not None and self.conditioning_is_rowwise is not False
+        if (announced is not None and conditioning.stackable and self.conditioning_is_rowwise is not False
                 and all(0 < p <= len(announced) and args[p] is announced[p - 1] for p in conditioning.inputs)):
             if index not in self.condition_table:
                 self.condition_table = self._tabulate_conditioning(index, args)

@@ -108,16 +108,14 @@ def test_pruned_chunks_stay_pruned():
 
 
 @pytest.mark.parametrize("keep_batch", [False, True])
-def test_conditioning_of_another_shape_is_declined_or_kept_row_by_row(keep_batch):
+def test_conditioning_of_another_shape_is_hoisted_but_not_stacked(keep_batch):
     model = init_random_(PooledConditioningDiT(CFG, keep_batch), seed=3).eval()
     gm, record = _hoisted(model)
-    if keep_batch:  # batch-first: the pass cannot tell that rows mix; the runtime checks (test_runtime)
-        assert record.counters["hoisted_values"] == 6 * CFG.depth + 2
-        return
-    assert not record.counters and CONDITIONING_KEY not in gm.meta
-    assert [d.reason for d in record.declined] == [
-        "a value computed from the conditioning is not batch-first: steps cannot be stacked along the batch"]
-    assert _count(gm, _is_adaln) == 2 * (CFG.depth + 1)  # unchanged: SiLU and Linear per adaLN
+    assert record.counters["hoisted_values"] == 6 * CFG.depth + 2 and not record.declined
+    # (1, C) values cannot be stacked along the batch: computed step by step. Batch-first ones can;
+    # the pass cannot tell that their rows mix: the runtime checks (test_runtime)
+    assert gm.meta[CONDITIONING_KEY].stackable is keep_batch
+    assert record.counters["unstackable_values"] == (0 if keep_batch else 6 * CFG.depth + 2)
 
 
 def test_declines_when_every_input_feeds_the_stream():
@@ -125,3 +123,35 @@ def test_declines_when_every_input_feeds_the_stream():
     record = PassManager([HoistConditioningPass({})])(gm)[-1]
     assert [(d.target, d.reason) for d in record.declined] == [("inputs", "every model input feeds the residual stream")]
     assert CONDITIONING_KEY not in gm.meta
+
+
+def test_values_of_the_prompt_alone_are_computed_once_per_run():
+    """PixArt-α: the caption projection and every cross-attention's keys and values depend on the
+    prompt embeddings (and their mask) alone, the adaLN-single modulation on t alone: two parts. A
+    part given the very tensors of its last call, unchanged, is not evaluated again."""
+    from diffusers_models import DEPTH, pixart_inputs, pixart_transformer
+
+    import graphcache
+
+    model, inputs = pixart_transformer(), pixart_inputs()
+    inputs["encoder_attention_mask"] = torch.ones(2, 5)
+    cached = graphcache.optimize(model, "none", 3, kwargs=inputs)
+    (conditioning,) = cached.conditionings.values()
+    # encoder_hidden_states (reshaped by the latent's batch, read off its own), timestep, the mask
+    text, mask, time = sorted(conditioning.parts, key=lambda p: p.inputs)
+    assert (text.inputs, time.inputs, mask.inputs) == ((1,), (2,), (1, 3))
+    assert len(layer_calls(text.graph, suffix="attn2.to_k")) == len(layer_calls(text.graph, suffix="attn2.to_v")) \
+        == DEPTH
+    assert not layer_calls(time.graph, suffix="attn2.to_k")
+    with torch.no_grad():
+        want = model(**inputs).sample
+        cached.reset()
+        assert torch.allclose(cached(**inputs).sample, want, rtol=1e-5, atol=1e-6)
+        first = text.memo[2]
+        cached(**{**inputs, "timestep": torch.tensor([500, 500])})
+        assert text.memo[2] is first  # the same prompt tensors: not computed again
+        inputs["encoder_hidden_states"].mul_(2)  # written in place: computed again
+        cached(**inputs)
+        assert text.memo[2] is not first
+        cached.reset()
+        assert text.memo is None
