@@ -88,6 +88,17 @@ def tokens_input(block: int, cross_attention: bool = False) -> str:
     return f"gc_tokens_b{block}" + (CROSS_SUFFIX if cross_attention else "")
 
 
+# torch.compile and torch.export cannot decide attention's shape rules for a query count that may
+# be 0 or 1, so compiled and exported variants compute a partial cross-attention (PixArt-α's ToCa)
+# on at least this many tokens; eager computes the schedule's count exactly
+MIN_ATTENTION_TOKENS = 2
+
+
+def compiled_token_count(name: str, k: int) -> int:
+    """The token count a compiled or exported variant takes for the per-step token input `name`."""
+    return max(k, MIN_ATTENTION_TOKENS) if name.endswith(CROSS_SUFFIX) else k
+
+
 def is_token_input(name: str) -> bool:
     """Whether the per-step input `name` is a partial block's fresh-token count."""
     rest = name.removeprefix(tokens_input(0).removesuffix("0")).removesuffix(CROSS_SUFFIX)

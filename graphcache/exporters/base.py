@@ -30,20 +30,6 @@ class Runners:
     compile_options: dict | None = None  # compile: the resolved torch.compile options
 
 
-def refuse_attention_on_selected_tokens(cached, backend: str) -> None:
-    """Attention computed on selected tokens (ToCa's PixArt-α profile recomputes cross-attention
-    on k tokens) has a query count that is symbolic once compiled or exported, and SDPA's shape
-    checks then have to decide whether k is 0 or 1, which torch.compile and torch.export cannot."""
-    from .. import ir
-    from ..errors import GraphcacheError
-
-    for gm in cached.variants.values():
-        if any(n.meta.get(ir.ON_SELECTED_TOKENS) and ir.is_sdpa(n) for n in gm.graph.nodes):
-            raise GraphcacheError(
-                f"the {backend} backend cannot run attention on selected tokens yet ({cached.method.name} recomputes "
-                "cross-attention on a few tokens): use the eager backend, or profile=dit (cross-attention in full)")
-
-
 class Backend(Protocol):
     name: str
     # whether its variants may read values computed outside them from (t, y) (HoistConditioningPass)

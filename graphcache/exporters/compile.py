@@ -15,7 +15,10 @@ What it guarantees (tests/exporters/test_compile.py checks each point for every 
     compilation: their graph inputs are listed in `torch.compiler.config.unbacked_sources`
     (patched only around this variant's own calls). Backed dynamic ints would be specialised
     for the values 0 and 1 (which ToCa's schedules produce) and `dynamic=None`'s automatic
-    dynamic would recompile once per changed count; unbacked ones compile once for every k;
+    dynamic would recompile once per changed count; unbacked ones compile once for every k.
+    A count that sizes an attention's queries (PixArt-α ToCa's partial cross-attention) is
+    passed as at least 2 and checked so in the graph (`schedule.compiled_token_count`): SDPA's
+    shape rules ask whether the query count is 0 or 1, which an unbacked count cannot answer;
   - every other per-step scalar (the Taylor difference step `gc_taylor_delta`, a negative int,
     so not size-like, and the forecast coefficients `gc_taylor_c<i>`, floats) is passed as a 0-d
     tensor on the inputs' device (int64 for ints, float32 for floats): tensor values are not
@@ -48,14 +51,15 @@ suite, which runs on CPU.)
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from ..errors import GraphcacheError
-from ..schedule import is_token_input, step_inputs
-from .base import Runners, refuse_attention_on_selected_tokens
+from ..schedule import MIN_ATTENTION_TOKENS, compiled_token_count, is_token_input, step_inputs
+from .base import Runners
 from .functional import ScalarTensors
 
 DEFAULT_COMPILER = "inductor"
@@ -79,6 +83,20 @@ def per_step_inputs(cached, key: tuple) -> dict[str, type]:
     return found
 
 
+def _check_attention_token_counts(gm: fx.GraphModule, inputs) -> None:
+    """`torch._check(k >= MIN_ATTENTION_TOKENS)` on every token count that sizes an attention's
+    queries (CompiledVariant passes at least that many): the compiler may then assume that the
+    unbacked count is neither 0 nor 1, which attention's shape rules would have to decide."""
+    for node in list(gm.graph.nodes):
+        if node.op == "placeholder" and node.target in inputs \
+                and compiled_token_count(node.target, 0) == MIN_ATTENTION_TOKENS:
+            with gm.graph.inserting_after(node):
+                at_least = gm.graph.call_function(operator.ge, (node, MIN_ATTENTION_TOKENS))
+            with gm.graph.inserting_after(at_least):
+                gm.graph.call_function(torch._check, (at_least,))
+    gm.recompile()
+
+
 class CompiledVariant:
     """A variant's compiled forward. Token counts are passed as unbacked SymInts (listed in
     `torch.compiler.config.unbacked_sources` around this variant's calls only); every other
@@ -98,6 +116,8 @@ class CompiledVariant:
                 value = kwargs.get(name)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     kwargs[name] = self.scalars(name, value, device)
+        for name in self.token_inputs:
+            kwargs[name] = compiled_token_count(name, kwargs[name])
         if not self.sources:
             return self.fn(*args, **kwargs)
         theirs = torch.compiler.config.unbacked_sources
@@ -170,9 +190,11 @@ class CompileBackend:
         self.kwargs = compile_kwargs(self.options)
 
     def build(self, cached) -> Runners:
-        refuse_attention_on_selected_tokens(cached, self.name)
-        runners = {key: CompiledVariant(gm, torch.compile(gm.forward, **self.kwargs), per_step_inputs(cached, key))
-                   for key, gm in cached.variants.items()}
+        runners = {}
+        for key, gm in cached.variants.items():
+            inputs = per_step_inputs(cached, key)
+            _check_attention_token_counts(gm, inputs)
+            runners[key] = CompiledVariant(gm, torch.compile(gm.forward, **self.kwargs), inputs)
         return Runners(runners, compile_options=self.options)
 
 

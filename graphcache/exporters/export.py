@@ -9,7 +9,7 @@ without the model's Python code; in-process they run as the GraphModules they ar
 Dynamic dimensions: dim 0 of every tensor input (the batch: x, t, y, cache slots and draws are
 batch-major) is `Dim.AUTO`, exported at a batch of 4 (the inputs the model was captured on, rows
 repeated: `capture.with_batch`); a token count `gc_tokens_b<i>`
-(a `(k,)` tensor) is `Dim(min=0, max=N-1)`. `token_ranges` gives the k each variant actually
+(a `(k,)` tensor) is `Dim(min=0, max=N-1)` (a cross-attention's: min 2, `schedule.compiled_token_count`). `token_ranges` gives the k each variant actually
 receives in the run (TensorRT profiles and the manifest use it).
 
 Weights are stored once for all variants: `shared_weights` collects every constant of every
@@ -35,8 +35,8 @@ from torch.export import Dim
 from ..capture import propagate_shapes, with_batch
 from ..errors import GraphcacheError
 from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize
-from ..schedule import is_token_input, step_inputs
-from .base import Runners, refuse_attention_on_selected_tokens
+from ..schedule import compiled_token_count, is_token_input, step_inputs
+from .base import Runners
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
 AHEAD_OF_TIME = ("aoti", "onnx", "tensorrt")
@@ -56,6 +56,7 @@ def token_ranges(schedule, key) -> dict[str, list[int]]:
     for plan in schedule.steps_of(key):
         for name, k in step_inputs(plan).items():
             if is_token_input(name):
+                k = compiled_token_count(name, k)
                 lo, hi = ranges.get(name, [k, k])
                 ranges[name] = [min(lo, k), max(hi, k)]
     return ranges
@@ -81,7 +82,7 @@ def _dynamic_shapes(names, values, num_tokens: int) -> dict:
     shapes = {}
     for name, value in zip(names, values):
         if is_token_input(name):
-            shapes[name] = {0: Dim(name, min=0, max=num_tokens - 1)}
+            shapes[name] = {0: Dim(name, min=compiled_token_count(name, 0), max=num_tokens - 1)}
         elif isinstance(value, torch.Tensor) and value.ndim >= 1:
             shapes[name] = {0: Dim.AUTO}
         else:
@@ -216,7 +217,6 @@ class AheadOfTimeBackend:
         self.module = backend_module(name)
 
     def build(self, cached) -> Runners:
-        refuse_attention_on_selected_tokens(cached, self.name)
         files = tempfile.TemporaryDirectory(prefix="graphcache-")
         directory = Path(files.name)
         variants, weights = build_files(cached, self.name, directory)

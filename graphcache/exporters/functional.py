@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..passes.functionalize import CACHE_PREFIX, NEW_CACHE_PREFIX, OUTPUT, Signature
-from ..schedule import is_token_input
+from ..schedule import compiled_token_count, is_token_input
 
 
 class ScalarTensors:
@@ -41,7 +41,7 @@ class ScalarTensors:
 def step_tensor(name: str, value, device, scalars: ScalarTensors) -> torch.Tensor:
     """The tensor a functional graph takes for the per-step input `name` = `value`."""
     if is_token_input(name):
-        return torch.empty(int(value), device=device)
+        return torch.empty(compiled_token_count(name, int(value)), device=device)
     return scalars(name, value, device)
 
 
