@@ -24,7 +24,8 @@ class StepPlan:
     # ClusCa: K-means starts from fresh random centres at this full step (its first), not from the
     # last full step's: the one graph choice the block kinds do not show
     init_clusters: bool = False
-    inputs: dict = field(default_factory=dict, compare=False)  # per-step scalars the graph reads
+    inputs: dict = field(default_factory=dict, compare=False)  # per-step scalars (and EOC factors) the graph reads
+    corrected: tuple[str, ...] = field(default=(), compare=False)  # branches EOC corrects at this step
 
     @property
     def variant(self) -> tuple:
@@ -37,6 +38,8 @@ class StepPlan:
             d["tokens"] = list(self.tokens)
         if self.cross_tokens is not None:
             d["cross_tokens"] = list(self.cross_tokens)
+        if self.corrected:
+            d["corrected"] = list(self.corrected)
         return d
 
 
@@ -86,6 +89,11 @@ def tokens_input(block: int, cross_attention: bool = False) -> str:
     """Name of the graph input that carries a partial block's fresh-token count (of its MLP, or
     of its cross-attention)."""
     return f"gc_tokens_b{block}" + (CROSS_SUFFIX if cross_attention else "")
+
+
+def correction_input(branch: str) -> str:
+    """Name of the graph input that carries a branch's EOC correction factor (tokens, channels)."""
+    return f"gc_eoc_{branch}"
 
 
 def is_token_input(name: str) -> bool:
