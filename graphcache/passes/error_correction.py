@@ -13,19 +13,25 @@ import torch
 import torch.fx as fx
 
 from .. import ir
+from ..cache import slot_name
 from ..schedule import correction_input
 from .base import BranchPass, PassResult
 
 
 class InsertErrorCorrectionPass(BranchPass):
-    """Where the gate (or, ungated, the residual add) of a selected branch reads a value that no
-    longer depends on the stream entering the branch — a cache read or a forecast — multiply that
-    value by the branch's factor input. Branches computed in this variant, fully or on some tokens
-    (their fresh tokens must not be scaled), are declined."""
+    """Where the gate (or, ungated, the residual add) of a selected branch reads a value computed
+    from the cache alone — a cache read or a forecast, not the stream entering the branch nor a
+    slot this variant updates — multiply that value by the branch's factor input. Branches
+    computed in this variant, fully or on some tokens (their fresh tokens must not be scaled), and
+    branches of skipped blocks are declined."""
 
     def call(self, gm):
         graph = gm.graph
         nodes = ir.nodes_by_name(graph)
+        # slots this variant writes or updates in place: a value read from one holds fresh tokens
+        # (a token-select scatter returns a new read of the updated slot, with no data edge to them)
+        updated = {slot_name(n.args[0]) for n in graph.nodes
+                   if n.op == "call_function" and n.args and ir.has_side_effects(n)} - {None}
         for br, out in self.branches(gm):
             if out is not None and out.users:
                 self.decline(br.name, "computed in this variant")
@@ -38,7 +44,8 @@ class InsertErrorCorrectionPass(BranchPass):
             if br.gate is not None:
                 consumer = gated
                 gated = next(a for a in consumer.args if isinstance(a, fx.Node) and a.name != br.gate)
-            if nodes[br.stream_in] in ir.upstream(gated):
+            sources = ir.upstream(gated)
+            if nodes[br.stream_in] in sources or any(slot_name(n) in updated for n in sources):
                 self.decline(br.name, "partially computed in this variant (only a cached read is corrected)")
                 continue
             factor = ir.graph_input(graph, correction_input(br.name), type_expr=torch.Tensor)
