@@ -127,12 +127,14 @@ def _load_prior(path: str, mtime_ns: int, size: int) -> Prior:
 
 def step_weights(prior: Prior, branch: str, lam, judgment: str) -> list[float]:
     """λ_s per step s (index 0 = step 0, never corrected): λ, or its least-squares fit b_s / c_s
-    ("fit", either sign), or 0 where the judgment ("held-out") finds that it does not lower the
+    where positive ("fit"), or 0 where the judgment ("held-out") finds that it does not lower the
     one-step error on the held-out runs."""
     b, c = prior.gain[branch].double(), prior.norm[branch].double()
     weights = [0.0]
     for s in range(len(b)):
-        w = (float(b[s] / c[s]) if c[s] > 0 else 0.0) if lam == "fit" else float(lam)
+        # the fit keeps the authors' direction (λ >= 0): measured, negative fits lower the branch
+        # error yet hurt the images (docs/benchmarks.md, 2026-12-04)
+        w = max(float(b[s] / c[s]), 0.0) if lam == "fit" and c[s] > 0 else (0.0 if lam == "fit" else float(lam))
         # the error changes by w² c - 2 w b: it drops exactly for w strictly between 0 and 2b/c
         if judgment == "held-out" and not w * (w * float(c[s]) - 2 * float(b[s])) < 0:
             w = 0.0
