@@ -530,7 +530,8 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .eoc import calibrate, step_weights
+    from .calibration import calibrate
+    from .eoc import step_weights
 
     out = Path(args.output)
     if out.suffix.lower() != ".safetensors":

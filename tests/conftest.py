@@ -34,7 +34,7 @@ def eoc_model():
 @pytest.fixture(scope="session")
 def eoc_prior(eoc_model, tmp_path_factory):
     """An EOC prior of `eoc_model` for EOC_STEPS DDIM steps without guidance (2 + 2 samples), on disk."""
-    from graphcache.eoc import calibrate
+    from graphcache.calibration import calibrate
 
     path = tmp_path_factory.mktemp("eoc") / "prior.safetensors"
     calibrate(eoc_model, EOC_STEPS, samples=2, held_out=2, cfg_scale=None).save(path)

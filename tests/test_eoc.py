@@ -8,7 +8,8 @@ import torch
 
 import graphcache
 from graphcache.cli import main
-from graphcache.eoc import CALIBRATION_SEED, Prior, fingerprint, load_prior, step_factors, step_weights
+from graphcache.calibration import CALIBRATION_SEED
+from graphcache.eoc import Prior, fingerprint, load_prior, step_factors, step_weights
 from graphcache.methods import get_method
 from graphcache.models.builtin import resolve_model
 from graphcache.models.dit import init_random_

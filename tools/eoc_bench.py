@@ -3,7 +3,7 @@ correction, over several evaluation seeds, and its extra wall-clock.
 
     OMP_NUM_THREADS=1 python tools/eoc_bench.py --json eoc.json --markdown eoc.md
 
-* The prior is calibrated once (graphcache.eoc.calibrate: one sample per class from seed 1000,
+* The prior is calibrated once (graphcache.calibration.calibrate: one sample per class from seed 1000,
   as many held out from seed 2000), disjoint from the evaluation seeds 0, 1, ...
 * Per evaluation seed: `--per-seed` images (classes in turn), DDIM-20, guidance 1.5; FD against the
   real MNIST features (graphcache.metrics), PSNR and relative L2 against the uncached images of
@@ -33,7 +33,7 @@ import torch
 
 import graphcache
 from graphcache import metrics
-from graphcache.eoc import calibrate
+from graphcache.calibration import calibrate
 from graphcache.io import atomic_write
 from graphcache.models.builtin import resolve_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import graphcache
-from graphcache.eoc import CALIBRATION_SEED
+from graphcache.calibration import CALIBRATION_SEED
 from graphcache.methods import get_method
 from graphcache.models.dit import modulate
 from graphcache.sampling import Diffusion
