@@ -58,7 +58,7 @@ def fingerprint(model: nn.Module) -> str:
 class Prior:
     meta: dict
     trend: dict[str, torch.Tensor]  # branch -> (num_steps-1, N, C)
-    gain: dict[str, torch.Tensor]  # branch -> (num_steps-1,) float64 sums b_s
+    gain: dict[str, torch.Tensor]  # branch -> (num_steps-1,) sums b_s
     norm: dict[str, torch.Tensor]  # branch -> (num_steps-1,) c_s
 
     def save(self, path) -> Path:
@@ -113,6 +113,8 @@ def _load_prior(path: str, mtime_ns: int, size: int) -> Prior:
     split = {"trend": {}, "gain": {}, "norm": {}}
     for key, t in tensors.items():
         kind, _, branch = key.partition(".")
+        if kind not in split:
+            raise GraphcacheError(f"EOC prior {path}: unexpected tensor {key!r}")
         split[kind][branch] = t
     return Prior(meta, split["trend"], split["gain"], split["norm"])
 
@@ -131,7 +133,10 @@ def step_weights(prior: Prior, branch: str, lam, judgment: str) -> list[float]:
     for s in range(len(b)):
         # the fit keeps the authors' direction (λ >= 0): measured, negative fits lower the branch
         # error yet hurt the images (docs/benchmarks.md, 2026-12-04)
-        w = max(float(b[s] / c[s]), 0.0) if lam == "fit" and c[s] > 0 else (0.0 if lam == "fit" else float(lam))
+        if lam == "fit":
+            w = max(float(b[s] / c[s]), 0.0) if c[s] > 0 else 0.0
+        else:
+            w = float(lam)
         # the error changes by w² c - 2 w b: it drops exactly for w strictly between 0 and 2b/c
         if judgment == "held-out" and not w * (w * float(c[s]) - 2 * float(b[s])) < 0:
             w = 0.0
@@ -144,8 +149,8 @@ def step_factors(prior: Prior, computed: list[set[int]], lam, judgment: str) -> 
     cached there (`computed[t]`: blocks that compute at step t) and whose factor is not 1.
 
     The factor is the product of (1 + λ_s D_s) over the cached steps since the branch was last
-    computed, the steps the judgment rejects contributing 1: bit for bit what writing each
-    corrected output back to the cache would give, up to the rounding of the product."""
+    computed, the steps the judgment rejects contributing 1: what writing each corrected output
+    back to the cache (the authors' code) gives, up to the rounding of the product."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in computed]
     for branch, trend in prior.trend.items():
         block = prior.meta["branches"][branch]

@@ -32,6 +32,16 @@ def test_fora_levels():
     assert cached_indices(75) == [i for i in range(20) if i % 4] and len(cached_indices(75)) == 15
 
 
+def test_schedule_json_names_the_corrected_branches(eoc_prior):
+    fora = get_method("fora")
+    steps = fora.schedule(EOC_STEPS, 2, {"level": 50, "eoc": str(eoc_prior), "eoc_lambda": 1, "eoc_judgment": "all"},
+                          16).to_json()["steps"]
+    branches = ["b0_attention", "b0_mlp", "b1_attention", "b1_mlp"]
+    assert [s.get("corrected") for s in steps] == [None, branches] * (EOC_STEPS // 2)
+    none = fora.schedule(EOC_STEPS, 2, {"level": 50, "eoc": str(eoc_prior), "eoc_lambda": 0}, 16).to_json()
+    assert not any("corrected" in s for s in none["steps"])
+
+
 def run(model, noise):
     return graphcache.sample(model, LABELS, noise=noise, seed=0, num_steps=EOC_STEPS, cfg_scale=None)  # seed: K-means
 
