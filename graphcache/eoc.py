@@ -42,6 +42,7 @@ from .io import atomic_write
 FORMAT = "graphcache-eoc-prior/1"
 METADATA_KEY = "graphcache_eoc"
 JUDGMENTS = ("held-out", "all")
+FITS = ("fit", "signed-fit")  # eoc_lambda values that fit λ per step and branch
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -126,15 +127,17 @@ def _load_prior(path: str, mtime_ns: int, size: int) -> Prior:
 
 def step_weights(prior: Prior, branch: str, lam, judgment: str) -> list[float]:
     """λ_s per step s (index 0 = step 0, never corrected): λ, or its least-squares fit b_s / c_s
-    where positive ("fit"), or 0 where the judgment ("held-out") finds that it does not lower the
-    one-step error on the held-out runs."""
+    where positive ("fit") or of either sign ("signed-fit"), or 0 where the judgment ("held-out")
+    finds that it does not lower the one-step error on the held-out runs."""
     b, c = prior.gain[branch].double(), prior.norm[branch].double()
     weights = [0.0]
     for s in range(len(b)):
-        # the fit keeps the authors' direction (λ >= 0): measured, negative fits lower the branch
-        # error yet hurt the images (docs/benchmarks.md, 2026-12-04)
-        if lam == "fit":
-            w = max(float(b[s] / c[s]), 0.0) if c[s] > 0 else 0.0
+        # "fit" keeps the authors' direction (λ >= 0): measured on FORA, negative fits lower the
+        # branch error yet hurt the images; on forecasts (TaylorSeer, ClusCa) "signed-fit"'s negative
+        # λ damps the extrapolation and helps (docs/benchmarks.md, 2026-12-04)
+        if lam in FITS:
+            fitted = float(b[s] / c[s]) if c[s] > 0 else 0.0
+            w = max(fitted, 0.0) if lam == "fit" else fitted
         else:
             w = float(lam)
         # the error changes by w² c - 2 w b: it drops exactly for w strictly between 0 and 2b/c

@@ -75,11 +75,12 @@ def _prior(b, c):
 
 def test_judgment_and_fitted_weights():
     """Per step the error changes by λ² c - 2 λ b: a step is corrected where that is negative; the
-    fitted λ is b / c where positive."""
+    fitted λ is b / c where positive, or of either sign."""
     prior = _prior([1.0, -1.0, 0.004, 0.0], [10.0, 10.0, 1.0, 0.0])
     assert step_weights(prior, "b0_mlp", 0.01, "held-out") == [0.0, 0.01, 0.0, 0.0, 0.0]
     assert step_weights(prior, "b0_mlp", 0.01, "all") == [0.0] + [0.01] * 4
     assert step_weights(prior, "b0_mlp", "fit", "held-out") == pytest.approx([0.0, 0.1, 0.0, 0.004, 0.0])
+    assert step_weights(prior, "b0_mlp", "signed-fit", "held-out") == pytest.approx([0.0, 0.1, -0.1, 0.004, 0.0])
     # consecutive cached steps multiply their factors; a computed step starts over
     factors = step_factors(prior, [{0}, set(), set(), {0}, set()], 0.01, "all")
     assert [sorted(f) for f in factors] == [[], ["b0_mlp"], ["b0_mlp"], [], ["b0_mlp"]]

@@ -9,8 +9,9 @@ correction, over several evaluation seeds, and its extra wall-clock.
   real MNIST features (graphcache.metrics), PSNR and relative L2 against the uncached images of
   the same seed.
 * Bases: FORA at EOC's levels 25/50/75 % with three EOC settings each (the authors' first code:
-  λ = 0.01 on every cached step; λ = 0.01 with the held-out judgment; the least-squares λ), then
-  toca, duca, taylorseer and clusca (their defaults) with the default setting.
+  λ = 0.01 on every cached step; λ = 0.01 with the held-out judgment; the least-squares λ, >= 0),
+  then toca, duca, taylorseer and clusca (their defaults) with that default setting and the
+  least-squares λ of either sign. `--bases` picks some of them.
 * An improvement counts as beyond the spread when its mean over seeds (paired: the same seed with
   and without EOC) exceeds the seed-to-seed standard deviation of the base method's metric.
 * Wall-clock: base and EOC sampling runs alternate (`--repeats` pairs, batch `--time-batch`), and
@@ -43,7 +44,9 @@ SETTINGS = {
     "authors": {"eoc_lambda": 0.01, "eoc_judgment": "all"},
     "judged": {"eoc_lambda": 0.01, "eoc_judgment": "held-out"},
     "fitted": {"eoc_lambda": "fit", "eoc_judgment": "held-out"},
+    "signed": {"eoc_lambda": "signed-fit", "eoc_judgment": "held-out"},
 }
+BASES = ["fora-25", "fora-50", "fora-75", "toca", "duca", "taylorseer", "clusca"]
 DEFAULT_SETTING = "fitted"
 
 
@@ -96,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed base/EOC pairs per FORA level (default: 5)")
     p.add_argument("--time-batch", type=int, default=16, help="images per timed run (default: 16)")
     p.add_argument("--prior", help="use this prior instead of calibrating one")
+    p.add_argument("--bases", default=",".join(BASES), help=f"comma-separated subset of {','.join(BASES)}")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the tables here")
     args = p.parse_args(argv)
@@ -118,8 +122,15 @@ def main(argv=None) -> int:
         cached = graphcache.optimize(model, method, STEPS, **options)
         return cached, [scores(images(cached, s, args.per_seed), uncached[s], real) for s in seeds]
 
-    bases = [("fora", {"level": level}, list(SETTINGS)) for level in (25, 50, 75)]
-    bases += [(m, {}, [DEFAULT_SETTING]) for m in ("toca", "duca", "taylorseer", "clusca")]
+    bases = []
+    for name in args.bases.split(","):
+        if name not in BASES:
+            p.error(f"unknown base {name!r}: choose from {', '.join(BASES)}")
+        method, _, level = name.partition("-")
+        if level:
+            bases.append((method, {"level": int(level)}, ["authors", "judged", "fitted"]))
+        else:
+            bases.append((method, {}, [DEFAULT_SETTING, "signed"]))
     for method, options, settings in bases:
         base_model, base = evaluate(method, options)
         row = {"method": method, "options": options, "base": base, "eoc": {}}

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..eoc import JUDGMENTS
+from ..eoc import FITS, JUDGMENTS
 from ..errors import GraphcacheError
 from ..passes.base import Pass
 from ..passes.error_correction import InsertErrorCorrectionPass
@@ -47,8 +47,10 @@ class Option:
 
 
 def number_or_fit(value):
-    """EOC's λ: a number, or "fit" for the least-squares weight of each step and branch."""
-    return "fit" if isinstance(value, str) and value.strip().lower() == "fit" else float(value)
+    """EOC's λ: a number, or "fit" / "signed-fit" for the least-squares weight of each step and branch."""
+    if isinstance(value, str) and value.strip().lower() in FITS:
+        return value.strip().lower()
+    return float(value)
 
 
 # EOC (Qiu et al., arXiv 2501.19243; graphcache/eoc.py) corrects the cached reads of any method that
@@ -61,8 +63,8 @@ def number_or_fit(value):
 EOC_OPTIONS = (
     Option("eoc", "", "EOC: prior file from `graphcache calibrate --method eoc` (empty: no correction)", str),
     Option("eoc_lambda", "fit", "EOC: λ in reuse * (1 + λ (P[t] - P[t-1])) (the authors': 0.01), or fit: least "
-                                "squares per step and branch on the prior's held-out runs, where positive",
-           number_or_fit),
+                                "squares per step and branch on the prior's held-out runs, where positive, "
+                                "or signed-fit: of either sign", number_or_fit),
     Option("eoc_judgment", "held-out", "EOC: which cached steps to correct: held-out (where the correction "
                                        "lowers the one-step error on the prior's held-out runs) or all",
            str, JUDGMENTS),
