@@ -1,4 +1,4 @@
-"""The `graphcache` command line: optimize, sample, schedule, methods, inspect.
+"""The `graphcache` command line: optimize, sample, schedule, calibrate, methods, inspect, bench.
 
 Every problem graphcache can explain is printed as one line, `graphcache: error: ...`, on stderr
 with exit code 2 (bad arguments included). Set GRAPHCACHE_DEBUG=1 to see the traceback as well.
@@ -486,6 +486,12 @@ def cmd_schedule(args) -> int:
         model = _load_model(args.model, args)
         structure = ir.structure_of(graphcache.capture(model, kwargs=_capture_kwargs(model, args)))
         depth, tokens = structure.depth, structure.num_tokens
+    elif _options(args).get("eoc"):  # without a model, the prior says what it was calibrated on
+        from .eoc import load_prior
+
+        meta = load_prior(_options(args)["eoc"]).meta
+        depth = args.depth if args.depth is not None else 1 + max(meta["branches"].values())
+        tokens = args.tokens if args.tokens is not None else meta["num_tokens"]
     else:
         depth = args.depth if args.depth is not None else 28
         tokens = args.tokens if args.tokens is not None else 256
@@ -512,7 +518,34 @@ def cmd_schedule(args) -> int:
             line += f"  tokens {_rle(p.tokens, ones=False)}"
         if p.cross_tokens is not None:
             line += f"  cross-attention tokens {_rle(p.cross_tokens, ones=False)}"
+        if p.corrected:
+            line += f"  eoc corrects {', '.join(p.corrected)}"
         print(line)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibration import calibrate
+    from .eoc import step_weights
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".safetensors":
+        raise GraphcacheError(f"cannot write the prior to {out}: use a .safetensors file name")
+    model = _load_model(args.model, args)
+    for attr in ("num_classes", "in_channels", "input_size"):
+        if not hasattr(model, attr):
+            raise GraphcacheError(f"{args.model} is not a class-conditional DiT (no `{attr}`): calibrate samples "
+                                  "it with graphcache's class-conditional sampler")
+    prior = calibrate(model, args.steps, samples=args.samples, held_out=args.held_out, batch=args.batch,
+                      sampler=args.sampler, cfg_scale=args.cfg_scale, progress=not args.quiet)
+    prior.save(out)
+    m = prior.meta
+    kept = sum(w != 0 for br in prior.trend for w in step_weights(prior, br, 0.01, "held-out"))
+    total = len(prior.trend) * (m["num_steps"] - 1)
+    print(f"calibrated {args.model}: {m['samples']} samples (+{m['held_out']} held out), {m['sampler']} "
+          f"{m['num_steps']} steps, cfg {m['cfg_scale']}, {len(prior.trend)} branches, {m['num_tokens']} tokens")
+    print(f"  judgment at eoc_lambda=0.01: {kept} of {total} (step, branch) corrections lower the held-out error")
+    print(f"  wrote {out} ({_human_bytes(out.stat().st_size)}); use it with --set eoc={out}")
     return 0
 
 
@@ -602,6 +635,8 @@ examples:
   graphcache sample dit-fora/ --labels 207,360 -o latents.pt
   graphcache schedule --method fora --steps 50 --json
   graphcache inspect {DEFAULT_MODEL} --method fora
+  graphcache calibrate {DEFAULT_MODEL} --method eoc --steps 20 -o prior.safetensors
+  graphcache sample {DEFAULT_MODEL} --method fora --steps 20 --set level=50 --set eoc=prior.safetensors --labels 1,2 -o out.png
   graphcache sample pixart-alpha/ --prompt-embeds prompt.safetensors --method fora --steps 20 -o image.png
 
 MODEL is a checkpoint file (.pt/.pth/.safetensors, loaded with weights_only), a diffusers model or
@@ -747,6 +782,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     _add_model_loading(p)
     p.set_defaults(func=cmd_schedule)
+
+    # calibrate
+    p = sub.add_parser(
+        "calibrate", formatter_class=_Formatter, help="extract EOC's prior from uncached runs",
+        description="Sample MODEL uncached and record every branch's ungated output per step (from the "
+                    "captured graph): their average over the calibration samples gives EOC's prior trends, "
+                    "held-out samples (other seeds) the statistics its judgment and fitted λ read. The prior "
+                    "serves one model, sampler, step count and resolution; use it with any method that has "
+                    "the eoc option (`--set eoc=PRIOR`). Calibration seeds start at 1000, held-out seeds at "
+                    "2000. Writing is atomic.",
+        epilog=f"examples:\n  graphcache calibrate {DEFAULT_MODEL} --method eoc --steps 20 -o prior.safetensors\n"
+               f"  graphcache sample {DEFAULT_MODEL} --method fora --steps 20 --set level=50 "
+               "--set eoc=prior.safetensors --labels 1,2 -o out.png",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+    p.add_argument("--method", required=True, choices=("eoc",), help="what to calibrate: eoc")
+    p.add_argument("--steps", type=_positive_int, required=True, metavar="N", help="sampling steps the prior serves")
+    p.add_argument("--samples", type=_positive_int, default=None, metavar="M",
+                   help="calibration samples, classes in turn (default: one per class)")
+    p.add_argument("--held-out", type=_positive_int, default=None, metavar="H",
+                   help="held-out samples for the judgment (default: as many as --samples)")
+    p.add_argument("--batch", type=_positive_int, default=16, metavar="B", help="samples per run (default: 16)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
+    p.add_argument("--cfg-scale", type=float, default=_BUILTIN_CFG_SCALE, metavar="S",
+                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE})")
+    p.add_argument("-o", "--output", required=True, metavar="PRIOR", help=".safetensors file to write")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_loading(p)
+    p.set_defaults(func=cmd_calibrate)
 
     # methods
     p = sub.add_parser(
@@ -903,7 +968,7 @@ def main(argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
-            return _fail("choose a command: optimize, sample, schedule, methods, inspect, bench (see `graphcache --help`)")
+            return _fail("choose a command: optimize, sample, schedule, calibrate, methods, inspect, bench (see `graphcache --help`)")
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)

@@ -118,6 +118,8 @@ class CachedModel(DelegatesToModel, SteppedModel):
         self.capture_inputs = self.spec.flatten(call_arguments(self.model, args, kwargs))
         self.capture_signature = self.spec.signature(self.capture_inputs)
         self.structure = ir.structure_of(self.captured)
+        if self.given_options.get("eoc"):
+            check_prior_model(self.given_options["eoc"], self.model, self.backend)
         self.schedule = self.method.schedule(self.num_steps_wanted, self.structure.depth, self.given_options,
                                              self.structure.num_tokens, self.structure)
         self.options = self.schedule.options
@@ -160,7 +162,7 @@ class CachedModel(DelegatesToModel, SteppedModel):
         # Every variant ends with the generic clean-up: modulation nobody reads is not computed, and
         # the stream is row-major from the first block on (last: method passes rely on the structure).
         hoist = [HoistConditioningPass(self.condition_inputs)] if self.hoists_conditioning else []
-        manager = PassManager([*self.method.passes(plan, self.options), PruneModulationPass(),
+        manager = PassManager([*self.method.variant_passes(plan, self.options), PruneModulationPass(),
                                MakeStreamContiguousPass(), *hoist],
                               dump_dir=f"{dump_dir}/{label}" if dump_dir else None, dump=dump)
         try:
@@ -253,6 +255,9 @@ class CachedModel(DelegatesToModel, SteppedModel):
             propagate_shapes(self.captured, args)
         device = next(self.model.parameters()).device
         self.cache.allocate(self.slot_specs(), device, signature)
+        # per-step tensor inputs (EOC's factors) live where the model runs, in its dtype
+        self.step_kwargs = [{k: v.to(device, self.input_dtype) if isinstance(v, torch.Tensor) else v
+                             for k, v in kwargs.items()} for kwargs in self.step_kwargs]
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -285,6 +290,21 @@ class CachedModel(DelegatesToModel, SteppedModel):
             "blocks": self.structure.describe(),
             "variants": variants,
         }
+
+
+def check_prior_model(path, model: nn.Module, backend: str) -> None:
+    """GraphcacheError unless the EOC prior at `path` was calibrated on this model's weights and the
+    backend can take its per-step factors (tensors: eager and compile only)."""
+    from .eoc import fingerprint, load_prior
+    from .exporters.export import AHEAD_OF_TIME
+
+    if backend in AHEAD_OF_TIME:
+        raise GraphcacheError(f"eoc: the {backend} backend takes per-step scalars only; EOC's correction factors "
+                              "are per-step tensors (use the eager or compile backend)")
+    expected, found = load_prior(path).meta["fingerprint"], fingerprint(model)
+    if found != expected:
+        raise GraphcacheError(f"{path} was calibrated on another model (fingerprint {expected}, this model "
+                              f"{found}): run `graphcache calibrate` on this model")
 
 
 def _records_json(records: list[PassRecord]) -> list[dict]:

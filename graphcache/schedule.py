@@ -24,7 +24,8 @@ class StepPlan:
     # ClusCa: K-means starts from fresh random centres at this full step (its first), not from the
     # last full step's: the one graph choice the block kinds do not show
     init_clusters: bool = False
-    inputs: dict = field(default_factory=dict, compare=False)  # per-step scalars the graph reads
+    inputs: dict = field(default_factory=dict, compare=False)  # per-step scalars (and EOC factors) the graph reads
+    corrected: tuple[str, ...] = field(default=(), compare=False)  # branches EOC corrects at this step
 
     @property
     def variant(self) -> tuple:
@@ -37,6 +38,8 @@ class StepPlan:
             d["tokens"] = list(self.tokens)
         if self.cross_tokens is not None:
             d["cross_tokens"] = list(self.cross_tokens)
+        if self.corrected:
+            d["corrected"] = list(self.corrected)
         return d
 
 
@@ -97,6 +100,11 @@ MIN_ATTENTION_TOKENS = 2
 def compiled_token_count(name: str, k: int) -> int:
     """The token count a compiled or exported variant takes for the per-step token input `name`."""
     return max(k, MIN_ATTENTION_TOKENS) if name.endswith(CROSS_SUFFIX) else k
+
+
+def correction_input(branch: str) -> str:
+    """Name of the graph input that carries a branch's EOC correction factor (tokens, channels)."""
+    return f"gc_eoc_{branch}"
 
 
 def is_token_input(name: str) -> bool:

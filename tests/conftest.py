@@ -18,3 +18,24 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+EOC_STEPS = 6  # sampling steps of the session's EOC prior (tests/test_eoc.py and its pass and method tests)
+
+
+@pytest.fixture(scope="session")
+def eoc_model():
+    """builtin:dit-tiny-random: depth 2, 16 tokens, every weight N(0, 0.02)."""
+    from graphcache.models.builtin import resolve_model
+
+    return resolve_model("builtin:dit-tiny-random")
+
+
+@pytest.fixture(scope="session")
+def eoc_prior(eoc_model, tmp_path_factory):
+    """An EOC prior of `eoc_model` for EOC_STEPS DDIM steps without guidance (2 + 2 samples), on disk."""
+    from graphcache.calibration import calibrate
+
+    path = tmp_path_factory.mktemp("eoc") / "prior.safetensors"
+    calibrate(eoc_model, EOC_STEPS, samples=2, held_out=2, cfg_scale=None).save(path)
+    return path

@@ -40,7 +40,7 @@ def _edit_manifest(path, **changes):
 def test_round_trip(saved):
     cached, out = saved
     loaded = load_artifact(out)
-    assert loaded.method.name == "fora" and loaded.options == {"interval": 2} and loaded.num_steps == STEPS
+    assert loaded.method.name == "fora" and loaded.options == {"interval": 2, "level": 0} and loaded.num_steps == STEPS
     assert loaded.schedule.to_json() == cached.schedule.to_json()
     assert loaded.model.config == cached.model.config
     a = graphcache.sample(cached, [1, 2], num_steps=STEPS)

@@ -120,7 +120,7 @@ def test_optimize_writes_artifact(artifact):
     m = json.loads((artifact / "manifest.json").read_text())
     assert m["format"] == "graphcache-artifact" and m["format_version"] == 1
     assert m["backend"] == "eager"
-    assert m["method"] == "fora" and m["options"] == {"interval": 3} and m["num_steps"] == STEPS
+    assert m["method"] == "fora" and m["options"] == {"interval": 3, "level": 0} and m["num_steps"] == STEPS
     assert m["model"]["source"] == TINY
     assert m["model"]["config"]["hidden_size"] == 64 and m["model"]["config"]["depth"] == 2
     assert m["schedule"]["num_steps"] == STEPS and len(m["schedule"]["steps"]) == STEPS
@@ -209,7 +209,7 @@ def test_schedule_json_defaults_to_dit_xl(capsys):
     assert code == 0, err
     obj = json.loads(out)  # exactly one JSON object
     assert obj["method"] == "fora" and obj["num_steps"] == 50 and obj["depth"] == 28
-    assert obj["options"] == {"interval": 3}
+    assert obj["options"] == {"interval": 3, "level": 0}
     assert len(obj["steps"]) == 50 and all(len(s["kinds"]) == 28 for s in obj["steps"])
     if "flops" in obj:
         assert isinstance(obj["flops"], dict)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import torch
+
+from ..eoc import FITS, JUDGMENTS
 from ..errors import GraphcacheError
 from ..passes.base import Pass
-from ..schedule import Schedule, StepPlan
+from ..passes.error_correction import InsertErrorCorrectionPass
+from ..schedule import FULL, Schedule, StepPlan, correction_input
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,31 @@ class Option:
         return value
 
 
+def number_or_fit(value):
+    """EOC's λ: a number, or "fit" / "signed-fit" for the least-squares weight of each step and branch."""
+    if isinstance(value, str) and value.strip().lower() in FITS:
+        return value.strip().lower()
+    return float(value)
+
+
+# EOC (Qiu et al., arXiv 2501.19243; graphcache/eoc.py) corrects the cached reads of any method that
+# has these options: `eoc=PRIOR` turns it on. The judgment ("held-out") corrects a step and branch
+# only where, on the prior's held-out uncached runs, multiplying the previous step's output by
+# the correction brings it closer to this step's (graphcache/eoc.py `step_weights`). Defaults
+# (fit, held-out) are the setting that raised PSNR at every FORA level and seed measured
+# (docs/benchmarks.md, 2026-12-04); λ = 0.01 on every step (the authors' first code) barely
+# changes the output of the MNIST DiT.
+EOC_OPTIONS = (
+    Option("eoc", "", "EOC: prior file from `graphcache calibrate --method eoc` (empty: no correction)", str),
+    Option("eoc_lambda", "fit", "EOC: λ in reuse * (1 + λ (P[t] - P[t-1])) (the authors': 0.01), or fit: least "
+                                "squares per step and branch on the prior's held-out runs, where positive, "
+                                "or signed-fit: of either sign", number_or_fit),
+    Option("eoc_judgment", "held-out", "EOC: which cached steps to correct: held-out (where the correction "
+                                       "lowers the one-step error on the prior's held-out runs) or all",
+           str, JUDGMENTS),
+)
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -57,6 +86,18 @@ class Method:
     profiles: dict[str, dict] = field(default_factory=dict)
     detect_profile: Callable[[Any], str] | None = None
 
+    @property
+    def corrects(self) -> bool:
+        """Whether the method takes EOC's options (its cached reads can be corrected)."""
+        return any(o.name == "eoc" for o in self.options)
+
+    def variant_passes(self, plan: StepPlan, options: dict) -> list[Pass]:
+        """The passes of a step's variant: the method's, then EOC's correction when it is on."""
+        passes = list(self.passes(plan, options))
+        if options.get("eoc"):
+            passes.append(InsertErrorCorrectionPass())
+        return passes
+
     def resolve_options(self, given: dict, structure=None) -> dict:
         known = {o.name: o for o in self.options}
         unknown = sorted(set(given) - set(known))
@@ -64,6 +105,11 @@ class Method:
             valid = ", ".join(known) or "none"
             raise GraphcacheError(f"method {self.name} has no option {unknown[0]!r} (its options: {valid})")
         options = {name: o.parse(given[name]) if name in given else o.default for name, o in known.items()}
+        if self.corrects and not options["eoc"]:  # EOC off: its settings are not in effect, nor shown
+            stray = [name for name in given if name.startswith("eoc_")]
+            if stray:
+                raise GraphcacheError(f"option {stray[0]} needs eoc=PRIOR (a prior from `graphcache calibrate`)")
+            options = {name: v for name, v in options.items() if not name.startswith("eoc")}
         if self.profiles:
             if options["profile"] == "auto":
                 options["profile"] = self.detect_profile(structure)
@@ -79,4 +125,25 @@ class Method:
         if not 1 <= num_steps <= 1000:
             raise GraphcacheError(f"num_steps must be between 1 and 1000, got {num_steps}")
         options = self.resolve_options(options or {}, structure)
-        return Schedule(self.name, options, num_steps, depth, self.plan(num_steps, depth, num_tokens, options))
+        plans = self.plan(num_steps, depth, num_tokens, options)
+        if options.get("eoc"):
+            plans = with_corrections(plans, options, num_tokens, structure)
+        return Schedule(self.name, options, num_steps, depth, plans)
+
+
+def with_corrections(plans: list[StepPlan], options: dict, num_tokens: int, structure) -> list[StepPlan]:
+    """The plans with EOC's per-step factor inputs: every branch of the prior gets one at every
+    step (ones where nothing is corrected, so that each variant's inputs are always given), and
+    `corrected` names the branches whose factor is not ones."""
+    from ..eoc import load_prior, step_factors
+
+    prior = load_prior(options["eoc"])
+    hidden = structure.hidden_size if structure is not None else prior.meta["hidden_size"]
+    branches = [br.name for br in structure.branches] if structure is not None else list(prior.trend)
+    prior.check(num_steps=len(plans), num_tokens=num_tokens, hidden_size=hidden, branches=branches)
+    computed = [{b for b, k in enumerate(p.kinds) if k == FULL} for p in plans]
+    factors = step_factors(prior, computed, options["eoc_lambda"], options["eoc_judgment"])
+    ones = torch.ones(num_tokens, hidden)
+    return [replace(p, inputs={**p.inputs, **{correction_input(br): f.get(br, ones) for br in branches}},
+                    corrected=tuple(br for br in branches if br in f))
+            for p, f in zip(plans, factors)]

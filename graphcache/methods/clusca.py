@@ -25,7 +25,7 @@ from ..passes.taylor import ReplaceWithTaylorForecastPass
 from ..passes.token_select import InsertTokenSelectPass
 from . import taylorseer
 from ..schedule import FULL
-from .base import Method, Option
+from .base import EOC_OPTIONS, Method, Option
 
 
 def plan(num_steps, depth, num_tokens, options):
@@ -66,6 +66,7 @@ METHOD = Method(
         Option("propagation", 0.005, "γ: weight of the cluster's fresh value on its other tokens",
                type=float, minimum=0.0, maximum=1.0),
         Option("tokens_per_cluster", 1, "fresh MLP tokens per cluster", minimum=1),
+        *EOC_OPTIONS,
     ),
     plan=plan,
     passes=passes,

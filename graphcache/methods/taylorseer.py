@@ -17,7 +17,7 @@ from __future__ import annotations
 from ..passes.cache_passes import EliminateDeadBranchesPass
 from ..passes.taylor import DELTA_INPUT, InsertTaylorUpdatePass, ReplaceWithTaylorForecastPass, forecast_coefficients
 from ..schedule import FORECAST, FULL, PARTIAL, StepPlan, descending
-from .base import Method, Option
+from .base import EOC_OPTIONS, Method, Option
 
 FIRST_ENHANCE = 2
 
@@ -71,6 +71,7 @@ METHOD = Method(
     options=(
         Option("interval", 4, "N: after the first two full steps, every N-th step is full", minimum=1),
         Option("order", 4, "highest Taylor order kept (0 = reuse, as FORA)", minimum=0),
+        *EOC_OPTIONS,
     ),
     plan=plan,
     passes=passes,

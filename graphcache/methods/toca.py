@@ -24,7 +24,7 @@ from ..passes.cache_passes import EliminateDeadBranchesPass, InsertCacheWritePas
 from ..passes.token_score import SCORES, RecordTokenScorePass, ScatterIntoCacheMerger, ToCaSelector
 from ..passes.token_select import InsertTokenSelectPass
 from ..schedule import FULL, PARTIAL
-from .base import Method, Option
+from .base import EOC_OPTIONS, Method, Option
 from .rules import DIT, PIXART, toca_plans
 
 RULES = {"dit": DIT, "pixart": PIXART}
@@ -50,6 +50,7 @@ def options(fresh_ratio, scheduler, bonus):
         Option("soft_fresh_weight", 0.25, "λ3: weight of staleness (steps since a token was computed)", float),
         Option("spatial_bonus", bonus, "s4: bonus for each grid cell's best token (0 disables)", float, minimum=0),
         Option("spatial_grid", 2, "s4: side of the token-grid cells", minimum=1),
+        *EOC_OPTIONS,
     )
 
 

@@ -26,6 +26,7 @@ import torch
 
 import graphcache
 from graphcache.methods import get_method
+from graphcache.methods.base import EOC_OPTIONS
 from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_, sincos_pos_embed_2d
 from graphcache.passes.cluster import KMEANS
 from graphcache.passes.taylor import DELTA_INPUT, coefficient_input
@@ -34,6 +35,8 @@ from graphcache.schedule import FORECAST, FULL, PARTIAL
 from clusca_reference import ClusCaReference  # pytest puts tests/methods on sys.path
 
 TOL = 1e-5
+
+EOC_DEFAULTS = {o.name: o.default for o in EOC_OPTIONS}
 
 
 def run(model, num_steps, sampler, labels=(3, 7), seed=0, cfg=1.5):
@@ -166,7 +169,7 @@ def test_schedule_follows_rule(num_steps, interval, order):
 def test_options_and_variants():
     method = get_method("clusca")
     assert {o.name: o.default for o in method.options} == {
-        "interval": 5, "clusters": 16, "order": 4, "propagation": 0.005, "tokens_per_cluster": 1}
+        "interval": 5, "clusters": 16, "order": 4, "propagation": 0.005, "tokens_per_cluster": 1, **EOC_DEFAULTS}
     sched = method.schedule(50, 28)
     # full with the K-means start, full, ClusCa: how many Taylor factors exist is a per-step input
     assert len(sched.variants()) == 3

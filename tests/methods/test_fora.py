@@ -29,7 +29,7 @@ def expected_full(num_steps: int, interval: int) -> list[bool]:
 def test_schedule(num_steps, interval):
     sched = FORA.schedule(num_steps, DEPTH, {"interval": interval})
     assert sched.num_steps == len(sched.steps) == num_steps and sched.depth == DEPTH
-    assert sched.options == {"interval": interval}
+    assert sched.options == {"interval": interval, "level": 0}
     full = expected_full(num_steps, interval)
     for i, plan in enumerate(sched.steps):
         assert plan.index == i and plan.step == num_steps - 1 - i
@@ -59,7 +59,7 @@ def test_first_cycle_is_irregular():
 
 def test_default_interval_and_json():
     sched = FORA.schedule(20, 4)
-    assert sched.options == {"interval": 3}
+    assert sched.options == {"interval": 3, "level": 0}
     j = sched.to_json()
     assert j["method"] == "fora" and j["num_steps"] == 20 and len(j["steps"]) == 20
     assert j["steps"][1] == {"index": 1, "step": 18, "kinds": [FULL] * 4}  # 18 % 3 == 0
@@ -71,7 +71,7 @@ def test_option_validation():
         FORA.schedule(10, 4, {"interval": 0})
     with pytest.raises(GraphcacheError, match="no option 'ratio'"):
         FORA.schedule(10, 4, {"ratio": 0.5})
-    assert FORA.schedule(10, 4, {"interval": "2"}).options == {"interval": 2}
+    assert FORA.schedule(10, 4, {"interval": "2"}).options == {"interval": 2, "level": 0}
 
 
 def test_passes_per_kind():

@@ -15,6 +15,7 @@ import graphcache
 from graphcache import ir
 from graphcache.methods import METHODS, Method, fora, get_method
 from graphcache.methods.taylorseer import taylor_plans
+from graphcache.methods.base import EOC_OPTIONS
 from graphcache.passes.cluster import KMEANS
 from graphcache.passes.taylor import DELTA_INPUT, coefficient_input
 from graphcache.schedule import FORECAST, FULL, REUSE, StepPlan
@@ -32,6 +33,8 @@ from test_clusca import (  # the comparison helpers live with the ClusCa tests
     tiny_dit,
 )
 
+EOC_DEFAULTS = {o.name: o.default for o in EOC_OPTIONS}
+
 
 @pytest.fixture(scope="module")
 def dit_s():
@@ -45,7 +48,7 @@ def dit_s():
 
 def test_schedule_anchors():
     method = get_method("taylorseer")
-    assert {o.name: o.default for o in method.options} == {"interval": 4, "order": 4}
+    assert {o.name: o.default for o in method.options} == {"interval": 4, "order": 4, **EOC_DEFAULTS}
     assert kinds_string(method.schedule(50, 28)) == "FF" + "TTTF" * 12
     assert kinds_string(method.schedule(50, 28, {"interval": 3})) == "FF" + "TTF" * 16
     assert kinds_string(method.schedule(250, 28, {"interval": 5})) == "FF" + "TTTTF" * 49 + "TTT"

@@ -1,0 +1,105 @@
+"""EOC's prior (graphcache/eoc.py): what it stores, that it round-trips, that it refuses another
+model, step count or resolution, the judgment's arithmetic, and `graphcache calibrate`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphcache
+from graphcache.cli import main
+from graphcache.calibration import CALIBRATION_SEED
+from graphcache.eoc import Prior, fingerprint, load_prior, step_factors, step_weights
+from graphcache.methods import get_method
+from graphcache.models.builtin import resolve_model
+from graphcache.models.dit import init_random_
+from conftest import EOC_STEPS
+
+TOKENS, HIDDEN, DEPTH = 16, 64, 2
+
+
+def test_prior_contents_and_round_trip(eoc_model, eoc_prior, tmp_path):
+    prior = load_prior(eoc_prior)
+    m = prior.meta
+    assert (m["num_steps"], m["num_tokens"], m["hidden_size"], m["sampler"], m["cfg_scale"]) == (
+        EOC_STEPS, TOKENS, HIDDEN, "ddim", None)
+    assert m["fingerprint"] == fingerprint(eoc_model) and m["calibration_seed"] == CALIBRATION_SEED
+    assert sorted(prior.trend) == ["b0_attention", "b0_mlp", "b1_attention", "b1_mlp"]
+    # only what the correction reads: one trend per step after the first, fp32
+    for br, trend in prior.trend.items():
+        assert trend.shape == (EOC_STEPS - 1, TOKENS, HIDDEN) and trend.dtype == torch.float32
+        assert prior.gain[br].shape == prior.norm[br].shape == (EOC_STEPS - 1,)
+        assert bool((prior.norm[br] > 0).all())
+    again = load_prior(prior.save(tmp_path / "copy.safetensors"))
+    assert {k: v for k, v in again.meta.items() if k != "source"} == {k: v for k, v in m.items() if k != "source"}
+    assert all(torch.equal(again.trend[br], prior.trend[br]) for br in prior.trend)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write: no temp file left
+
+
+def test_trend_is_the_step_difference_of_the_average(eoc_model, eoc_prior):
+    """P[t] written out: the two calibration samples' branch outputs averaged, differenced."""
+    outputs = {}
+    block = eoc_model.blocks[1]
+    hook = block.mlp.register_forward_hook(lambda mod, inp, out: outputs.setdefault(len(outputs), out.mean(0)))
+    try:
+        torch.manual_seed(CALIBRATION_SEED)
+        noise = torch.randn(2, 4, 8, 8)
+        graphcache.sample(eoc_model, [0, 1], noise=noise, seed=None, num_steps=EOC_STEPS, cfg_scale=None)
+    finally:
+        hook.remove()
+    p = torch.stack([outputs[t] for t in range(EOC_STEPS)])
+    # the prior averages in float64 what the captured graph computed: equal to float32 rounding of P
+    torch.testing.assert_close(load_prior(eoc_prior).trend["b1_mlp"], p[1:] - p[:-1], rtol=0,
+                               atol=1e-5 * float(p.abs().max()))
+
+
+def test_refuses_another_model_steps_or_resolution(eoc_model, eoc_prior):
+    other = init_random_(resolve_model("builtin:dit-tiny-random"), seed=5)
+    with pytest.raises(graphcache.GraphcacheError, match="calibrated on another model"):
+        graphcache.optimize(other, "fora", EOC_STEPS, eoc=str(eoc_prior))
+    with pytest.raises(graphcache.GraphcacheError, match=f"calibrated for {EOC_STEPS} sampling steps, not 8"):
+        graphcache.optimize(eoc_model, "fora", 8, eoc=str(eoc_prior))
+    with pytest.raises(graphcache.GraphcacheError, match="calibrated at 16 tokens x 64 channels"):
+        get_method("fora").schedule(EOC_STEPS, DEPTH, {"eoc": str(eoc_prior)}, num_tokens=64)
+    with pytest.raises(graphcache.GraphcacheError, match="per-step tensors"):
+        graphcache.optimize(eoc_model, "fora", EOC_STEPS, eoc=str(eoc_prior), backend="onnx")
+    with pytest.raises(graphcache.GraphcacheError, match="needs eoc=PRIOR"):
+        get_method("toca").resolve_options({"eoc_lambda": "0.5"})
+
+
+def _prior(b, c):
+    trend = torch.full((len(b), 1, 1), 0.5)
+    return Prior({"branches": {"b0_mlp": 0}}, {"b0_mlp": trend}, {"b0_mlp": torch.tensor(b)},
+                 {"b0_mlp": torch.tensor(c)})
+
+
+def test_judgment_and_fitted_weights():
+    """Per step the error changes by λ² c - 2 λ b: a step is corrected where that is negative; the
+    fitted λ is b / c where positive, or of either sign."""
+    prior = _prior([1.0, -1.0, 0.004, 0.0], [10.0, 10.0, 1.0, 0.0])
+    assert step_weights(prior, "b0_mlp", 0.01, "held-out") == [0.0, 0.01, 0.0, 0.0, 0.0]
+    assert step_weights(prior, "b0_mlp", 0.01, "all") == [0.0] + [0.01] * 4
+    assert step_weights(prior, "b0_mlp", "fit", "held-out") == pytest.approx([0.0, 0.1, 0.0, 0.004, 0.0])
+    assert step_weights(prior, "b0_mlp", "signed-fit", "held-out") == pytest.approx([0.0, 0.1, -0.1, 0.004, 0.0])
+    # consecutive cached steps multiply their factors; a computed step starts over
+    factors = step_factors(prior, [{0}, set(), set(), {0}, set()], 0.01, "all")
+    assert [sorted(f) for f in factors] == [[], ["b0_mlp"], ["b0_mlp"], [], ["b0_mlp"]]
+    assert factors[2]["b0_mlp"].item() == pytest.approx(1.005**2)
+
+
+def test_cli_calibrate(eoc_model, tmp_path, capsys):
+    out = tmp_path / "prior.safetensors"
+    assert main(["calibrate", "builtin:dit-tiny-random", "--method", "eoc", "--steps", "3", "--samples", "1",
+                 "--held-out", "1", "--cfg-scale", "1", "-q", "-o", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert load_prior(out).meta["num_steps"] == 3
+    for argv, message in [
+        (["--steps", "3", "-o", str(tmp_path / "prior.pt")], "use a .safetensors file name"),
+        (["--steps", "1", "-o", str(tmp_path / "p.safetensors")], "needs 2+ steps"),
+    ]:
+        assert main(["calibrate", "builtin:dit-tiny-random", "--method", "eoc", "-q", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert main(["sample", "builtin:dit-tiny-random", "--method", "fora", "--steps", "4", "--set", f"eoc={out}",
+                 "--labels", "1", "-q", "-o", str(tmp_path / "x.pt")]) == 2
+    assert "calibrated for 3 sampling steps, not 4" in capsys.readouterr().err
