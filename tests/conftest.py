@@ -20,9 +20,6 @@ def one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
-EOC_STEPS = 6  # sampling steps of the session's EOC prior (tests/test_eoc.py and its pass and method tests)
-
-
 @pytest.fixture(scope="session")
 def eoc_model():
     """builtin:dit-tiny-random: depth 2, 16 tokens, every weight N(0, 0.02)."""
@@ -34,6 +31,8 @@ def eoc_model():
 @pytest.fixture(scope="session")
 def eoc_prior(eoc_model, tmp_path_factory):
     """An EOC prior of `eoc_model` for EOC_STEPS DDIM steps without guidance (2 + 2 samples), on disk."""
+    from eoc_setup import EOC_STEPS
+
     from graphcache.calibration import calibrate
 
     path = tmp_path_factory.mktemp("eoc") / "prior.safetensors"

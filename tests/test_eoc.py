@@ -13,7 +13,7 @@ from graphcache.eoc import Prior, fingerprint, load_prior, step_factors, step_we
 from graphcache.methods import get_method
 from graphcache.models.builtin import resolve_model
 from graphcache.models.dit import init_random_
-from conftest import EOC_STEPS
+from eoc_setup import EOC_STEPS
 
 TOKENS, HIDDEN, DEPTH = 16, 64, 2
 

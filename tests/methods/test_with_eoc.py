@@ -16,7 +16,7 @@ from graphcache.calibration import CALIBRATION_SEED
 from graphcache.methods import get_method
 from graphcache.models.dit import modulate
 from graphcache.sampling import Diffusion
-from conftest import EOC_STEPS
+from eoc_setup import EOC_STEPS
 
 LABELS = [3, 7]
 

@@ -8,7 +8,7 @@ import torch
 
 import graphcache
 from graphcache.schedule import FULL, REUSE, correction_input
-from conftest import EOC_STEPS
+from eoc_setup import EOC_STEPS
 
 BRANCHES = ["b0_attention", "b0_mlp", "b1_attention", "b1_mlp"]
 
