@@ -313,21 +313,27 @@ def test_announced_runs_evaluate_each_conditioning_once(model, method):
     cached = optimize(model, method, num_steps=S)
     plain_arith = optimize(model, method, num_steps=S, hoist_conditioning=False)
     assert set(cached.conditionings) == set(cached.variants) and not plain_arith.conditionings
-    calls = []
+    # a table evaluates a conditioning's whole graph; a step on its own, its parts (one here: the
+    # modulation depends on t and y together)
+    calls, step_calls = [], []
+    assert all(len(c.parts) == 1 for c in cached.conditionings.values())
     hooks = [_count_calls(c.graph, calls) for c in cached.conditionings.values()]
+    hooks += [_count_calls(p.graph, step_calls) for c in cached.conditionings.values() for p in c.parts]
     try:
         kw = dict(labels=[3, 207], seed=6, num_steps=S, cfg_scale=4.0)
         first = sample(cached, **kw)
-        assert len(calls) == len(cached.variants) + 1  # one per variant, plus the one-off row check
+        assert len(calls) == len(cached.variants)  # one per variant
+        assert len(step_calls) == 1  # the one-off row check
         assert cached.conditioning_is_rowwise is True
         assert {i: set(row) for i, row in cached.condition_table.items()} == {
             plan.index: set(cached.conditionings[plan.variant].names) for plan in cached.schedule.steps}
         calls.clear()
+        step_calls.clear()
         assert torch.equal(sample(cached, **kw), first)  # a second run tabulates again, bit for bit
-        assert len(calls) == len(cached.variants)
+        assert len(calls) == len(cached.variants) and not step_calls
         calls.clear()
         stepwise = sample(Unannounced(cached), **kw)
-        assert len(calls) == S
+        assert not calls and len(step_calls) == S  # t changes every step: nothing is kept
     finally:
         for hook in hooks:
             hook.remove()
