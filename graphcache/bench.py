@@ -151,6 +151,7 @@ class BenchSession:
         self.hoist_conditioning, self.num_steps, self.batch = hoist_conditioning, num_steps, batch
         self.sampler, self.cfg_scale, self.guidance, self.seed = sampler, cfg_scale, guidance, seed
         self.interleaved = interleaved
+        self.text_tokens = None  # class-conditional: no caption
         self.labels = _labels(model, batch)
         self.cfg = cfg_scale is not None and cfg_scale > 1.0
         self.pixel = model.in_channels in (1, 3)
@@ -172,15 +173,19 @@ class BenchSession:
     def run(self, entry: dict, timed: bool) -> float:
         """One sampling run of `entry` (the same seeds every time); its seconds. A timed run is
         recorded in the entry, with its samples and peak memory."""
-        cached = entry["cached"]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        seconds, out = _timed_run(cached, _sampling_run(cached, self.labels, self.num_steps, self.sampler,
-                                                        self.cfg_scale, self.guidance, self.seed))
+        seconds, out = _timed_run(self.model, self.sampling_run(entry))
         if timed:
             entry["times"].append(seconds)
             entry["output"], entry["peak"] = out, max(entry["peak"], _peak_memory_bytes(self.device))
         return seconds
+
+    def sampling_run(self, entry: dict):
+        """A call that samples one run of `entry` (the same seeds every time)."""
+        cached = entry["cached"]
+        return _sampling_run(cached, self.labels, self.num_steps, self.sampler, self.cfg_scale, self.guidance,
+                             self.seed)
 
     def cached(self, entry: dict):
         """The CachedModel an entry runs."""
@@ -193,7 +198,7 @@ class BenchSession:
     def flops(self, cached) -> dict:
         from .flops import model_dims, schedule_flops
 
-        dims = {**model_dims(self.model), "tokens": cached.structure.num_tokens}
+        dims = {**model_dims(self.model, self.text_tokens), "tokens": cached.structure.num_tokens}
         return schedule_flops(cached.schedule, batch=self.batch * (2 if self.cfg else 1), **dims)
 
     def report(self, entry: dict, base: dict) -> dict:
@@ -293,13 +298,7 @@ class PipelineBenchSession(BenchSession):
     def release(self, entry: dict) -> None:
         del entry["pipe"]
 
-    def flops(self, cached) -> dict:
-        from .flops import model_dims, schedule_flops
-
-        dims = {**model_dims(self.model, self.text_tokens), "tokens": cached.structure.num_tokens}
-        return schedule_flops(cached.schedule, batch=self.batch * (2 if self.cfg else 1), **dims)
-
-    def run(self, entry: dict, timed: bool) -> float:
+    def sampling_run(self, entry: dict):
         pipe = entry["pipe"]
         mask = torch.ones(1, self.text_tokens)
         size = self.model.config.sample_size * pipe.vae_scale_factor
@@ -312,13 +311,7 @@ class PipelineBenchSession(BenchSession):
                         guidance_scale=self.cfg_scale, height=size, width=size, use_resolution_binning=False,
                         generator=torch.Generator().manual_seed(self.seed), output_type="latent").images
 
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        seconds, out = _timed_run(self.model, call)
-        if timed:
-            entry["times"].append(seconds)
-            entry["output"], entry["peak"] = out, max(entry["peak"], _peak_memory_bytes(self.device))
-        return seconds
+        return call
 
     def summary(self, results: list[dict], model_name: str = "") -> dict:
         return {**super().summary(results, model_name), "text_tokens": self.text_tokens}

@@ -880,7 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
     p.add_argument("--sampler", choices=SAMPLERS, help="class-conditional DiTs (default: ddim)")
     p.add_argument("--cfg-scale", type=float, metavar="S",
-                   help=f"guidance scale (default: 1.5; text-conditioned: {_PIXART_CFG_SCALE})")
+                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE}; text-conditioned: {_PIXART_CFG_SCALE})")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, help="class-conditional DiTs (default: official)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write frontier and step x block heatmap PNGs")
@@ -942,7 +942,7 @@ def cmd_bench(args) -> int:
     report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
                          hoist_conditioning=args.hoist_conditioning, num_steps=args.steps or (20 if text else 50),
                          batch=args.batch or (1 if text else 8), sampler=args.sampler,
-                         cfg_scale=args.cfg_scale if args.cfg_scale is not None else (_PIXART_CFG_SCALE if text else 1.5),
+                         cfg_scale=args.cfg_scale if args.cfg_scale is not None else (_PIXART_CFG_SCALE if text else _BUILTIN_CFG_SCALE),
                          guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                          interleave=args.interleave, model_name=args.model, progress=not args.quiet,
                          text_tokens=args.text_tokens)

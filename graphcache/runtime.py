@@ -255,9 +255,18 @@ class CachedModel(DelegatesToModel, SteppedModel):
             propagate_shapes(self.captured, args)
         device = next(self.model.parameters()).device
         self.cache.allocate(self.slot_specs(), device, signature)
-        # per-step tensor inputs (EOC's factors) live where the model runs, in its dtype
-        self.step_kwargs = [{k: v.to(device, self.input_dtype) if isinstance(v, torch.Tensor) else v
-                             for k, v in kwargs.items()} for kwargs in self.step_kwargs]
+        # per-step tensor inputs (EOC's factors) live where the model runs, in its dtype; one copy
+        # of a tensor many steps share (the ones of uncorrected branches)
+        moved: dict[int, torch.Tensor] = {}
+
+        def move(v):
+            if not isinstance(v, torch.Tensor):
+                return v
+            if id(v) not in moved:
+                moved[id(v)] = v.to(device, self.input_dtype)
+            return moved[id(v)]
+
+        self.step_kwargs = [{k: move(v) for k, v in kwargs.items()} for kwargs in self.step_kwargs]
 
     @property
     def input_dtype(self) -> torch.dtype:

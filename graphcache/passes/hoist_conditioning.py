@@ -134,7 +134,6 @@ class HoistConditioningPass(Pass):
                 for dim, symbol in enumerate(node.meta.get(ir.DIM_SYMBOLS, ())):
                     if symbol is not None:
                         sizes.setdefault(symbol, []).append((node.target, dim))
-        self.sizes = sizes
         kind = {}
         for node in graph.nodes:
             kind[node] = _classify(node, kind, self.conditions, sizes)
@@ -155,7 +154,7 @@ class HoistConditioningPass(Pass):
             names=tuple(INPUT_PREFIX + n.name for n in frontier),
             row_bytes=sum(math.prod(n.meta["tensor_meta"].shape[1:]) * n.meta["tensor_meta"].dtype.itemsize
                           for n in frontier),
-            parts=self._parts(gm, frontier),
+            parts=self._parts(gm, frontier, sizes),
             stackable=not unstackable,
         )
         for node in frontier:
@@ -169,7 +168,7 @@ class HoistConditioningPass(Pass):
         return PassResult(gm, True)
 
 
-    def _parts(self, gm: fx.GraphModule, frontier: list[fx.Node]) -> tuple[ConditioningPart, ...]:
+    def _parts(self, gm: fx.GraphModule, frontier: list[fx.Node], sizes: dict) -> tuple[ConditioningPart, ...]:
         """`frontier` grouped by the conditioning inputs each value depends on (a size read off
         another input comes from one of them if it can, else from the first that has it)."""
         groups: dict[tuple[str, ...], list[fx.Node]] = {}
@@ -177,11 +176,11 @@ class HoistConditioningPass(Pass):
             upstream = ir.upstream([node])
             uses = {n.target for n in upstream if n.op == "placeholder" and n.target in self.conditions}
             for n in upstream:
-                sources = self.sizes.get(n.meta.get(ir.SIZE_SYMBOL), []) if _is_size_of_other(n, self.conditions) else []
+                sources = sizes.get(n.meta.get(ir.SIZE_SYMBOL), []) if _is_size_of_other(n, self.conditions) else []
                 if sources and not any(name in uses for name, _ in sources):
                     uses.add(sources[0][0])
             groups.setdefault(tuple(name for name in self.conditions if name in uses), []).append(node)
-        return tuple(ConditioningPart(graph=_extract(gm, nodes, list(names), self.sizes),
+        return tuple(ConditioningPart(graph=_extract(gm, nodes, list(names), sizes),
                                       inputs=tuple(self.conditions[name] for name in names),
                                       names=tuple(INPUT_PREFIX + n.name for n in nodes))
                      for names, nodes in groups.items())
