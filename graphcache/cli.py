@@ -595,12 +595,18 @@ def cmd_inspect(args) -> int:
           f"{structure.num_tokens} tokens, hidden {structure.hidden_size})")
     print(f"method: {info['method']} {_format_options(info['options'])}, {info['num_steps']} steps; "
           f"captured graph: {info['captured_nodes']} nodes")
+    print("streams: " + ", ".join(f"{st['name']} ({st['tokens']} tokens, {st['start']} -> {st['end']})"
+                                  for st in info["streams"]))
+    for line in info["unclassified"]:
+        print(f"not classified: {line}")
+    multi = len({st["name"] for st in info["streams"]}) > 1
     print("blocks:")
     for b in info["blocks"]:
         print(f"  block {b['block']}  {b['module'] or '(top level)'}")
         for br in b["branches"]:
             gate = f"gate {br['gate']}" if br["gate"] else "no gate"
-            print(f"    {br['kind']:<15} {br['module'] or '(inline)':<20} cut at {br['branch_out']}, {gate}, "
+            kind = f"{br['stream']} {br['kind']}" if multi else br["kind"]
+            print(f"    {kind:<21} {br['module'] or '(inline)':<28} cut at {br['branch_out']}, {gate}, "
                   f"{br['work_nodes']} work nodes")
     print("variants:")
     for v in info["variants"]:

@@ -30,6 +30,12 @@ ATTENTION = "attention"
 CROSS_ATTENTION = "cross_attention"
 MLP = "mlp"
 
+# The residual streams a block may carry. A single-stream DiT has one, the image tokens. An MMDiT's
+# double-stream (joint) blocks carry two, image and text tokens, each with its own branches, joined
+# only inside their shared attention; FLUX's and HunyuanVideo's single-stream blocks carry one
+# joint stream, the text and image tokens concatenated.
+IMAGE, TEXT, JOINT = "image", "text", "joint"
+
 
 @dataclass
 class Branch:
@@ -44,13 +50,25 @@ class Branch:
     residual_add: str  # the add that puts the branch back on the stream
     module: str  # module path that owns the branch work ("" if written inline at the top level)
     work: list[str] = field(default_factory=list)  # nodes computed from stream_in for branch_out
-    name: str = ""  # unique stem for cache slots, e.g. "b3_mlp" (set by the block analysis)
+    name: str = ""  # unique stem for cache slots, e.g. "b3_mlp", "b3_text_mlp" (set by the block analysis)
+    stream: str = IMAGE  # IMAGE | TEXT | JOINT: the residual stream the branch adds to
+
+
+@dataclass
+class Stream:
+    """One residual stream: the chain of residual adds from `start` (the stream entering its first
+    branch) to `end` (its last residual add), over `num_tokens` tokens."""
+
+    name: str  # IMAGE | TEXT | JOINT
+    start: str
+    end: str
+    num_tokens: int
 
 
 @dataclass
 class Block:
     index: int
-    stream_in: str
+    stream_in: str  # the image (or joint) stream entering the block; a text stream's are its branches'
     stream_out: str
     module: str
     branches: list[Branch]
@@ -61,13 +79,21 @@ class Structure:
     blocks: list[Block]
     stream_start: str  # the stream entering block 0
     stream_end: str  # the stream leaving the last block
-    num_tokens: int = 0  # stream shape (batch, num_tokens, hidden_size) at capture
+    num_tokens: int = 0  # image stream shape (batch, num_tokens, hidden_size) at capture
     hidden_size: int = 0
     input_names: list[str] = field(default_factory=list)
+    streams: list[Stream] = field(default_factory=list)  # image first, then text and joint if any
+    # one line per part of the graph discovery saw but did not make a block of (and why)
+    unclassified: list[str] = field(default_factory=list)
 
     @property
     def depth(self) -> int:
         return len(self.blocks)
+
+    @property
+    def multi_stream(self) -> bool:
+        """Whether blocks carry more than the image stream (an MMDiT: SD3, FLUX, HunyuanVideo)."""
+        return any(s.name != IMAGE for s in self.streams)
 
     @property
     def branches(self) -> list[Branch]:
@@ -87,8 +113,8 @@ class Structure:
                 "block": b.index,
                 "module": b.module,
                 "branches": [
-                    {"kind": br.kind, "module": br.module, "branch_out": br.branch_out, "gate": br.gate,
-                     "work_nodes": len(br.work)}
+                    {"kind": br.kind, "stream": br.stream, "module": br.module, "branch_out": br.branch_out,
+                     "gate": br.gate, "work_nodes": len(br.work)}
                     for br in b.branches
                 ],
             }
@@ -167,6 +193,8 @@ ADD_TARGETS = {aten.add.Tensor, operator.add, torch.add}
 MUL_TARGETS = {aten.mul.Tensor, operator.mul, torch.mul}
 LINEAR_TARGETS = {aten.linear.default, torch.nn.functional.linear}
 SDPA_TARGETS = {aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
+CAT_TARGETS = {aten.cat.default, torch.cat}
+SLICE_TARGETS = {aten.slice.Tensor}
 SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default, torch.softmax, torch.nn.functional.softmax}
 MATMUL_TARGETS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default,
                   operator.matmul, torch.matmul, torch.bmm}
@@ -193,6 +221,36 @@ def op_name(node: fx.Node) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.name.split("::")[-1]
     return getattr(target, "__name__", str(target))
+
+
+# ops that pass a tensor on with its value unchanged (export keeps dropout, with train=False, in eval
+# graphs; a dtype cast changes precision only: Wan adds its residuals in float32 and casts back)
+PASS_ON_TARGETS = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.dropout.default,
+                   aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
+
+
+def passes_on(node) -> bool:
+    """Whether `node` is its first argument passed on unchanged: a PASS_ON_TARGETS op, or a slice
+    over a dimension's whole extent."""
+    if is_call(node, PASS_ON_TARGETS):
+        return True
+    if not is_call(node, SLICE_TARGETS):
+        return False
+    source, dim, start, end, step = (*node.args, *(None,) * (5 - len(node.args)))
+    shape = tensor_shape(source)
+    return (shape is not None and not start and step in (None, 1)
+            and (end is None or (isinstance(end, int) and end >= shape[(dim or 0) % len(shape)])))
+
+
+def stream_operand(add: fx.Node, stream_in: str) -> fx.Node:
+    """The operand of a residual add that is the stream `stream_in` (possibly through a cast)."""
+    for arg in add.args:
+        node = arg
+        while isinstance(node, fx.Node):
+            if node.name == stream_in:
+                return arg
+            node = node.args[0] if passes_on(node) else None
+    raise ValueError(f"{add.name} does not add to the stream {stream_in}")
 
 
 def is_add(node: fx.Node) -> bool:

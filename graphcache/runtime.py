@@ -296,6 +296,9 @@ class CachedModel(DelegatesToModel, SteppedModel):
             "num_steps": self.num_steps,
             "backend": self.backend,
             "captured_nodes": len(self.captured.graph.nodes),
+            "streams": [{"name": st.name, "start": st.start, "end": st.end, "tokens": st.num_tokens}
+                        for st in self.structure.streams],
+            "unclassified": list(self.structure.unclassified),
             "blocks": self.structure.describe(),
             "variants": variants,
         }

@@ -85,6 +85,9 @@ class Method:
     # when planning without a model: DiT-XL/2)
     profiles: dict[str, dict] = field(default_factory=dict)
     detect_profile: Callable[[Any], str] | None = None
+    # whether the method runs on blocks with more than one stream (MMDiT: SD3, FLUX, HunyuanVideo);
+    # token selection, token scores and skipped blocks still assume one stream per block
+    multi_stream: bool = False
 
     @property
     def corrects(self) -> bool:
@@ -124,11 +127,21 @@ class Method:
         profile to the captured `structure`'s."""
         if not 1 <= num_steps <= 1000:
             raise GraphcacheError(f"num_steps must be between 1 and 1000, got {num_steps}")
+        if structure is not None and structure.multi_stream and not self.multi_stream:
+            able = ", ".join(name for name, m in _methods().items() if m.multi_stream)
+            raise GraphcacheError(f"{self.name} does not run on blocks with image and text streams (MMDiT: SD3, "
+                                  f"FLUX, HunyuanVideo) yet; these methods do: {able}")
         options = self.resolve_options(options or {}, structure)
         plans = self.plan(num_steps, depth, num_tokens, options)
         if options.get("eoc"):
             plans = with_corrections(plans, options, num_tokens, structure)
         return Schedule(self.name, options, num_steps, depth, plans)
+
+
+def _methods() -> dict:
+    from . import METHODS
+
+    return METHODS
 
 
 def with_corrections(plans: list[StepPlan], options: dict, num_tokens: int, structure) -> list[StepPlan]:
@@ -137,6 +150,9 @@ def with_corrections(plans: list[StepPlan], options: dict, num_tokens: int, stru
     `corrected` names the branches whose factor is not ones."""
     from ..eoc import load_prior, step_factors
 
+    if structure is not None and structure.multi_stream:
+        raise GraphcacheError("EOC's correction does not run on blocks with image and text streams (MMDiT) yet: "
+                              "calibrate and correct a single-stream model")
     prior = load_prior(options["eoc"])
     hidden = structure.hidden_size if structure is not None else prior.meta["hidden_size"]
     branches = [br.name for br in structure.branches] if structure is not None else list(prior.trend)

@@ -56,4 +56,5 @@ METHOD = Method(
     ),
     plan=plan,
     passes=passes,
+    multi_stream=True,
 )

@@ -15,4 +15,5 @@ METHOD = Method(
     options=(),
     plan=plan,
     passes=lambda plan, options: [],
+    multi_stream=True,
 )

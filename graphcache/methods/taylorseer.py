@@ -75,4 +75,5 @@ METHOD = Method(
     ),
     plan=plan,
     passes=passes,
+    multi_stream=True,
 )

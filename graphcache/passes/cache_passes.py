@@ -20,7 +20,7 @@ class InsertCacheWritePass(BranchPass):
             declare_slot(gm, CacheSlot(br.name, like=br.branch_out))
             with ir.insert_after(out):
                 write_slot(gm.graph, br.name, out)
-            self.counters["cache_write"] += 1
+            self.count("cache_write", br)
         return PassResult(gm, self.counters["cache_write"] > 0)
 
 
@@ -40,7 +40,7 @@ class ReplaceWithCacheReadPass(BranchPass):
             with ir.insert_after(out):
                 cached = read_slot(gm.graph, br.name)
             out.replace_all_uses_with(cached)
-            self.counters["cache_read"] += 1
+            self.count("cache_read", br)
         return PassResult(gm, self.counters["cache_read"] > 0)
 
     def ensures(self, gm):

@@ -40,7 +40,8 @@ class InsertErrorCorrectionPass(BranchPass):
             if consumer is None:
                 self.decline(br.name, "its block is skipped in this variant")
                 continue
-            gated = next(a for a in consumer.args if isinstance(a, fx.Node) and a.name != br.stream_in)
+            stream = ir.stream_operand(consumer, br.stream_in)
+            gated = next(a for a in consumer.args if isinstance(a, fx.Node) and a is not stream)
             if br.gate is not None:
                 consumer = gated
                 gated = next(a for a in consumer.args if isinstance(a, fx.Node) and a.name != br.gate)

@@ -165,10 +165,10 @@ class InsertTaylorUpdatePass(TaylorBranchPass):
                     new.append(graph.call_function(finite_difference, (new[i], old[i], delta)))
                 for i, value in enumerate(new):
                     write_slot(graph, taylor_slot(br, i), value)
-            self.counters["taylor_read"] += len(old)
-            self.counters["derivative"] += self.order
-            self.counters["taylor_write"] += len(new)
-            self.counters["branch"] += 1
+            self.count("taylor_read", br, len(old))
+            self.count("derivative", br, self.order)
+            self.count("taylor_write", br, len(new))
+            self.count("branch", br)
         return PassResult(gm, self.counters["branch"] > 0)
 
 
@@ -187,8 +187,8 @@ class ReplaceWithTaylorForecastPass(TaylorBranchPass):
                 factors = [read_slot(graph, taylor_slot(br, i)) for i in range(self.order + 1)]
                 forecast = taylor_forecast(gm, factors)
             out.replace_all_uses_with(forecast)
-            self.counters["taylor_read"] += len(factors)
-            self.counters["forecast"] += 1
+            self.count("taylor_read", br, len(factors))
+            self.count("forecast", br)
         return PassResult(gm, self.counters["forecast"] > 0)
 
     def ensures(self, gm):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .. import ir
 from ..cache import CacheSlot, declare_slot, read_slot, update_slot, write_slot
+from ..errors import GraphcacheError
 from ..ops import CACHE_SCATTER, random_function
 from .base import Pass, PassResult
 from .token_select import SelectContext, TokenMerger, TokenSelector
@@ -179,6 +180,12 @@ class ToCaSelector(TokenSelector):
 
     def indices(self, ctx: SelectContext) -> fx.Node:
         g, b = ctx.gm.graph, ctx.branch.block
+        n = ir.tensor_shape(ctx.stream_in)[1]
+        side = int(round(n**0.5))
+        if self.bonus and (side * side != n or side % self.grid):
+            raise GraphcacheError(f"ToCa's spatial bonus (s4) needs a square grid of tokens divisible into "
+                                  f"{self.grid}x{self.grid} cells; this model has {n} tokens (a video's frames?): "
+                                  "set spatial_bonus=0")
         slot = staleness_slot(b, ctx.branch.kind)
         declare_slot(ctx.gm, CacheSlot(slot, like=ctx.branch.stream_in, shape=lambda s: s[:2], dtype=torch.int32))
         staleness = read_slot(g, slot)

@@ -1,0 +1,112 @@
+"""Caching methods on blocks with more than one stream (diffusers' FLUX and SD3, small random
+configs): FORA and TaylorSeer cache every branch of every stream; the methods that select tokens
+or skip whole blocks refuse such models with the reason, until they handle two streams.
+
+Each run feeds the model a different latent at every step, as a sampler does, so that a cached
+step's output differs from the plain model's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import graphcache
+from graphcache import ir
+from graphcache.errors import GraphcacheError
+from graphcache.methods import METHODS, get_method
+from graphcache.schedule import FORECAST, FULL, REUSE
+
+import diffusers_models as dm
+
+STEPS = 5
+# branches per stream: FLUX's 2 double blocks have image and text attention and MLP, its 2
+# single blocks one joint branch each; SD3's second (last) block has no text branches
+BRANCHES = {"flux": {ir.IMAGE: 4, ir.TEXT: 4, ir.JOINT: 2}, "sd3": {ir.IMAGE: 4, ir.TEXT: 2}}
+
+
+@functools.cache
+def model_and_inputs(name):
+    model = getattr(dm, f"{name}_transformer")()
+    kwargs = getattr(dm, f"{name}_inputs")()
+    g = torch.Generator().manual_seed(7)
+    latents = [kwargs["hidden_states"] + 0.3 * i * torch.randn(kwargs["hidden_states"].shape, generator=g)
+               for i in range(STEPS)]
+    with torch.no_grad():
+        plain = [model(**{**kwargs, "hidden_states": x}, return_dict=False)[0] for x in latents]
+    return model, kwargs, latents, plain
+
+
+def sample(cached, kwargs, latents):
+    cached.reset()
+    with torch.no_grad():
+        return [cached(**{**kwargs, "hidden_states": x}, return_dict=False)[0] for x in latents]
+
+
+@functools.cache
+def cached_run(name, method):
+    model, kwargs, latents, _ = model_and_inputs(name)
+    cached = graphcache.optimize(model, method, STEPS, kwargs=kwargs)
+    return cached, sample(cached, kwargs, latents), sample(cached, kwargs, latents)
+
+
+def counters(cached, kind, pass_name):
+    """The counters `pass_name` reported on the variant whose blocks are all `kind`."""
+    variant = next(v for v in cached.describe()["variants"] if v["kinds"] == f"{kind}×{cached.structure.depth}")
+    return next(p["counters"] for p in variant["passes"] if p["pass"] == pass_name)
+
+
+def per_stream(name, key):
+    """`key` counted once per branch, with the text and joint streams' shares named."""
+    n = BRANCHES[name]
+    return {key: sum(n.values()), **{f"{key}.{s}": k for s, k in n.items() if s != ir.IMAGE}}
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_none_is_the_model(name):
+    _, _, latents, plain = model_and_inputs(name)
+    _, first, _ = cached_run(name, "none")
+    assert all(torch.equal(a, b) for a, b in zip(first, plain))
+
+
+@pytest.mark.parametrize("method", ["fora", "taylorseer"])
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_runs_changes_the_output_and_is_reproducible(name, method):
+    _, _, _, plain = model_and_inputs(name)
+    cached, first, second = cached_run(name, method)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    computed = [all(k == FULL for k in p.kinds) for p in cached.schedule.steps]
+    assert computed[0] and not all(computed)
+    for out, ref, full in zip(first, plain, computed):
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, ref) if full else not torch.allclose(out, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_fora_caches_every_branch_of_every_stream(name):
+    cached, _, _ = cached_run(name, "fora")
+    assert counters(cached, FULL, "InsertCacheWritePass") == per_stream(name, "cache_write")
+    assert counters(cached, REUSE, "ReplaceWithCacheReadPass") == per_stream(name, "cache_read")
+    # a reuse step computes no attention and no block's projections: the joint attention of both
+    # streams went with their two cached branches
+    reuse = next(gm for key, gm in cached.variants.items() if key[0] == (REUSE,) * cached.structure.depth)
+    assert not [n for n in reuse.graph.nodes if ir.is_sdpa(n)]
+    assert not [n for n in reuse.graph.nodes if ir.is_linear(n) and "blocks" in ir.module_path(n)
+                and not ir.layer_path(n).endswith((".norm.linear", ".norm1.linear", ".norm1_context.linear"))]
+
+
+def test_taylorseer_forecasts_every_branch_of_every_stream():
+    cached, _, _ = cached_run("flux", "taylorseer")
+    factors = cached.options["order"] + 1  # a forecast reads every Taylor factor of its branch
+    reads = {key: factors * n for key, n in per_stream("flux", "taylor_read").items()}
+    assert counters(cached, FORECAST, "ReplaceWithTaylorForecastPass") == {**per_stream("flux", "forecast"), **reads}
+
+
+@pytest.mark.parametrize("method", sorted(name for name, m in METHODS.items() if not m.multi_stream))
+def test_single_stream_methods_refuse_two_streams(method):
+    structure = cached_run("flux", "fora")[0].structure
+    with pytest.raises(GraphcacheError, match=f"{method} does not run on blocks with image and text streams.*"
+                                              "these methods do: none, fora, taylorseer"):
+        get_method(method).schedule(STEPS, structure.depth, structure=structure)
