@@ -178,12 +178,12 @@ def _dit_block(
 
 def _joint_block(kind: str, *, batch: int, tokens: int, text_tokens: int, hidden: int, heads: int,
                  mlp_hidden: int, qk_norm: bool, fresh: int | None, fresh_text: int | None, partial_style: str,
-                 text_output: bool = True, image_chunks: int = 6, dual_attention: bool = False) -> int:
+                 text_output: bool = True, dual_attention: bool = False) -> int:
     """A two-stream block: FLUX's and HunyuanVideo's double blocks, SD3's joint blocks.
     `text_output` False: SD3's context_pre_only last block; `dual_attention`: SD3.5's extra image
-    self-attention (with `image_chunks` 9)."""
+    self-attention, with its own shift, scale and gate in the image modulation."""
     b, n, l, c = batch, tokens, text_tokens, hidden
-    ada = _modulation(b, c, image_chunks) + _modulation(b, c, 6 if text_output else 2)
+    ada = _modulation(b, c, 9 if dual_attention else 6) + _modulation(b, c, 6 if text_output else 2)
     norms = 2 * b * n * c + (2 if text_output else 1) * b * l * c
     if kind == FULL:
         t = n + l
@@ -226,15 +226,14 @@ def _sd3_block(kind: str, block: int, *, blocks: int, dual_attention_blocks: tup
                fresh: int | None = None, fresh_text: int | None = None, partial_style: str = "toca", **dims) -> int:
     """SD3's joint blocks: the last of the `blocks` has no text output; `dual_attention_blocks`
     (SD3.5) add an image self-attention."""
-    dual = block in dual_attention_blocks
     return _joint_block(kind, fresh=fresh, fresh_text=fresh_text, partial_style=partial_style,
-                        text_output=block < blocks - 1, image_chunks=9 if dual else 6, dual_attention=dual, **dims)
+                        text_output=block < blocks - 1, dual_attention=block in dual_attention_blocks, **dims)
 
 
 def _wan_block(kind: str, block: int, *, batch: int, tokens: int, text_tokens: int, hidden: int, heads: int,
                mlp_hidden: int, cross_attn_norm: bool, fresh: int | None = None, fresh_cross: int | None = None,
                partial_style: str = "toca") -> int:
-    """A Wan block: self-attention, cross-attention over the text, FFN, each with QK RMSNorm."""
+    """A Wan block: self-attention and cross-attention over the text (both with QK RMSNorm), FFN."""
     del block  # Wan blocks are all alike
     b, n, l, c = batch, tokens, text_tokens, hidden
     ada = 6 * b * c
