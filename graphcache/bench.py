@@ -198,8 +198,8 @@ class BenchSession:
     def flops(self, cached) -> dict:
         from .flops import model_dims, schedule_flops
 
-        dims = {**model_dims(self.model, self.text_tokens), "tokens": cached.structure.num_tokens}
-        return schedule_flops(cached.schedule, batch=self.batch * (2 if self.cfg else 1), **dims)
+        dims = model_dims(self.model, self.text_tokens, cached.structure.num_tokens)
+        return schedule_flops(cached.schedule, **{**dims, "batch": self.batch * (2 if self.cfg else 1)})
 
     def report(self, entry: dict, base: dict) -> dict:
         """The figures of one method; `base`: the `none` entry. Interleaved, the speedup is the

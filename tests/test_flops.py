@@ -5,7 +5,7 @@ and speedup columns of the DiT tables of ToCa (arXiv 2410.05317), DuCa (2412.189
 import pytest
 
 from graphcache.errors import GraphcacheError
-from graphcache.flops import block_flops, flops_json, schedule_flops
+from graphcache.flops import block_flops, flops_json, model_dims, schedule_flops
 from graphcache.methods import fora
 from graphcache.methods.rules import DIT, DUCA_DIT, toca_plans
 from graphcache.models.dit import DiT, dit_config
@@ -173,3 +173,146 @@ def test_pixart_model_dims_and_toca_schedule():
     assert j["total"] == schedule_flops(schedule, text_tokens=5, **dims)["total"]
     assert j["uncached"] == 6 * 2 * block_flops(FULL, text_tokens=5, **dims)
     assert flops_json(schedule, model)["uncached"] > j["uncached"]  # PixArt-α's 120 caption tokens by default
+
+
+# diffusers' MMDiT and video transformers: tiny models read for their configs only (no forward pass)
+
+def _flux(num_layers=1, num_single_layers=1):
+    import diffusers
+
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=num_layers, num_single_layers=num_single_layers, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+
+
+def _attn(B, H, hd, q, k):  # QK^T, softmax, AV of q queries over k keys, as the DiT count writes it
+    return B * H * q * hd + B * H * q * k * hd * 2 + B * H * q * k * 5 + B * H * q * k * hd * 2
+
+
+def _mlp(B, n, C, M):  # two projections and GELU-tanh
+    return B * n * C * M * 2 + B * n * M * C * 2 + B * n * M * 6
+
+
+def test_flux_blocks_hand_count():
+    B, N, L, C, H, hd, M = 1, 16, 5, 16, 2, 8, 64
+    T = N + L
+    dims = dict(architecture="flux", batch=B, tokens=N, text_tokens=L, hidden=C, heads=H, mlp_hidden=M,
+                double_blocks=1, qk_norm=True)
+    ada_double = (B * C + 6 * B * C * C) * 2  # image and text stream
+    double = (ada_double + 2 * B * N * C + 2 * B * L * C + B * T * C * 3 * C * 2 + 2 * B * T * C + _attn(B, H, hd, T, T)
+              + B * N * C * C * 2 + B * L * C * C * 2 + _mlp(B, N, C, M) + _mlp(B, L, C, M))
+    ada_single = B * C + 3 * B * C * C
+    single = (ada_single + B * T * C + B * T * C * 3 * C * 2 + 2 * B * T * C + _attn(B, H, hd, T, T)
+              + B * T * C * M * 2 + B * T * M * 6 + B * T * (C + M) * C * 2)
+    assert block_flops(FULL, block=0, **dims) == double == 174_506
+    assert block_flops(FULL, block=1, **dims) == single == 171_850
+    for kind in (REUSE, FORECAST):
+        assert block_flops(kind, block=0, **dims) == ada_double
+        assert block_flops(kind, block=1, **dims) == ada_single
+    assert block_flops(SKIP, block=0, **dims) == block_flops(SKIP, block=1, **dims) == 0
+    # partial double block: image and text MLPs on fresh tokens, attention of both streams from cache
+    norms = 2 * B * N * C + 2 * B * L * C
+    assert block_flops(PARTIAL, block=0, fresh=7, fresh_text=3, **dims) == norms + ada_double + _mlp(B, 7, C, M) \
+        + _mlp(B, 3, C, M)
+    assert block_flops(PARTIAL, block=0, fresh=7, **dims) == norms + ada_double + _mlp(B, 7, C, M)
+    assert block_flops(PARTIAL, block=0, fresh=7, partial_style="clusca", **dims) == B * T * C + ada_double \
+        + _mlp(B, 7, C, M)
+    with pytest.raises(GraphcacheError, match="not counted yet"):
+        block_flops(PARTIAL, block=1, fresh=7, **dims)
+    with pytest.raises(GraphcacheError, match="architecture"):
+        block_flops(FULL, **{**dims, "architecture": "unet"})
+
+
+def test_flux_model_dims_and_fora_speedup():
+    model = _flux()  # one double and one single block, hidden 16, 2 heads
+    assert model_dims(model) == dict(architecture="flux", batch=1, tokens=4096, text_tokens=512, hidden=16, heads=2,
+                                     mlp_hidden=64, double_blocks=1, qk_norm=True)
+    schedule = fora.METHOD.schedule(S, depth=2, options={"interval": 3})
+    full_steps = sum(p.kinds == (FULL, FULL) for p in schedule.steps)
+    assert full_steps == 18  # s = 49, then every s % 3 == 0
+    j = flops_json(schedule, model, text_tokens=5, tokens=16)  # B = 1: guidance is embedded, no CFG batch
+    full, reuse = 174_506 + 171_850, (16 + 6 * 16 * 16) * 2 + 16 + 3 * 16 * 16
+    assert j["uncached"] == S * full
+    assert j["total"] == full_steps * full + (S - full_steps) * reuse
+    assert j["speedup"] == pytest.approx(50 * 346_356 / (18 * 346_356 + 32 * 3_888))  # 2.7234
+
+
+def test_sd3_blocks_hand_count():
+    import diffusers
+
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+        pos_embed_max_size=8)
+    dims = model_dims(model, text_tokens=5)
+    assert dims == dict(architecture="sd3", batch=2, tokens=16, text_tokens=5, hidden=16, heads=2, mlp_hidden=64,
+                        blocks=2, dual_attention_blocks=(), qk_norm=False)
+    assert model_dims(model)["text_tokens"] == 77 + 256
+    B, N, L, C, H, hd, M = 2, 16, 5, 16, 2, 8, 64
+    T = N + L
+    joint = ((B * C + 6 * B * C * C) * 2 + 2 * B * N * C + 2 * B * L * C + B * T * C * 3 * C * 2 + _attn(B, H, hd, T, T)
+             + B * N * C * C * 2 + B * L * C * C * 2 + _mlp(B, N, C, M) + _mlp(B, L, C, M))  # no QK norm on SD3
+    # context_pre_only: the text stream is modulated (shift, scale) and attended, with no output projection or MLP
+    ada_last = B * C + 6 * B * C * C + B * C + 2 * B * C * C
+    last = (ada_last + 2 * B * N * C + B * L * C + B * T * C * 3 * C * 2 + _attn(B, H, hd, T, T)
+            + B * N * C * C * 2 + _mlp(B, N, C, M))
+    assert block_flops(FULL, block=0, **dims) == joint
+    assert block_flops(FULL, block=1, **dims) == last
+    assert block_flops(REUSE, block=1, **dims) == ada_last
+    assert block_flops(PARTIAL, block=1, fresh=7, fresh_text=3, **dims) == 2 * B * N * C + B * L * C + ada_last \
+        + _mlp(B, 7, C, M)  # no text MLP to compute
+    schedule = fora.METHOD.schedule(S, depth=2, options={"interval": 3})
+    assert schedule_flops(schedule, **dims)["uncached"] == S * (joint + last)
+    # SD3.5: QK RMSNorm, and a dual-attention block's 9C modulation and extra image self-attention
+    dual = dict(dims, qk_norm=True, dual_attention_blocks=(0,))
+    extra = (3 * B * C * C + 2 * B * T * C + B * N * C * 3 * C * 2 + 2 * B * N * C + _attn(B, H, hd, N, N)
+             + B * N * C * C * 2)
+    assert block_flops(FULL, block=0, **dual) == joint + extra
+
+
+def test_wan_blocks_hand_count():
+    import diffusers
+
+    def wan(**config):
+        return diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=16, ffn_dim=24, num_layers=2, rope_max_seq_len=32, **config)
+
+    model = wan()
+    dims = model_dims(model, text_tokens=5, tokens=12)
+    assert dims == dict(architecture="wan", batch=2, tokens=12, text_tokens=5, hidden=16, heads=2, mlp_hidden=24,
+                        cross_attn_norm=True)
+    assert model_dims(model)["tokens"] == 21 * 30 * 52  # 81 frames at 480x832 in 1x2x2 patches
+    B, N, L, C, H, hd, M = 2, 12, 5, 16, 2, 8, 24
+    self_attn = B * N * C * 3 * C * 2 + 2 * B * N * C + _attn(B, H, hd, N, N) + B * N * C * C * 2
+
+    def cross(n):  # Q of n queries, K and V of the text, their RMSNorms, attention, output projection
+        return B * n * C * C * 2 + B * L * C * 2 * C * 2 + B * n * C + B * L * C + _attn(B, H, hd, n, L) \
+            + B * n * C * C * 2
+
+    ada = 6 * B * C
+    assert block_flops(FULL, block=1, **dims) == ada + 3 * B * N * C + self_attn + cross(N) + _mlp(B, N, C, M)
+    assert block_flops(FULL, **{**dims, "cross_attn_norm": False}) == ada + 2 * B * N * C + self_attn + cross(N) \
+        + _mlp(B, N, C, M)
+    assert block_flops(PARTIAL, fresh=4, fresh_cross=3, **dims) == 3 * B * N * C + ada + _mlp(B, 4, C, M) + cross(3)
+    assert block_flops(PARTIAL, fresh=4, **dims) == 3 * B * N * C + ada + _mlp(B, 4, C, M)
+    assert block_flops(REUSE, **dims) == block_flops(FORECAST, **dims) == ada
+    assert block_flops(SKIP, **dims) == 0
+    with pytest.raises(GraphcacheError, match="image-to-video"):
+        model_dims(wan(added_kv_proj_dim=16, image_dim=16))
+
+
+def test_hunyuan_video_counts_as_flux():
+    import diffusers
+
+    model = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4))
+    dims = model_dims(model, text_tokens=5, tokens=16)
+    assert dims == dict(architecture="flux", batch=1, tokens=16, text_tokens=5, hidden=16, heads=2, mlp_hidden=64,
+                        double_blocks=1, qk_norm=True)
+    assert model_dims(model)["tokens"] == 33 * 45 * 80  # 129 frames at 720x1280 in 1x2x2 patches
+    assert model_dims(model)["text_tokens"] == 256
+    # the same blocks as FLUX's: the hand counts of test_flux_blocks_hand_count, double then single
+    assert [block_flops(FULL, block=i, **dims) for i in (0, 1)] == [174_506, 171_850]
