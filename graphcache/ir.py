@@ -29,6 +29,9 @@ SYM_SIZE = torch.ops.aten.sym_size.int
 ATTENTION = "attention"
 CROSS_ATTENTION = "cross_attention"
 MLP = "mlp"
+# attention and an MLP side by side on one normed input, summed or concatenated into one output
+# projection (FLUX's and HunyuanVideo's single-stream blocks: x + gate * proj(cat(attn, mlp)))
+PARALLEL = "parallel"
 
 # The residual streams a block may carry. A single-stream DiT has one, the image tokens. An MMDiT's
 # double-stream (joint) blocks carry two, image and text tokens, each with its own branches, joined
@@ -43,7 +46,7 @@ class Branch:
 
     block: int
     index: int  # position inside the block
-    kind: str  # ATTENTION | CROSS_ATTENTION | MLP
+    kind: str  # ATTENTION | CROSS_ATTENTION | MLP | PARALLEL
     stream_in: str  # the residual stream entering the branch
     branch_out: str  # the UNGATED branch output: the cut point every method caches
     gate: str | None  # the tensor multiplying branch_out, None for a plain residual

@@ -49,6 +49,17 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch * tokens, channels).index_select(0, flat).view(batch, idx.shape[1], channels)
 
 
+def gather_positions(table: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-token table broadcast against (B, …, N at `axis`, …) values — rotary cos/sin —
+    taken at each batch row's selected tokens idx (B, k): (B, …, k, …)."""
+    rows, k = idx.shape
+    table = table.expand(rows, *table.shape[1:])
+    shape = [1] * table.dim()
+    shape[0], shape[axis] = rows, k
+    index = idx.view(shape).expand(*table.shape[:axis], k, *table.shape[axis + 1:])
+    return torch.gather(table, axis, index)
+
+
 def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, unique: bool = True) -> torch.Tensor:
     """base with base[b, idx[b, j]] = values[b, j] (out of place). Where idx repeats a token, the
     last j wins (scatter's CPU kernel walks dim 1 in order for every other index)."""

@@ -21,6 +21,10 @@ class StepPlan:
     kinds: tuple[str, ...]  # one per block
     tokens: tuple[int | None, ...] | None = None  # fresh-token count per block (partial blocks' MLP)
     cross_tokens: tuple[int | None, ...] | None = None  # the same for a partially computed cross-attention
+    # the same for the text stream's MLP of a two-stream block (MMDiT), and for the one branch
+    # (attention and MLP in parallel) of a single-stream block of FLUX or HunyuanVideo
+    text_tokens: tuple[int | None, ...] | None = None
+    joint_tokens: tuple[int | None, ...] | None = None
     # ClusCa: K-means starts from fresh random centres at this full step (its first), not from the
     # last full step's: the one graph choice the block kinds do not show
     init_clusters: bool = False
@@ -38,6 +42,10 @@ class StepPlan:
             d["tokens"] = list(self.tokens)
         if self.cross_tokens is not None:
             d["cross_tokens"] = list(self.cross_tokens)
+        if self.text_tokens is not None:
+            d["text_tokens"] = list(self.text_tokens)
+        if self.joint_tokens is not None:
+            d["joint_tokens"] = list(self.joint_tokens)
         if self.corrected:
             d["corrected"] = list(self.corrected)
         return d
@@ -83,23 +91,34 @@ class Schedule:
 
 
 CROSS_SUFFIX = "_cross_attention"
+TEXT_SUFFIX = "_text"
+PARALLEL_SUFFIX = "_parallel"
+_SUFFIXES = {("mlp", "image"): "", ("mlp", "joint"): "", ("cross_attention", "image"): CROSS_SUFFIX,
+             ("mlp", "text"): TEXT_SUFFIX, ("parallel", "joint"): PARALLEL_SUFFIX}
 
 
-def tokens_input(block: int, cross_attention: bool = False) -> str:
-    """Name of the graph input that carries a partial block's fresh-token count (of its MLP, or
-    of its cross-attention)."""
-    return f"gc_tokens_b{block}" + (CROSS_SUFFIX if cross_attention else "")
+def tokens_input(block: int, cross_attention: bool = False, kind: str = "mlp", stream: str = "image") -> str:
+    """Name of the graph input that carries a partial block's fresh-token count: of its MLP, of
+    its cross-attention, of a two-stream block's text MLP, or of a single-stream block's parallel
+    attention-and-MLP branch (kind and stream as in graphcache.ir)."""
+    if cross_attention:
+        kind = "cross_attention"
+    try:
+        return f"gc_tokens_b{block}" + _SUFFIXES[kind, stream]
+    except KeyError:
+        raise ValueError(f"no token count for the {stream} stream's {kind} branch") from None
 
 
 # torch.compile and torch.export cannot decide attention's shape rules for a query count that may
-# be 0 or 1, so compiled and exported variants compute a partial cross-attention (PixArt-α's ToCa)
-# on at least this many tokens; eager computes the schedule's count exactly
+# be 0 or 1, so compiled and exported variants compute a partial attention (PixArt-α's ToCa
+# cross-attention, FLUX's single-stream blocks) on at least this many tokens; eager computes the
+# schedule's count exactly
 MIN_ATTENTION_TOKENS = 2
 
 
 def compiled_token_count(name: str, k: int) -> int:
     """The token count a compiled or exported variant takes for the per-step token input `name`."""
-    return max(k, MIN_ATTENTION_TOKENS) if name.endswith(CROSS_SUFFIX) else k
+    return max(k, MIN_ATTENTION_TOKENS) if name.endswith((CROSS_SUFFIX, PARALLEL_SUFFIX)) else k
 
 
 def correction_input(branch: str) -> str:
@@ -109,7 +128,9 @@ def correction_input(branch: str) -> str:
 
 def is_token_input(name: str) -> bool:
     """Whether the per-step input `name` is a partial block's fresh-token count."""
-    rest = name.removeprefix(tokens_input(0).removesuffix("0")).removesuffix(CROSS_SUFFIX)
+    rest = name.removeprefix(tokens_input(0).removesuffix("0"))
+    for suffix in (CROSS_SUFFIX, TEXT_SUFFIX, PARALLEL_SUFFIX):
+        rest = rest.removesuffix(suffix)
     return rest != name and rest.isdigit()
 
 
@@ -122,6 +143,12 @@ def step_inputs(plan: StepPlan) -> dict:
     for block, k in enumerate(plan.cross_tokens or ()):
         if k is not None:
             inputs[tokens_input(block, cross_attention=True)] = k
+    for block, k in enumerate(plan.text_tokens or ()):
+        if k is not None:
+            inputs[tokens_input(block, stream="text")] = k
+    for block, k in enumerate(plan.joint_tokens or ()):
+        if k is not None:
+            inputs[tokens_input(block, kind="parallel", stream="joint")] = k
     return inputs
 
 

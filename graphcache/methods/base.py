@@ -76,8 +76,9 @@ class Method:
     name: str
     summary: str
     options: tuple[Option, ...]
-    # (num_steps, depth, num_tokens, options) -> per-step plans in sampling order
-    plan: Callable[[int, int, int, dict], list[StepPlan]]
+    # (num_steps, depth, num_tokens, options, structure) -> per-step plans in sampling order;
+    # structure: the captured model's ir.Structure, None when planning without a model
+    plan: Callable[[int, int, int, dict, Any], list[StepPlan]]
     # (plan of a step, options) -> the passes that turn the captured graph into that step's variant
     passes: Callable[[StepPlan, dict], list[Pass]]
     # A method whose official settings differ by backbone has a `profile` option: profile name ->
@@ -132,10 +133,11 @@ class Method:
             raise GraphcacheError(f"{self.name} does not run on blocks with image and text streams (MMDiT: SD3, "
                                   f"FLUX, HunyuanVideo) yet; these methods do: {able}")
         options = self.resolve_options(options or {}, structure)
-        plans = self.plan(num_steps, depth, num_tokens, options)
+        plans = self.plan(num_steps, depth, num_tokens, options, structure)
         if options.get("eoc"):
             plans = with_corrections(plans, options, num_tokens, structure)
-        return Schedule(self.name, options, num_steps, depth, plans)
+        # a profile planned without a model plans the model it is named for (FLUX.1-dev's 57 blocks)
+        return Schedule(self.name, options, num_steps, len(plans[0].kinds), plans)
 
 
 def _methods() -> dict:

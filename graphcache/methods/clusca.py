@@ -28,7 +28,7 @@ from ..schedule import FULL
 from .base import EOC_OPTIONS, Method, Option
 
 
-def plan(num_steps, depth, num_tokens, options):
+def plan(num_steps, depth, num_tokens, options, structure=None):
     k = options["clusters"]
     return taylorseer.taylor_plans(
         num_steps, depth, options["interval"], options["order"],

@@ -34,7 +34,7 @@ METHOD = Method(
     summary="dual caching: aggressive steps skip every block, conservative steps are ToCa steps "
             "(PixArt-α profile as ToCa's)",
     options=options(0.05, "ToCa", 0.8),
-    plan=lambda num_steps, depth, num_tokens, options: toca_plans(num_steps, depth, num_tokens, options,
+    plan=lambda num_steps, depth, num_tokens, options, structure=None: toca_plans(num_steps, depth, num_tokens, options,
                                                                   RULES[options["profile"]]),
     passes=passes,
     profiles={"dit": {}, "pixart": dict(PIXART_DEFAULTS, fresh_ratio=0.75)},

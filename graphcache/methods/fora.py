@@ -26,7 +26,7 @@ LEVELS = {
 }
 
 
-def plan(num_steps, depth, num_tokens, options):
+def plan(num_steps, depth, num_tokens, options, structure=None):
     n, cached = options["interval"], LEVELS.get(options["level"])
     return [
         StepPlan(i, s, ((REUSE if cached(i, num_steps) else FULL) if cached else

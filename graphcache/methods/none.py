@@ -5,7 +5,7 @@ from ..schedule import FULL, StepPlan, descending
 from .base import Method
 
 
-def plan(num_steps, depth, num_tokens, options):
+def plan(num_steps, depth, num_tokens, options, structure=None):
     return [StepPlan(i, s, (FULL,) * depth) for i, s in descending(num_steps)]
 
 

@@ -212,3 +212,80 @@ def kinds_string(plans) -> str:
     R all reuse; ? anything else.
     """
     return "".join(_step_char(p.kinds) for p in plans)
+
+
+# ToCa's FLUX rules (Shenyi-Z/ToCa FLUX code; METHODS.md §3.7), for any model whose blocks carry
+# two streams. The step counter runs up; the first FLUX_FIRST_FULL steps are full, then a counter
+# makes every N-th step full (as ClusCa's and TaylorSeer's `cal_type` do after their first steps).
+# A block's fresh ratio is fresh_ratio * stream factor * layer factor, the layer factor running
+# from 1 + lw at a block type's first block to 1 - lw at its last; no step factor is documented
+# for FLUX, so the ratio is the same at every step.
+FLUX_FIRST_FULL = 3
+FLUX_STREAM_FACTORS = {"double": 0.4, "single": 1.6}
+FLUX_LAYER_WEIGHT = 0.5
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """A two-stream model's blocks as ToCa's FLUX rules count them: per block "double" (image and
+    text streams) or "single" (one joint stream), whether it has a text MLP (SD3's last block has
+    none), and the tokens of each stream."""
+
+    blocks: tuple[tuple[str, bool], ...]
+    image: int
+    text: int
+
+    @classmethod
+    def of(cls, structure) -> StreamLayout:
+        from .. import ir
+
+        blocks = tuple(("single" if any(br.stream == ir.JOINT for br in b.branches) else "double",
+                        any(br.stream == ir.TEXT and br.kind == ir.MLP for br in b.branches))
+                       for b in structure.blocks)
+        tokens = {s.name: s.num_tokens for s in structure.streams}
+        return cls(blocks, tokens[ir.IMAGE], tokens.get(ir.TEXT, 0))
+
+
+# FLUX.1-dev at 1024x1024: 19 double-stream and 38 single-stream blocks, 4096 image tokens and the
+# pipeline's 512 text tokens (what `graphcache schedule --set profile=flux` plans without a model)
+FLUX_DEV = StreamLayout((("double", True),) * 19 + (("single", False),) * 38, image=4096, text=512)
+
+
+def flux_full(index: int, interval: int) -> bool:
+    """Whether sampling step `index` (counting up from 0) is full under ToCa's FLUX schedule."""
+    return index < FLUX_FIRST_FULL or (index - (FLUX_FIRST_FULL - 1)) % interval == 0
+
+
+def flux_fresh_tokens(fresh_ratio: float, block_type: str, layer: int, layers: int, num_tokens: int) -> int:
+    """Tokens a partial block of `block_type` recomputes (per stream of `num_tokens` tokens), the
+    float32 clamp and truncation of the DiT rules."""
+    layer_factor = 1 + FLUX_LAYER_WEIGHT - (2 * FLUX_LAYER_WEIGHT * layer / (layers - 1) if layers > 1 else 0.0)
+    ratio = fresh_ratio * FLUX_STREAM_FACTORS[block_type] * layer_factor
+    ratio32 = np.clip(np.float32(ratio), np.float32(0.0), np.float32(1.0))
+    return int(np.float32(ratio32) * np.float32(num_tokens))
+
+
+def flux_toca_plans(num_steps: int, layout: StreamLayout, options: dict) -> list[StepPlan]:
+    """Per-step plans of ToCa's FLUX rules: all blocks full, or all partial with a double block's
+    image and text MLPs and a single block's joint branch each on their own fresh-token count."""
+    fresh_ratio, n = float(options["fresh_ratio"]), int(options["interval"])
+    layers = {t: sum(1 for bt, _ in layout.blocks if bt == t) for t in FLUX_STREAM_FACTORS}
+    image, text, joint = [], [], []
+    seen = {t: 0 for t in FLUX_STREAM_FACTORS}
+    for block_type, has_text in layout.blocks:
+        layer = seen[block_type]
+        seen[block_type] += 1
+        count = lambda tokens: flux_fresh_tokens(fresh_ratio, block_type, layer, layers[block_type], tokens)  # noqa: E731
+        double = block_type == "double"
+        image.append(count(layout.image) if double else None)
+        text.append(count(layout.text) if double and has_text else None)
+        joint.append(None if double else count(layout.image + layout.text))
+    depth = len(layout.blocks)
+    plans = []
+    for index in range(num_steps):
+        if flux_full(index, n):
+            plans.append(StepPlan(index, index, (FULL,) * depth))
+        else:
+            plans.append(StepPlan(index, index, (PARTIAL,) * depth, tuple(image), text_tokens=tuple(text),
+                                  joint_tokens=tuple(joint)))
+    return plans

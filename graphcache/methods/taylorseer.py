@@ -51,7 +51,7 @@ def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, cluster
     return plans
 
 
-def plan(num_steps, depth, num_tokens, options):
+def plan(num_steps, depth, num_tokens, options, structure=None):
     return taylor_plans(num_steps, depth, options["interval"], options["order"])
 
 

@@ -2,8 +2,9 @@
 caching. Full steps cache every branch; partial steps take self-attention entirely from the cache
 and recompute the top-scoring tokens of the other branches.
 
-Two profiles follow the two official codes; `profile=auto` takes PixArt's for a model whose blocks
-have a cross-attention branch, DiT's otherwise:
+Three profiles follow the official codes; `profile=auto` takes FLUX's for a model whose blocks
+carry image and text streams, PixArt's for a model whose blocks have a cross-attention branch,
+DiT's otherwise:
 
 * `dit` (`DiT-ToCa/models.py`, `DiT-ToCa/cache_functions/`): the MLP alone is partially computed,
   scored by the self-attention map; the interval is rescheduled at layer 0 of every full step (so
@@ -17,6 +18,14 @@ have a cross-attention branch, DiT's otherwise:
   force_scheduler has weight 0.2 and no sensitive window, and the 'ToCa' ratio scheduler has
   sw = -0.9, lw = 0.6. Defaults are the README's (fresh_ratio 0.30, N = 3, DPM-Solver 20 steps).
   As in DiT's code, force_scheduler runs in a full layer-0 block, so mixed steps occur here too.
+* `flux` (ToCa's FLUX code; METHODS.md §3.7; rules.py `flux_toca_plans`): the step counter runs
+  up, the first 3 steps are full, then every N-th; defaults fresh_ratio 0.1, N = 4, the
+  attention-map score, no spatial bonus (text and joint tokens form no grid). A partial step takes
+  each double-stream block's image and text attention from the cache and recomputes the top-k
+  image and top-k text tokens of their MLPs, each stream scored by its own tokens' share of the
+  joint attention map; a single-stream block recomputes its top-k joint tokens through its
+  attention (as queries: keys and values stay computed from every token) and its MLP. Stream
+  factors 0.4 (double) and 1.6 (single), layer factor 1.5 -> 0.5 over each block type.
 """
 
 from .. import ir
@@ -25,26 +34,31 @@ from ..passes.token_score import SCORES, RecordTokenScorePass, ScatterIntoCacheM
 from ..passes.token_select import InsertTokenSelectPass
 from ..schedule import FULL, PARTIAL
 from .base import EOC_OPTIONS, Method, Option
-from .rules import DIT, PIXART, toca_plans
+from .rules import DIT, FLUX_DEV, PIXART, StreamLayout, flux_toca_plans, toca_plans
 
 RULES = {"dit": DIT, "pixart": PIXART}
 PIXART_DEFAULTS = dict(ratio_scheduler="ToCa", score="cross-attention", spatial_bonus=0.4, spatial_grid=4)
+FLUX_DEFAULTS = dict(fresh_ratio=0.1, interval=4, ratio_scheduler="flux", spatial_bonus=0.0)
 
 
 def detect_profile(structure) -> str:
-    """PixArt's rules for a model with cross-attention (text-conditioned), DiT's otherwise."""
+    """FLUX's rules for a model with image and text streams, PixArt's for a model with
+    cross-attention (text-conditioned), DiT's otherwise."""
+    if structure is not None and structure.multi_stream:
+        return "flux"
     return "pixart" if structure is not None and structure.select(kinds={ir.CROSS_ATTENTION}) else "dit"
 
 
-def options(fresh_ratio, scheduler, bonus):
+def options(fresh_ratio, scheduler, bonus, profiles=tuple(RULES)):
     return (
-        Option("profile", "auto", "whose official settings: dit, pixart, or auto (pixart for a model with "
-                                  "cross-attention); the profile sets the other defaults", str, ("auto", *RULES)),
+        Option("profile", "auto", f"whose official settings: {', '.join(profiles)}, or auto (flux for a model "
+                                  "with image and text streams, pixart for one with cross-attention); the "
+                                  "profile sets the other defaults", str, ("auto", *profiles)),
         Option("interval", 3, "N (fresh_threshold): full where the step index is divisible by the rescheduled interval", minimum=1),
         Option("fresh_ratio", fresh_ratio, "base fraction of tokens recomputed in partial steps", float,
                minimum=0, maximum=1),
         Option("ratio_scheduler", scheduler, "how the fresh ratio varies by step and layer: ToCa-ddim50 or "
-                                             "ToCa-ddpm250 (DiT), ToCa (PixArt)", str),
+                                             "ToCa-ddpm250 (DiT), ToCa (PixArt), flux (FLUX)", str),
         Option("score", "attention", "token score: self-attention map, value norms (V-caching), random, or "
                                      "cross-attention entropy (PixArt's s2)", str, SCORES),
         Option("soft_fresh_weight", 0.25, "λ3: weight of staleness (steps since a token was computed)", float),
@@ -55,7 +69,15 @@ def options(fresh_ratio, scheduler, bonus):
 
 
 def partial_kinds(options) -> tuple[str, ...]:
+    if options["profile"] == "flux":  # double blocks' MLPs, single blocks' attention-and-MLP
+        return (ir.MLP, ir.PARALLEL)
     return (ir.CROSS_ATTENTION, ir.MLP) if "cross-attn" in RULES[options["profile"]].module_factors else (ir.MLP,)
+
+
+def plan(num_steps, depth, num_tokens, options, structure=None):
+    if options["profile"] == "flux":
+        return flux_toca_plans(num_steps, StreamLayout.of(structure) if structure is not None else FLUX_DEV, options)
+    return toca_plans(num_steps, depth, num_tokens, options, RULES[options["profile"]])
 
 
 def token_wise_passes(plan, options):
@@ -79,11 +101,11 @@ def token_wise_passes(plan, options):
 METHOD = Method(
     name="toca",
     summary="token-wise caching: reuse self-attention, recompute the top-scoring tokens of the MLP "
-            "(PixArt-α profile: of cross-attention and MLP)",
-    options=options(0.07, "ToCa-ddim50", 0.6),
-    plan=lambda num_steps, depth, num_tokens, options: toca_plans(num_steps, depth, num_tokens, options,
-                                                                  RULES[options["profile"]]),
+            "(PixArt-α profile: of cross-attention and MLP; FLUX profile: of each stream)",
+    options=options(0.07, "ToCa-ddim50", 0.6, profiles=(*RULES, "flux")),
+    plan=plan,
     passes=token_wise_passes,
-    profiles={"dit": {}, "pixart": dict(PIXART_DEFAULTS, fresh_ratio=0.30)},
+    profiles={"dit": {}, "pixart": dict(PIXART_DEFAULTS, fresh_ratio=0.30), "flux": FLUX_DEFAULTS},
     detect_profile=detect_profile,
+    multi_stream=True,
 )

@@ -253,9 +253,23 @@ def _classify(work, stream, by_name, ancestors) -> str:
             if keys is None:
                 return ir.ATTENTION
         if keys is not None:
-            from_stream = isinstance(keys, fx.Node) and (keys is stream or stream.name in ancestors(keys.name))
-            return ir.ATTENTION if from_stream else ir.CROSS_ATTENTION
+            if not (isinstance(keys, fx.Node) and (keys is stream or stream.name in ancestors(keys.name))):
+                return ir.CROSS_ATTENTION
+            return ir.PARALLEL if _bypasses(work, name, stream, by_name) else ir.ATTENTION
     return ir.MLP
+
+
+def _bypasses(work, attention: str, stream, by_name) -> bool:
+    """Whether the branch output is reached from the stream by a path that avoids the attention
+    node: an MLP working side by side with the attention (FLUX's single-stream blocks). Sizes
+    read off the stream (sym_size, no tensor) carry no data."""
+    reached = {stream.name}
+    for name in work:
+        node = by_name[name]
+        if name != attention and node.meta.get("tensor_meta") is not None \
+                and any(inp.name in reached for inp in node.all_input_nodes):
+            reached.add(name)
+    return work[-1] in reached
 
 
 def _logits_keys(softmax: fx.Node, stream: fx.Node, ancestors) -> fx.Node | None:

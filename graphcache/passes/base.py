@@ -52,6 +52,13 @@ class Pass:
     def call(self, gm: fx.GraphModule) -> PassResult:
         raise NotImplementedError
 
+    def count(self, key: str, branch: ir.Branch, n: int = 1) -> None:
+        """Add `n` to the counter `key`, and to `key.<stream>` for a branch of a text or joint
+        stream, so that a two-stream model's counts say which stream each rewrite went to."""
+        self.counters[key] += n
+        if branch.stream != ir.IMAGE:
+            self.counters[f"{key}.{branch.stream}"] += n
+
     def decline(self, target: str, reason: str) -> None:
         self.declined.append(Declined(target, reason))
 
@@ -79,13 +86,6 @@ class BranchPass(Pass):
         """(branch, its ungated output node, None where the graph no longer has it), selected."""
         nodes = ir.nodes_by_name(gm.graph)
         return [(br, nodes.get(br.branch_out)) for br in ir.structure_of(gm).select(self.blocks, self.kinds)]
-
-    def count(self, key: str, branch: ir.Branch, n: int = 1) -> None:
-        """Add `n` to the counter `key`, and to `key.<stream>` for a branch of a text or joint
-        stream, so that a two-stream model's counts say which stream each rewrite went to."""
-        self.counters[key] += n
-        if branch.stream != ir.IMAGE:
-            self.counters[f"{key}.{branch.stream}"] += n
 
     def check_replaced(self, gm: fx.GraphModule, replacement: str) -> None:
         """PassError if a selected branch's output is still read (for passes that replace it)."""

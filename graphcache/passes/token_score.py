@@ -36,17 +36,32 @@ from .token_select import SelectContext, TokenMerger, TokenSelector
 
 SCORES = ("attention", "kv-norm", "random", "cross-attention")
 # how messages name the branch kinds
-_BRANCH_NAMES = {ir.ATTENTION: "attention", ir.CROSS_ATTENTION: "cross-attention", ir.MLP: "MLP"}
-# the branch whose attention a recorded score reads
-SCORED_BRANCH = {"attention": ir.ATTENTION, "kv-norm": ir.ATTENTION, "cross-attention": ir.CROSS_ATTENTION}
+_BRANCH_NAMES = {ir.ATTENTION: "attention", ir.CROSS_ATTENTION: "cross-attention", ir.MLP: "MLP",
+                 ir.PARALLEL: "attention-and-MLP"}
+# the branches whose attention a recorded score reads (the first such branch of a block)
+SCORED_BRANCH = {"attention": (ir.ATTENTION, ir.PARALLEL), "kv-norm": (ir.ATTENTION, ir.PARALLEL),
+                 "cross-attention": (ir.CROSS_ATTENTION,)}
 
 
-def score_slot(block: int) -> str:
-    return f"b{block}_score"
+def _stream_prefix(block: int, stream: str) -> str:
+    return f"b{block}_text_" if stream == ir.TEXT else f"b{block}_"
 
 
-def staleness_slot(block: int, kind: str = ir.MLP) -> str:
-    return f"b{block}_staleness" if kind == ir.MLP else f"b{block}_{kind}_staleness"
+def score_slot(block: int, stream: str = ir.IMAGE) -> str:
+    return _stream_prefix(block, stream) + "score"
+
+
+def staleness_slot(block: int, kind: str = ir.MLP, stream: str = ir.IMAGE) -> str:
+    return _stream_prefix(block, stream) + ("staleness" if kind == ir.MLP else f"{kind}_staleness")
+
+
+_SPLITS = {torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor}
+
+
+def stream_scores(s1: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The score of one stream's tokens, positions start:end of a joint attention, L2-normalised
+    over that stream (a two-stream block selects each stream's tokens on its own)."""
+    return F.normalize(s1[:, start:end], p=2, dim=1)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -130,29 +145,29 @@ class RecordTokenScorePass(Pass):
     def call(self, gm):
         structure = ir.structure_of(gm)
         for b in self.blocks:
-            selected = [br for br in (structure.branch(b, kind) for kind in self.kinds) if br is not None]
+            branches = structure.blocks[b].branches
+            selected = [br for kind in self.kinds for br in branches if br.kind == kind]
             if not selected:
                 names = " or ".join(_BRANCH_NAMES[kind] for kind in self.kinds)
                 self.decline(f"block {b}", f"has no {names} branch to score tokens for")
                 continue
             for branch in selected:
-                slot = staleness_slot(b, branch.kind)
+                slot = staleness_slot(b, branch.kind, branch.stream)
                 declare_slot(gm, CacheSlot(slot, like=branch.stream_in, shape=lambda s: s[:2], dtype=torch.int32))
                 with ir.insert_after(ir.nodes_by_name(gm.graph)[branch.stream_in]):
                     write_slot(gm.graph, slot, gm.graph.call_function(torch.zeros_like, (read_slot(gm.graph, slot),)))
-                self.counters["staleness_reset"] += 1
+                self.count("staleness_reset", branch)
             if self.score == "random":
                 continue
-            scored = structure.branch(b, SCORED_BRANCH[self.score])
+            scored = next((br for br in branches if br.kind in SCORED_BRANCH[self.score]), None)
             sdpa = _sdpa_node(gm, scored) if scored else None
             if sdpa is None or not 3 <= len(sdpa.args) <= 4 or sdpa.kwargs:
                 self.decline(f"block {b}", f"no plain scaled_dot_product_attention(q, k, v[, mask]) in its "
-                                           f"{_BRANCH_NAMES[SCORED_BRANCH[self.score]]} branch")
+                                           f"{_BRANCH_NAMES[SCORED_BRANCH[self.score][0]]} branch")
                 continue
             if len(sdpa.args) == 4 and self.score == "attention":
                 self.decline(f"block {b}", "its self-attention is masked: the attention-map score has no masked form")
                 continue
-            declare_slot(gm, CacheSlot(score_slot(b), like=selected[0].stream_in, shape=lambda s: s[:2]))
             q, k, v = sdpa.args[:3]
             with ir.insert_after(sdpa):
                 if self.score == "kv-norm":
@@ -162,13 +177,47 @@ class RecordTokenScorePass(Pass):
                     both = gm.graph.call_function(explicit, tuple(sdpa.args))
                     out = gm.graph.call_function(operator.getitem, (both, 0))
                     s1 = gm.graph.call_function(operator.getitem, (both, 1))
-                write_slot(gm.graph, score_slot(b), s1)
+                for stream in dict.fromkeys(br.stream for br in selected):
+                    first = next(br for br in selected if br.stream == stream)
+                    declare_slot(gm, CacheSlot(score_slot(b, stream), like=first.stream_in, shape=lambda s: s[:2]))
+                    span = _token_span(gm, branches, stream, sdpa)
+                    score = gm.graph.call_function(stream_scores, (s1, *span)) if span else s1
+                    write_slot(gm.graph, score_slot(b, stream), score)
+                    self.count("score_record", first)
             if out is not sdpa:
                 sdpa.replace_all_uses_with(out)
                 gm.graph.erase_node(sdpa)
                 self.counters["explicit_attention"] += 1
-            self.counters["score_record"] += 1
         return PassResult(gm, bool(self.counters))
+
+
+def _token_span(gm: fx.GraphModule, branches, stream: str, sdpa: fx.Node) -> tuple[int, int] | None:
+    """Where `stream`'s tokens sit among the tokens of a joint attention: the slice of the
+    attention's output that leads to the stream's own attention branch output (None: the
+    attention runs over the stream's tokens alone)."""
+    nodes = ir.nodes_by_name(gm.graph)
+    total = ir.tensor_shape(sdpa)[-2]
+    own = next((br for br in branches if br.stream == stream and br.kind in SCORED_BRANCH["attention"]), None)
+    if own is None or ir.tensor_shape(nodes[own.stream_in])[1] == total:
+        return None
+    after = ir.upstream(nodes[own.branch_out]) - ir.upstream(sdpa)
+    for name in own.work:
+        node = nodes[name]
+        if node not in after:
+            continue
+        if ir.is_call(node, ir.SLICE_TARGETS) and not ir.passes_on(node):  # x[:, a:b]
+            source, dim, start, end = (*node.args, None, None, None)[:4]
+            if ir.tensor_shape(source)[dim] == total:
+                return start or 0, min(end, total) if end is not None else total
+        if node.target is operator.getitem and ir.is_call(node.args[0], _SPLITS):  # x.split([a, b], dim)[i]
+            source, sizes, dim = (*node.args[0].args, 0)[:3]
+            if ir.tensor_shape(source)[dim] == total:
+                if isinstance(sizes, int):
+                    sizes = [min(sizes, total - start) for start in range(0, total, sizes)]
+                i = node.args[1]
+                return sum(sizes[:i]), sum(sizes[:i + 1])
+    raise GraphcacheError(f"cannot tell where the {stream} stream's tokens sit in the joint attention "
+                          f"{sdpa.name}: no slice of its output leads to {own.branch_out}")
 
 
 class ToCaSelector(TokenSelector):
@@ -179,21 +228,21 @@ class ToCaSelector(TokenSelector):
         self.weight, self.bonus, self.grid = soft_fresh_weight, bonus, grid
 
     def indices(self, ctx: SelectContext) -> fx.Node:
-        g, b = ctx.gm.graph, ctx.branch.block
+        g, b, stream = ctx.gm.graph, ctx.branch.block, ctx.branch.stream
         n = ir.tensor_shape(ctx.stream_in)[1]
         side = int(round(n**0.5))
         if self.bonus and (side * side != n or side % self.grid):
             raise GraphcacheError(f"ToCa's spatial bonus (s4) needs a square grid of tokens divisible into "
                                   f"{self.grid}x{self.grid} cells; this model has {n} tokens (a video's frames?): "
                                   "set spatial_bonus=0")
-        slot = staleness_slot(b, ctx.branch.kind)
+        slot = staleness_slot(b, ctx.branch.kind, stream)
         declare_slot(ctx.gm, CacheSlot(slot, like=ctx.branch.stream_in, shape=lambda s: s[:2], dtype=torch.int32))
         staleness = read_slot(g, slot)
         if self.score == "random":
             base = g.call_function(random_scores, (staleness,))
         else:
-            declare_slot(ctx.gm, CacheSlot(score_slot(b), like=ctx.branch.stream_in, shape=lambda s: s[:2]))
-            base = read_slot(g, score_slot(b))
+            declare_slot(ctx.gm, CacheSlot(score_slot(b, stream), like=ctx.branch.stream_in, shape=lambda s: s[:2]))
+            base = read_slot(g, score_slot(b, stream))
         both = g.call_function(
             toca_select,
             (base, staleness, ctx.tokens()),

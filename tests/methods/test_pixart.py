@@ -259,11 +259,27 @@ def test_cross_attention_with_image_keys_is_declined():
     assert not select(gm).modified and [d.target for d in select.declined] == [branch.name]
 
 
-def test_baked_token_count_is_declined():
-    gm, branch, nodes, _ = _captured_cross_attention()
+def test_baked_token_count_becomes_the_selected_count():
+    """A static capture bakes the token count into a view: the copy on the selected tokens takes
+    their count instead, and still computes the full rows."""
+    transformer, inputs = pixart_transformer(), pixart_inputs()
+    captured, spec = capture_call(transformer, (), inputs)
+    gm = new_variant(captured, CacheState())
+    branch = ir.structure_of(gm).branch(0, ir.CROSS_ATTENTION)
+    nodes = ir.nodes_by_name(gm.graph)
     view = next(nodes[n] for n in branch.work if nodes[n].target == torch.ops.aten.view.default)
     batch, _, heads, width = view.args[1]
     view.args = (view.args[0], [batch, 16, heads, width])  # what a static-shape capture would hold
-    problem = token_locality_problem(gm, branch)
-    assert problem == f"node {view.name} (view) bakes the token count 16 into its shape argument " \
-                      "(expected -1 or a symbol)"
+    assert token_locality_problem(gm, branch) is None
+    select = InsertTokenSelectPass([0], FixedSelector(), RecordFresh(), kind=ir.CROSS_ATTENTION)
+    assert select(gm).modified and not select.declined
+    copy = next(n for n in gm.graph.nodes if n.meta.get(ir.ON_SELECTED_TOKENS) and n.target == view.target
+                and ir.layer_path(n) == ir.layer_path(view))
+    count = copy.args[1][1]
+    assert count.target == ir.SYM_SIZE and count.args == (calls(gm, gather_tokens)[0], 1)
+    gm.recompile()
+    FRESH.clear()
+    with torch.no_grad():
+        out = gm(*spec.flatten(call_arguments(transformer, (), inputs)))
+        torch.testing.assert_close(out, transformer(**inputs).sample, rtol=1e-5, atol=1e-6)
+    assert FRESH[0].shape == (2, SELECTED.shape[1], 32)

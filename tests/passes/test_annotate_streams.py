@@ -45,7 +45,7 @@ def layout(structure):
 
 
 DOUBLE = [(ir.IMAGE, ir.ATTENTION), (ir.IMAGE, ir.MLP), (ir.TEXT, ir.ATTENTION), (ir.TEXT, ir.MLP)]
-SINGLE = [(ir.JOINT, ir.ATTENTION)]
+SINGLE = [(ir.JOINT, ir.PARALLEL)]
 EXPECTED = {
     "flux": [DOUBLE, DOUBLE, SINGLE, SINGLE],
     # the text stream's attention adds before the image MLP in HunyuanVideo's double blocks
@@ -106,7 +106,7 @@ def test_single_stream_blocks_are_one_joint_stream():
     single = [b for b in s.blocks if b.branches[0].stream == ir.JOINT]
     assert [b.stream_in for b in single[1:]] != [b.stream_out for b in single[:-1]]  # a cat of slices between
     assert len(single) == 2 and streams[ir.JOINT].end == single[-1].stream_out
-    # the single block's one branch holds both its attention and its MLP (proj_mlp), in parallel
+    # the single block's one branch holds both its attention and its MLP (proj_mlp), side by side
     work = {ir.layer_path(nodes[n]) for n in single[0].branches[0].work}
     assert {"single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out"} <= work
 

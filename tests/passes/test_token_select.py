@@ -31,6 +31,7 @@ from graphcache.passes.token_select import (
     SelectContext,
     TokenMerger,
     TokenSelector,
+    _selected_work,
     token_locality_problem,
 )
 from graphcache.runtime import new_variant
@@ -139,12 +140,21 @@ def test_full_width_work_is_dead(captured):
 
 
 def test_locality_of_dit_branches(captured):
+    """The MLP is token-local; the attention is in its queries: what only its keys and values
+    need stays on all tokens, everything else is computed on the selected ones."""
     s = ir.structure_of(captured)
     gm = new_variant(captured, CacheState())
+    nodes = ir.nodes_by_name(gm.graph)
     for b in range(DEPTH):
         assert token_locality_problem(gm, s.branch(b, ir.MLP)) is None
-        problem = token_locality_problem(gm, s.branch(b, ir.ATTENTION))
-        assert problem is not None and problem.split()[1] in s.branch(b, ir.ATTENTION).work
+        attention = s.branch(b, ir.ATTENTION)
+        assert token_locality_problem(gm, attention) is None
+        selected, queries = _selected_work(attention, nodes)
+        sdpa = next(nodes[n] for n in attention.work if ir.is_sdpa(nodes[n]))
+        q, k, v = sdpa.args[:3]
+        assert sdpa.name in selected and q.name in queries and not {k.name, v.name} & set(selected)
+        only_keys_values = {n.name for n in ir.upstream([k, v]) - ir.upstream(q)}
+        assert set(attention.work) - set(selected) == only_keys_values & set(attention.work)
 
 
 # --------------------------------------------------------------------------------------------
