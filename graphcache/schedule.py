@@ -136,6 +136,20 @@ def run_lengths(items) -> list[tuple[object, int]]:
     return [(a, n) for a, n in out]
 
 
+def index_ranges(indices) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts, indices = [], sorted(indices)
+    start = prev = None
+    for i in indices + [None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ", ".join(parts)
+
+
 def descending(num_steps: int):
     """(index, step) pairs in sampling order; step counts down as in the official loops."""
     return [(i, num_steps - 1 - i) for i in range(num_steps)]
