@@ -107,6 +107,12 @@ def correction_input(branch: str) -> str:
     return f"gc_eoc_{branch}"
 
 
+def is_correction_input(name: str) -> bool:
+    """Whether the per-step input `name` is an EOC factor: a (tokens, channels) tensor of fixed
+    shape, the same for every batch (not batch-major as the other tensor inputs are)."""
+    return name.startswith(correction_input(""))
+
+
 def is_token_input(name: str) -> bool:
     """Whether the per-step input `name` is a partial block's fresh-token count."""
     rest = name.removeprefix(tokens_input(0).removesuffix("0")).removesuffix(CROSS_SUFFIX)

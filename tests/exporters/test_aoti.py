@@ -1,6 +1,6 @@
 """The `aoti` backend (graphcache/exporters/aoti.py) on every method, DiT-S/2 random weights.
 
-For every method with its defaults, DDIM-4 with CFG on conftest.py's `dit_s` (DiT-S/2's width,
+For every method with its defaults (FORA with EOC's correction: run_helpers.eoc_options), DDIM-4 with CFG on conftest.py's `dit_s` (DiT-S/2's width,
 heads and 256 tokens, 2 blocks: the same 14 variants as at depth 12, each compiled by
 AOTInductor into a `.pt2` package: the slow part):
 per-step model outputs and latents agree with eager graphcache within `tolerance` of their scale
@@ -15,16 +15,21 @@ import torch
 
 import graphcache
 from graphcache.methods import METHODS
-from run_helpers import max_rel, run, tolerance
+from graphcache.schedule import is_correction_input
+from run_helpers import eoc_options, max_rel, run, tolerance
 
 STEPS = 4
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_aoti_matches_eager(dit_s, eager_run, name):
-    latents, outputs, rng = eager_run(name, STEPS)
-    cached = graphcache.optimize(dit_s, name, STEPS, backend="aoti")
+@pytest.mark.parametrize("name", list(METHODS), ids=lambda name: "fora-eoc" if name == "fora" else name)
+def test_aoti_matches_eager(dit_s, dit_s_prior, eager_run, name):
+    options = eoc_options(name, dit_s_prior, STEPS)
+    latents, outputs, rng = eager_run(name, STEPS, options)
+    cached = graphcache.optimize(dit_s, name, STEPS, backend="aoti", **options)
     assert set(cached.runners) == set(cached.variants)
+    if options:  # the factors are inputs of the exported reuse variant
+        assert any(p.corrected for p in cached.schedule.steps)
+        assert any(is_correction_input(n) for v in cached.exported for n in v.sig.inputs)
     got_latents, got_outputs, got_rng = run(cached, steps=STEPS)
     assert torch.equal(got_rng, rng)
     rel = max(max_rel(g, w) for g, w in zip(got_outputs, outputs))

@@ -47,7 +47,7 @@ from graphcache.schedule import FORECAST, is_token_input
 from graphcache.methods import METHODS
 from graphcache.models.builtin import resolve_model
 from graphcache.passes.taylor import coefficient_input
-from run_helpers import CASES, TOL, case_id, max_rel, run, tolerance, variants_of
+from run_helpers import CASES, TOL, case_id, eoc_options, max_rel, run, tolerance, variants_of
 
 STEPS = 10
 INDUCTOR_TOL = 1e-4  # per-step model outputs, relative to their max (measured: ~5e-7)
@@ -139,12 +139,13 @@ def test_inductor_end_to_end_matches_eager(tiny):
         print(f"{name}: max per-step relative difference {rel:.2e}")
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_inductor_matches_eager_dit_s2(dit_s, eager_run, name):
+@pytest.mark.parametrize("name", list(METHODS), ids=lambda name: "fora-eoc" if name == "fora" else name)
+def test_inductor_matches_eager_dit_s2(dit_s, dit_s_prior, eager_run, name):
     steps = 4
-    latents, outputs, rng = eager_run(name, steps)
+    options = eoc_options(name, dit_s_prior, steps)  # FORA with EOC's per-step factor inputs
+    latents, outputs, rng = eager_run(name, steps, options)
     fresh_dynamo()
-    cached = graphcache.optimize(dit_s, name, steps, backend="compile")
+    cached = graphcache.optimize(dit_s, name, steps, backend="compile", **options)
     got_latents, got_outputs, got_rng = run(cached, steps=steps)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == len(cached.variants)
