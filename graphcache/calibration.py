@@ -64,6 +64,8 @@ def calibrate(model: nn.Module, num_steps: int, *, samples: int | None = None, h
 
     if for_method is not None:
         method = get_method(for_method)
+        if not method.corrects:
+            raise GraphcacheError(f"method {for_method} takes no eoc option: there is no schedule to calibrate for")
         stray = [name for name in method_options or {} if name.startswith("eoc")]
         if stray:
             raise GraphcacheError(f"calibrating for {for_method}: {stray[0]} is given where the prior is used, "

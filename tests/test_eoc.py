@@ -159,7 +159,8 @@ def test_cli_calibrate_for_a_method(tmp_path, capsys):
     assert load_prior(out).steps == [1, 2]
     for extra, message in [(["--set", "interval=3"], "add --for METHOD"),
                            (["--for", "fora", "--set", "eoc_lambda=1"], "eoc_lambda is given where the prior is used"),
-                           (["--for", "fora", "--set", "speed=3"], "has no option 'speed'")]:
+                           (["--for", "fora", "--set", "speed=3"], "has no option 'speed'"),
+                           (["--for", "none"], "method none takes no eoc option")]:
         assert main([*argv, *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1

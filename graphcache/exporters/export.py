@@ -137,9 +137,10 @@ def export_variants(cached) -> list[ExportedVariant]:
             env.update({name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in
                         ((CACHE_PREFIX + s, spec) for s, spec in specs.items())})
             for name, v in first_scalars(cached.schedule, key).items():
-                # a tensor input is exported for the device and dtype the runtime moves it to
-                env[name] = v.to(device, cached.input_dtype) if isinstance(v, torch.Tensor) else \
-                    step_tensor(name, v, device, scalars)
+                if isinstance(v, torch.Tensor):  # exported for the device and dtype the runtime moves it to
+                    env[name] = v.to(device, cached.input_dtype)
+                else:
+                    env[name] = step_tensor(name, v, device, scalars)
             env.update({name: torch.empty(max(2, min(hi, n - 1)), device=device) for name, (_, hi) in ranges.items()})
             prologue = epilogue = None
             if sig.prologue is not None:
