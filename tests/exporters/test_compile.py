@@ -23,8 +23,8 @@ tiny builtin DiT (2 blocks, 16 tokens), DDIM-10 with CFG (batch 4; the variants 
   within INDUCTOR_TOL of their scale (max |compiled - eager| / max |eager|; measured ~5e-7),
   and the RNG state after the run is identical (`fallback_random`: the same draws, in order);
 * with Inductor on DiT-S/2-shaped random weights (conftest.py `dit_s`: DiT-S/2's width, heads
-  and 256 tokens, 2 blocks: the same variants as at depth 12), every method with its defaults,
-  DDIM-4 with CFG:
+  and 256 tokens, 2 blocks: the same variants as at depth 12), every method with its defaults
+  (FORA with EOC's per-step factor inputs: run_helpers.eoc_options), DDIM-4 with CFG:
   per-step outputs and latents within `tolerance` of eager graphcache (as for aoti and onnx:
   1e-4 of scale, 1e-2 where ToCa/DuCa pick tokens by a computed score), no graph break, one
   graph per variant, the same draws.

@@ -1,8 +1,9 @@
 """The `onnx` backend (graphcache/exporters/onnx.py) on every method, DiT-S/2 random weights.
 
-For every method with its defaults (FORA with EOC's correction: run_helpers.eoc_options), ToCa's random score and ClusCa with 2 tokens per cluster
-(`aten.sort.stable`, translated to ONNX TopK), DDIM-5 with CFG on conftest.py's `dit_s` (DiT-S/2's
-width, heads and 256 tokens, 2 blocks: the same variants as at depth 12): each
+For every method with its defaults (FORA with EOC's correction: run_helpers.eoc_options), ToCa's
+random score and ClusCa with 2 tokens per cluster (`aten.sort.stable`, translated to ONNX TopK),
+DDIM-5 with CFG on conftest.py's `dit_s` (DiT-S/2's width, heads and 256 tokens, 2 blocks: the
+same variants as at depth 12): each
 variant is exported to ONNX (checked by `onnx.checker` in `build`), run by onnxruntime, and the
 per-step model outputs and latents agree with eager graphcache within TOL of their scale
 (measured: < 1e-6); the RNG state after the run is identical (the draws happen in the eager
