@@ -16,8 +16,12 @@ from .exporters.export import WEIGHTS_FILE, backend_module, quiet_torch, variant
 from .exporters.functional import FunctionalRunner
 from .methods import get_method
 from .passes.functionalize import Signature
-from .schedule import Schedule, StepPlan, is_token_input
+from .schedule import Schedule, StepPlan, is_correction_input, is_token_input
 from .stepping import SteppedModel, model_attributes
+
+# Per-step tensor inputs (EOC's correction factors), each stored once however many steps share it;
+# the manifest's step inputs name them as {"tensor": key}. The artifact needs no prior file to run.
+STEP_TENSORS = "step_inputs.safetensors"
 
 # Smallest batch an artifact accepts: one image with guidance. Size-oblivious export reports
 # ranges from 0, but the graphs branch on batch parity (ToCa's shared CFG draw) and were traced
@@ -38,14 +42,15 @@ def _dtype(name: str) -> torch.dtype:
 
 def _batch_range(program: torch.export.ExportedProgram) -> list[int | None]:
     """[min, max] batch the program accepts: the intersection of dim 0's range over its
-    batch-major inputs (every tensor input but the token counts) and [MIN_BATCH, ∞); max None
+    batch-major inputs (every tensor input but the token counts and EOC's factors) and [MIN_BATCH, ∞); max None
     when unbounded."""
     from torch.utils._sympy.numbers import int_oo
 
     users = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
     low, high = MIN_BATCH, None
     for node in program.graph.nodes:
-        if node.op != "placeholder" or node.name not in users or is_token_input(node.name):
+        if (node.op != "placeholder" or node.name not in users or is_token_input(node.name)
+                or is_correction_input(node.name)):
             continue
         shape = node.meta["val"].shape
         if not shape:
@@ -65,6 +70,7 @@ def manifest_entries(cached, backend: str) -> dict:
     module = backend_module(backend)
     keys = cached.schedule.variants()
     param = next(cached.model.parameters())
+    step_inputs, tensors = recorded_step_inputs(cached)
     ranges = [_batch_range(v.main) for v in cached.exported]  # the artifact runs the batches all accept
     highs = [high for _, high in ranges if high is not None]
     batch = [max(low for low, _ in ranges), min(highs) if highs else None]
@@ -85,15 +91,38 @@ def manifest_entries(cached, backend: str) -> dict:
                   for name, (shape, dtype) in cached.slot_specs().items()},
         "attributes": model_attributes(cached.model),
         "variants": variants,
-        "steps": [{"variant": keys.index(p.variant), "inputs": kwargs}
-                  for p, kwargs in zip(cached.schedule.steps, cached.step_kwargs)],
+        "steps": [{"variant": keys.index(p.variant), "inputs": inputs}
+                  for p, inputs in zip(cached.schedule.steps, step_inputs)],
+        **({"step_tensors": STEP_TENSORS} if tensors else {}),
         "weights": WEIGHTS_FILE,
         "backend_versions": module.versions(),
     }
 
 
+def recorded_step_inputs(cached) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Each step's inputs as the manifest records them, a tensor as {"tensor": key}, and the
+    tensors by key (on the cpu, in the model's input dtype, as the variants were exported)."""
+    keys: dict[int, str] = {}  # one key per tensor object: the steps that share a factor share its key
+    tensors, steps = {}, []
+    for index, kwargs in enumerate(cached.step_kwargs):
+        inputs = {}
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                key = keys.setdefault(id(value), f"{name}@{index}")
+                tensors[key] = value.detach().to("cpu", cached.input_dtype).contiguous()
+                value = {"tensor": key}
+            inputs[name] = value
+        steps.append(inputs)
+    return steps, tensors
+
+
 def copy_files(cached, backend: str, dest: Path) -> None:
+    from safetensors.torch import save_file
+
     module = backend_module(backend)
+    tensors = recorded_step_inputs(cached)[1]
+    if tensors:
+        save_file(tensors, str(dest / STEP_TENSORS))
     for v in cached.exported:
         for name in variant_files(v.index, module.SUFFIX).values():
             src = Path(cached.files.name) / name
@@ -174,8 +203,27 @@ class ExportedModel(SteppedModel):
                 parts = {k: torch.export.load(files[k]).module() for k in ("prologue", "epilogue") if k in files}
             self.runners_by_variant.append(FunctionalRunner(sig, main, self.cache, self.arg_names, **parts))
         self.step_variants = [s["variant"] for s in manifest["steps"]]
-        self.step_kwargs = [s["inputs"] for s in manifest["steps"]]
+        tensors = self._step_tensors(device)
+        self.step_kwargs = [{name: tensors[v["tensor"]] if isinstance(v, dict) else v for name, v in s["inputs"].items()}
+                            for s in manifest["steps"]]
         self.step_index = 0
+
+    def _step_tensors(self, device) -> dict[str, torch.Tensor]:
+        """The per-step tensor inputs the manifest names (STEP_TENSORS), on `device`."""
+        name = self.manifest.get("step_tensors")
+        if not name:
+            return {}
+        from safetensors.torch import load_file
+
+        path = self.path / name
+        if not path.is_file():
+            raise GraphcacheError(f"{self.path}: the artifact has no {name} (incomplete or damaged)")
+        tensors = load_file(str(path), device=str(device))
+        missing = sorted({v["tensor"] for s in self.manifest["steps"] for v in s["inputs"].values()
+                          if isinstance(v, dict)} - set(tensors))
+        if missing:
+            raise GraphcacheError(f"{self.path}: {name} has no tensor {missing[0]} (incomplete or damaged)")
+        return tensors
 
     def forward(self, *args, return_dict: bool = True, **kwargs):
         if len(args) > len(self.arg_names):

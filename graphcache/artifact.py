@@ -23,6 +23,8 @@ The ahead-of-time backends ("aoti", "onnx", "tensorrt") store the exported varia
       weights.safetensors the weights, stored once: every .pt2 loads them at run time, every
                           ONNX file references them as external data
       v<i>_prologue.pt2   its random draws, v<i>_epilogue.pt2 its K-means (torch.export programs)
+      step_inputs.safetensors  per-step tensor inputs (EOC's correction factors), when there are
+                          any: the artifact runs without the prior file
 
 and `load_artifact` runs them without the model's Python code (graphcache/aot_artifact.py), refusing an
 artifact built by another torch release or for another device, and inputs outside its shapes.

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import ir
-from .eoc import FORMAT, Prior, fingerprint
+from .eoc import FORMAT, Prior, fingerprint, steps_read
 from .errors import GraphcacheError
 
 CALIBRATION_SEED = 1000  # calibration batches draw noise from seeds 1000, 1001, ...
@@ -48,11 +48,29 @@ def _recording_model(model, num_steps: int, sink):
 
 def calibrate(model: nn.Module, num_steps: int, *, samples: int | None = None, held_out: int | None = None,
               batch: int = 16, sampler: str = "ddim", cfg_scale: float | None = 1.5,
+              for_method: str | None = None, method_options: dict | None = None,
               progress: bool = False) -> Prior:
     """EOC's prior for `model`: `samples` uncached runs (default one per class, classes in order,
     noise from CALIBRATION_SEED on) give P; `held_out` more (default as many, noise from
-    HELD_OUT_SEED on) give the judgment's statistics."""
+    HELD_OUT_SEED on) give the judgment's statistics.
+
+    Every step's trend is kept (the large form: DiT-XL/2 over 20 steps takes 1.3 GB) unless
+    `for_method` names the caching method (with `method_options`, EOC's own aside) whose schedule
+    the prior will serve: then only the steps where that schedule leaves some branch uncomputed,
+    the ones its factors read."""
+    from .methods import get_method
+    from .methods.base import computed_branches
     from .sampling import sample
+
+    if for_method is not None:
+        method = get_method(for_method)
+        if not method.corrects:
+            raise GraphcacheError(f"method {for_method} takes no eoc option: there is no schedule to calibrate for")
+        stray = [name for name in method_options or {} if name.startswith("eoc")]
+        if stray:
+            raise GraphcacheError(f"calibrating for {for_method}: {stray[0]} is given where the prior is used, "
+                                  "not to calibrate it")
+        method.resolve_options(method_options or {})  # a bad option fails before the sampling runs
 
     classes = int(model.num_classes)
     samples = classes if samples is None else samples
@@ -109,5 +127,14 @@ def calibrate(model: nn.Module, num_steps: int, *, samples: int | None = None, h
         "cfg_scale": cfg_scale, "num_tokens": structure.num_tokens, "hidden_size": structure.hidden_size,
         "samples": samples, "held_out": held_out, "calibration_seed": CALIBRATION_SEED,
         "held_out_seed": HELD_OUT_SEED, "branches": {br.name: br.block for br in structure.branches},
+        "kinds": {br.name: br.kind for br in structure.branches}, "steps": list(range(1, num_steps)),
     }
-    return Prior(meta, trend, gain, norm)
+    prior = Prior(meta, trend, gain, norm)
+    if for_method is None:
+        return prior
+    schedule = method.schedule(num_steps, structure.depth, method_options, structure.num_tokens, structure)
+    branches = {br.name: (br.block, br.kind) for br in structure.branches}
+    keep = steps_read(computed_branches(schedule.steps, branches), branches)
+    prior = prior.keep_steps(keep)
+    prior.meta["for"] = {"method": for_method, "options": dict(method_options or {})}
+    return prior

@@ -21,7 +21,7 @@ from .errors import GraphcacheError, exception_line, one_line
 from .exporters import BACKENDS
 from .io import atomic_write
 from .models.builtin import DEFAULT_MODEL, available
-from .schedule import run_lengths
+from .schedule import index_ranges, run_lengths
 
 EXIT_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a tool killed by SIGPIPE
@@ -102,20 +102,6 @@ def _format_options(options: dict) -> str:
 def _rle(items, *, ones: bool = True) -> str:
     """Run-length summary: full×1 reuse×27 (ones=False writes a run of one as just the value)."""
     return " ".join(f"{'-' if a is None else a}" + (f"×{n}" if ones or n > 1 else "") for a, n in run_lengths(items))
-
-
-def _ranges(indices) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    parts, indices = [], sorted(indices)
-    start = prev = None
-    for i in indices + [None]:
-        if start is not None and (i is None or i != prev + 1):
-            parts.append(str(start) if start == prev else f"{start}-{prev}")
-            start = None
-        if i is not None and start is None:
-            start = i
-        prev = i
-    return ", ".join(parts)
 
 
 def _human_bytes(n: float) -> str:
@@ -536,14 +522,20 @@ def cmd_calibrate(args) -> int:
         if not hasattr(model, attr):
             raise GraphcacheError(f"{args.model} is not a class-conditional DiT (no `{attr}`): calibrate samples "
                                   "it with graphcache's class-conditional sampler")
+    if _options(args) and args.for_method is None:
+        raise GraphcacheError("--set gives options of the --for method: add --for METHOD")
     prior = calibrate(model, args.steps, samples=args.samples, held_out=args.held_out, batch=args.batch,
-                      sampler=args.sampler, cfg_scale=args.cfg_scale, progress=not args.quiet)
+                      sampler=args.sampler, cfg_scale=args.cfg_scale, for_method=args.for_method,
+                      method_options=_options(args), progress=not args.quiet)
     prior.save(out)
     m = prior.meta
-    kept = sum(w != 0 for br in prior.trend for w in step_weights(prior, br, 0.01, "held-out"))
-    total = len(prior.trend) * (m["num_steps"] - 1)
+    kept = sum(w != 0 for br in prior.trend for w in step_weights(prior, br, 0.01, "held-out").values())
+    total = len(prior.trend) * len(prior.steps)
     print(f"calibrated {args.model}: {m['samples']} samples (+{m['held_out']} held out), {m['sampler']} "
           f"{m['num_steps']} steps, cfg {m['cfg_scale']}, {len(prior.trend)} branches, {m['num_tokens']} tokens")
+    if args.for_method is not None:
+        print(f"  for {args.for_method} {_format_options(_options(args))}: keeps steps {index_ranges(prior.steps)} "
+              f"({len(prior.steps)} of {m['num_steps'] - 1})")
     print(f"  judgment at eoc_lambda=0.01: {kept} of {total} (step, branch) corrections lower the held-out error")
     print(f"  wrote {out} ({_human_bytes(out.stat().st_size)}); use it with --set eoc={out}")
     return 0
@@ -610,7 +602,7 @@ def cmd_inspect(args) -> int:
                   f"{br['work_nodes']} work nodes")
     print("variants:")
     for v in info["variants"]:
-        print(f"  {v['kinds']}  steps {_ranges(v['steps'])} ({len(v['steps'])}), {v['nodes']} nodes")
+        print(f"  {v['kinds']}  steps {index_ranges(v['steps'])} ({len(v['steps'])}), {v['nodes']} nodes")
         if not v["passes"]:
             print("    (no passes: the captured graph as it is)")
         for p in v["passes"]:
@@ -682,8 +674,11 @@ def _add_backend(p, *, default: str | None = "eager", default_note: str = "eager
 def _add_method(p, *, required: bool, default_note: str = "") -> None:
     p.add_argument("--method", required=required, metavar="M",
                    help=f"caching method (see `graphcache methods`){default_note}")
-    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE", default=[],
-                   help="a method option, e.g. --set interval=3 (repeatable)")
+    _add_set(p, "a method option, e.g. --set interval=3 (repeatable)")
+
+
+def _add_set(p, help: str) -> None:
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE", default=[], help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -797,8 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "held-out samples (other seeds) the statistics its judgment and fitted λ read. The prior "
                     "serves one model, sampler, step count and resolution; use it with any method that has "
                     "the eoc option (`--set eoc=PRIOR`). Calibration seeds start at 1000, held-out seeds at "
-                    "2000. Writing is atomic.",
+                    "2000. With --for METHOD the prior keeps only the steps that method's schedule reads, and "
+                    "serves that schedule alone. Writing is atomic.",
         epilog=f"examples:\n  graphcache calibrate {DEFAULT_MODEL} --method eoc --steps 20 -o prior.safetensors\n"
+               f"  graphcache calibrate {DEFAULT_MODEL} --method eoc --steps 20 --for fora --set level=50 "
+               "-o fora50.safetensors\n"
                f"  graphcache sample {DEFAULT_MODEL} --method fora --steps 20 --set level=50 "
                "--set eoc=prior.safetensors --labels 1,2 -o out.png",
     )
@@ -814,6 +812,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
     p.add_argument("--cfg-scale", type=float, default=_BUILTIN_CFG_SCALE, metavar="S",
                    help=f"guidance scale (default: {_BUILTIN_CFG_SCALE})")
+    p.add_argument("--for", dest="for_method", metavar="M",
+                   help="keep only the steps this caching method's schedule (with --set) reads: the small "
+                        "form; without --for the prior keeps every step, the large form (DiT-XL/2, 20 steps: "
+                        "1.3 GB)")
+    _add_set(p, "an option of the --for method, e.g. --set level=50 (repeatable; EOC's own are given "
+                "where the prior is used)")
     p.add_argument("-o", "--output", required=True, metavar="PRIOR", help=".safetensors file to write")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_loading(p)

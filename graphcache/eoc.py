@@ -11,11 +11,13 @@ is multiplied by Π_{t0 < s <= t} (1 + λ_s · D_s), D_s = P[s] - P[s-1]. `step_
 that product on the host, so the graph does one multiplication per cached branch
 (passes/error_correction.py) and the cache keeps the computed value.
 
-The prior file (safetensors, fp32) holds only what the factors read:
+The prior file (safetensors, fp32) holds only what the factors read, for the steps s its
+metadata lists (`steps`: every step from 1 on, or, calibrated `--for` a method, those where its
+schedule leaves some branch uncomputed, the only ones a factor reads):
 
-* `trend.{branch}`: D_s for s = 1 .. num_steps-1, shape (num_steps-1, tokens, channels), the
-  batch rows (the guidance halves included) averaged;
-* `gain.{branch}`, `norm.{branch}`: per step s, over held-out uncached runs (samples disjoint
+* `trend.{branch}`: D_s, shape (stored steps, tokens, channels), the batch rows (the guidance
+  halves included) averaged;
+* `gain.{branch}`, `norm.{branch}`: per stored step s, over held-out uncached runs (samples disjoint
   from the calibration set), b_s = Σ <F_s - F_{s-1}, F_{s-1}·D_s> and c_s = Σ |F_{s-1}·D_s|²,
   F the branch output. One step's squared error after the correction with weight λ is
   |F_s - F_{s-1}|² - 2λ b_s + λ² c_s: the correction helps exactly where 0 < λ < 2 b_s / c_s,
@@ -38,6 +40,7 @@ from torch import nn
 
 from .errors import GraphcacheError
 from .io import atomic_write
+from .schedule import index_ranges
 
 FORMAT = "graphcache-eoc-prior/1"
 METADATA_KEY = "graphcache_eoc"
@@ -58,9 +61,38 @@ def fingerprint(model: nn.Module) -> str:
 @dataclass
 class Prior:
     meta: dict
-    trend: dict[str, torch.Tensor]  # branch -> (num_steps-1, N, C)
-    gain: dict[str, torch.Tensor]  # branch -> (num_steps-1,) sums b_s
-    norm: dict[str, torch.Tensor]  # branch -> (num_steps-1,) c_s
+    trend: dict[str, torch.Tensor]  # branch -> (len(steps), N, C), row i for step steps[i]
+    gain: dict[str, torch.Tensor]  # branch -> (len(steps),) sums b_s
+    norm: dict[str, torch.Tensor]  # branch -> (len(steps),) c_s
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps whose trend and statistics the prior stores, in order."""
+        return self.meta["steps"]
+
+    def keep_steps(self, steps) -> Prior:
+        """The prior restricted to `steps` (a subset of its own): what a schedule reads, when the
+        whole prior would be large (DiT-XL/2, 20 steps: 1.3 GB)."""
+        rows = {s: i for i, s in enumerate(self.steps)}
+        keep = sorted(set(steps))
+        missing = [s for s in keep if s not in rows]
+        if missing:
+            raise GraphcacheError(f"the prior does not store step {missing[0]}")
+        index = torch.tensor([rows[s] for s in keep], dtype=torch.long)
+        return Prior({**self.meta, "steps": keep}, {br: t[index] for br, t in self.trend.items()},
+                     {br: t[index] for br, t in self.gain.items()}, {br: t[index] for br, t in self.norm.items()})
+
+    def require_steps(self, steps, method: str) -> None:
+        """GraphcacheError naming the steps of `steps` the prior lacks (made `--for` another schedule)."""
+        missing = sorted(set(steps) - set(self.steps))
+        if missing:
+            made_for = self.meta.get("for") or {}
+            given = " ".join(f"--set {k}={v}" for k, v in made_for.get("options", {}).items())
+            raise GraphcacheError(
+                f"{self.meta.get('source', 'the prior')} stores steps {index_ranges(self.steps)} only (calibrated "
+                f"--for {made_for.get('method', '?')}{' ' + given if given else ''}); this {method} schedule also "
+                f"reads step{'s' * (len(missing) > 1)} {index_ranges(missing)}: calibrate again with --for {method} "
+                "and its --set options, or without --for (every step)")
 
     def save(self, path) -> Path:
         from safetensors.torch import save_file
@@ -117,6 +149,9 @@ def _load_prior(path: str, mtime_ns: int, size: int) -> Prior:
         if kind not in split:
             raise GraphcacheError(f"EOC prior {path}: unexpected tensor {key!r}")
         split[kind][branch] = t
+    # priors written before these were recorded: every step, and each branch's kind from its name
+    meta.setdefault("steps", list(range(1, meta["num_steps"])))
+    meta.setdefault("kinds", {br: br.split("_", 1)[1].rstrip("0123456789") for br in meta["branches"]})
     return Prior(meta, split["trend"], split["gain"], split["norm"])
 
 
@@ -125,46 +160,54 @@ def _load_prior(path: str, mtime_ns: int, size: int) -> Prior:
 # ---------------------------------------------------------------------------------------------
 
 
-def step_weights(prior: Prior, branch: str, lam, judgment: str) -> list[float]:
-    """λ_s per step s (index 0 = step 0, never corrected): λ, or its least-squares fit b_s / c_s
-    where positive ("fit") or of either sign ("signed-fit"), or 0 where the judgment ("held-out")
-    finds that it does not lower the one-step error on the held-out runs."""
+def step_weights(prior: Prior, branch: str, lam, judgment: str) -> dict[int, float]:
+    """λ_s per stored step s: λ, or its least-squares fit b_s / c_s where positive ("fit") or of
+    either sign ("signed-fit"), or 0 where the judgment ("held-out") finds that it does not lower
+    the one-step error on the held-out runs."""
     b, c = prior.gain[branch].double(), prior.norm[branch].double()
-    weights = [0.0]
-    for s in range(len(b)):
+    weights = {}
+    for i, s in enumerate(prior.steps):
         # "fit" keeps the authors' direction (λ >= 0): measured on FORA, negative fits lower the
         # branch error yet hurt the images; on forecasts (TaylorSeer, ClusCa) "signed-fit"'s negative
         # λ damps the extrapolation and helps (docs/benchmarks.md, 2026-12-04)
         if lam in FITS:
-            fitted = float(b[s] / c[s]) if c[s] > 0 else 0.0
+            fitted = float(b[i] / c[i]) if c[i] > 0 else 0.0
             w = max(fitted, 0.0) if lam == "fit" else fitted
         else:
             w = float(lam)
         # the error changes by w² c - 2 w b: it drops exactly for w strictly between 0 and 2b/c
-        if judgment == "held-out" and not w * (w * float(c[s]) - 2 * float(b[s])) < 0:
+        if judgment == "held-out" and not w * (w * float(c[i]) - 2 * float(b[i])) < 0:
             w = 0.0
-        weights.append(w)
+        weights[s] = w
     return weights
 
 
-def step_factors(prior: Prior, computed: list[set[int]], lam, judgment: str) -> list[dict[str, torch.Tensor]]:
+def steps_read(computed: list[set[str]], branches) -> list[int]:
+    """The steps whose trend the factors read: those after the first where some branch of
+    `branches` is not computed (`computed[t]`: the branches computed at step t)."""
+    return [t for t in range(1, len(computed)) if any(br not in computed[t] for br in branches)]
+
+
+def step_factors(prior: Prior, computed: list[set[str]], lam, judgment: str) -> list[dict[str, torch.Tensor]]:
     """Per step: {branch: the factor its cached read is multiplied by}, for the branches that are
-    cached there (`computed[t]`: blocks that compute at step t) and whose factor is not 1.
+    cached there (`computed[t]`: the branches computed at step t, fully or on some tokens) and
+    whose factor is not 1. The prior must store every step `steps_read` names (Prior.require_steps).
 
     The factor is the product of (1 + λ_s D_s) over the cached steps since the branch was last
     computed, the steps the judgment rejects contributing 1: what writing each corrected output
-    back to the cache (the authors' code) gives, up to the rounding of the product."""
+    back to the cache (the authors' code) gives, up to the rounding of the product. A branch
+    computed on some tokens starts over as a computed one does: its fresh tokens are that step's."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in computed]
+    rows = {s: i for i, s in enumerate(prior.steps)}
     for branch, trend in prior.trend.items():
-        block = prior.meta["branches"][branch]
         weights = step_weights(prior, branch, lam, judgment)
         factor = None
-        for t, blocks in enumerate(computed):
-            if block in blocks or t == 0:
+        for t, branches in enumerate(computed):
+            if branch in branches or t == 0:
                 factor = None
                 continue
             if weights[t]:
-                step = 1 + weights[t] * trend[t - 1]
+                step = 1 + weights[t] * trend[rows[t]]
                 factor = step if factor is None else factor * step
             if factor is not None:
                 out[t][branch] = factor

@@ -119,7 +119,7 @@ class CachedModel(DelegatesToModel, SteppedModel):
         self.capture_signature = self.spec.signature(self.capture_inputs)
         self.structure = ir.structure_of(self.captured)
         if self.given_options.get("eoc"):
-            check_prior_model(self.given_options["eoc"], self.model, self.backend)
+            check_prior_model(self.given_options["eoc"], self.model)
         self.schedule = self.method.schedule(self.num_steps_wanted, self.structure.depth, self.given_options,
                                              self.structure.num_tokens, self.structure)
         self.options = self.schedule.options
@@ -304,15 +304,10 @@ class CachedModel(DelegatesToModel, SteppedModel):
         }
 
 
-def check_prior_model(path, model: nn.Module, backend: str) -> None:
-    """GraphcacheError unless the EOC prior at `path` was calibrated on this model's weights and the
-    backend can take its per-step factors (tensors: eager and compile only)."""
+def check_prior_model(path, model: nn.Module) -> None:
+    """GraphcacheError unless the EOC prior at `path` was calibrated on this model's weights."""
     from .eoc import fingerprint, load_prior
-    from .exporters.export import AHEAD_OF_TIME
 
-    if backend in AHEAD_OF_TIME:
-        raise GraphcacheError(f"eoc: the {backend} backend takes per-step scalars only; EOC's correction factors "
-                              "are per-step tensors (use the eager or compile backend)")
     expected, found = load_prior(path).meta["fingerprint"], fingerprint(model)
     if found != expected:
         raise GraphcacheError(f"{path} was calibrated on another model (fingerprint {expected}, this model "

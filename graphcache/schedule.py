@@ -126,6 +126,12 @@ def correction_input(branch: str) -> str:
     return f"gc_eoc_{branch}"
 
 
+def is_correction_input(name: str) -> bool:
+    """Whether the per-step input `name` is an EOC factor: a (tokens, channels) tensor of fixed
+    shape, the same for every batch (not batch-major as the other tensor inputs are)."""
+    return name.startswith(correction_input(""))
+
+
 def is_token_input(name: str) -> bool:
     """Whether the per-step input `name` is a partial block's fresh-token count."""
     rest = name.removeprefix(tokens_input(0).removesuffix("0"))
@@ -161,6 +167,20 @@ def run_lengths(items) -> list[tuple[object, int]]:
         else:
             out.append([item, 1])
     return [(a, n) for a, n in out]
+
+
+def index_ranges(indices) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts, indices = [], sorted(indices)
+    start = prev = None
+    for i in indices + [None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ", ".join(parts)
 
 
 def descending(num_steps: int):

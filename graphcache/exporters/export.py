@@ -10,7 +10,8 @@ Dynamic dimensions: dim 0 of every tensor input (the batch: x, t, y, cache slots
 batch-major) is `Dim.AUTO`, exported at a batch of 4 (the inputs the model was captured on, rows
 repeated: `capture.with_batch`); a token count `gc_tokens_b<i>`
 (a `(k,)` tensor) is `Dim(min=0, max=N-1)` (a cross-attention's: min 2, `schedule.compiled_token_count`). `token_ranges` gives the k each variant actually
-receives in the run (TensorRT profiles and the manifest use it).
+receives in the run (TensorRT profiles and the manifest use it). An EOC factor
+`gc_eoc_<branch>` (tokens, channels) is not batch-major: its shape is static.
 
 Weights are stored once for all variants: `shared_weights` collects every constant of every
 variant's program, by name, once, and `build_files` writes them as `WEIGHTS_FILE` before
@@ -35,7 +36,7 @@ from torch.export import Dim
 from ..capture import propagate_shapes, with_batch
 from ..errors import GraphcacheError
 from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize
-from ..schedule import compiled_token_count, is_token_input, step_inputs
+from ..schedule import compiled_token_count, is_correction_input, is_token_input, step_inputs
 from .base import Runners
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
@@ -63,7 +64,7 @@ def token_ranges(schedule, key) -> dict[str, list[int]]:
 
 
 def first_scalars(schedule, key) -> dict:
-    """The per-step scalars (not token counts) of the first step that runs variant `key`."""
+    """The per-step scalars and tensors (not token counts) of the first step that runs variant `key`."""
     plan = schedule.steps_of(key)[0]
     return {n: v for n, v in step_inputs(plan).items() if not is_token_input(n)}
 
@@ -83,7 +84,7 @@ def _dynamic_shapes(names, values, num_tokens: int) -> dict:
     for name, value in zip(names, values):
         if is_token_input(name):
             shapes[name] = {0: Dim(name, min=compiled_token_count(name, 0), max=num_tokens - 1)}
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1:
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and not is_correction_input(name):
             shapes[name] = {0: Dim.AUTO}
         else:
             shapes[name] = None
@@ -135,8 +136,11 @@ def export_variants(cached) -> list[ExportedVariant]:
             env = dict(zip(cached.structure.input_names, args))
             env.update({name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in
                         ((CACHE_PREFIX + s, spec) for s, spec in specs.items())})
-            env.update({name: step_tensor(name, v, device, scalars) for name, v in first_scalars(cached.schedule,
-                                                                                                key).items()})
+            for name, v in first_scalars(cached.schedule, key).items():
+                if isinstance(v, torch.Tensor):  # exported for the device and dtype the runtime moves it to
+                    env[name] = v.to(device, cached.input_dtype)
+                else:
+                    env[name] = step_tensor(name, v, device, scalars)
             env.update({name: torch.empty(max(2, min(hi, n - 1)), device=device) for name, (_, hi) in ranges.items()})
             prologue = epilogue = None
             if sig.prologue is not None:

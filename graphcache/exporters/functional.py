@@ -7,7 +7,8 @@ named values, and keeps the cache between calls by swapping the `CacheState` buf
 graphs' new cache values (no copies).
 
 Per-step inputs become tensors: a token count k becomes `torch.empty(k)` (its size is read in the
-graph), every other scalar a 0-d tensor (int64 / float32), cached per value.
+graph), every other scalar a 0-d tensor (int64 / float32), cached per value; a tensor (EOC's
+factors) is passed as it is, already on the device and in the dtype the graph was exported for.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ScalarTensors:
 
 def step_tensor(name: str, value, device, scalars: ScalarTensors) -> torch.Tensor:
     """The tensor a functional graph takes for the per-step input `name` = `value`."""
+    if isinstance(value, torch.Tensor):
+        return value
     if is_token_input(name):
         return torch.empty(compiled_token_count(name, int(value)), device=device)
     return scalars(name, value, device)

@@ -7,7 +7,7 @@ into an engine with ONE optimization profile, derived by `profile`:
   and largest k the schedule actually feeds this variant (`export.token_ranges`);
 * every batch-major input gets the batch range `batch` = (min, opt, max) (default: 2 to 16 rows,
   i.e. 1 to 8 images with guidance; opt 2), the other dimensions fixed at their exported size;
-* 0-d inputs (per-step scalars) are fixed.
+* 0-d inputs (per-step scalars) and EOC's factors (tokens, channels) are fixed.
 
 The ToCa/DuCa selection sorts the N token scores inside the graph (ONNX TopK with k = N);
 TensorRT's TopK takes k <= 3840, so `check_topk` refuses models with more tokens (passing the
@@ -27,7 +27,7 @@ import torch
 
 from ..errors import GraphcacheError
 from ..passes.functionalize import Signature
-from ..schedule import is_token_input
+from ..schedule import is_correction_input, is_token_input
 from . import onnx as onnx_backend
 
 SUFFIX = ".onnx"  # the engine is written beside it as v<i>.onnx.engine
@@ -72,8 +72,8 @@ def profile(sig: Signature, shapes: dict[str, tuple[int, ...]], token_ranges: di
         if is_token_input(name):
             k_lo, k_hi = token_ranges[name]
             out[name] = ((k_lo,), ((k_lo + k_hi) // 2,), (k_hi,))
-        elif len(shape) == 0:
-            out[name] = ((), (), ())
+        elif len(shape) == 0 or is_correction_input(name):
+            out[name] = (shape, shape, shape)
         else:
             rest = shape[1:]
             out[name] = ((lo, *rest), (opt, *rest), (hi, *rest))

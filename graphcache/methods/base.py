@@ -11,7 +11,8 @@ from ..eoc import FITS, JUDGMENTS
 from ..errors import GraphcacheError
 from ..passes.base import Pass
 from ..passes.error_correction import InsertErrorCorrectionPass
-from ..schedule import FULL, Schedule, StepPlan, correction_input
+from .. import ir
+from ..schedule import FULL, PARTIAL, Schedule, StepPlan, correction_input
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class Method:
         options = self.resolve_options(options or {}, structure)
         plans = self.plan(num_steps, depth, num_tokens, options, structure)
         if options.get("eoc"):
-            plans = with_corrections(plans, options, num_tokens, structure)
+            plans = with_corrections(self.name, plans, options, num_tokens, structure)
         # a profile planned without a model plans the model it is named for (FLUX.1-dev's 57 blocks)
         return Schedule(self.name, options, num_steps, len(plans[0].kinds), plans)
 
@@ -146,20 +147,41 @@ def _methods() -> dict:
     return METHODS
 
 
-def with_corrections(plans: list[StepPlan], options: dict, num_tokens: int, structure) -> list[StepPlan]:
+def computed_branches(plans: list[StepPlan], branches: dict[str, tuple[int, str]]) -> list[set[str]]:
+    """Per step, the branches ({name: (block, kind)}) that compute there: those of full blocks, and
+    the ones a partial block computes on some tokens (its MLP where the plan gives it a token
+    count, its cross-attention where it gives that one a count); a partial block's other
+    branches read the cache."""
+    steps = []
+    for p in plans:
+        partly = {b: ({ir.MLP} if p.tokens and p.tokens[b] is not None else set())
+                  | ({ir.CROSS_ATTENTION} if p.cross_tokens and p.cross_tokens[b] is not None else set())
+                  for b, k in enumerate(p.kinds) if k == PARTIAL}
+        steps.append({br for br, (b, kind) in branches.items()
+                      if p.kinds[b] == FULL or kind in partly.get(b, ())})
+    return steps
+
+
+def with_corrections(method: str, plans: list[StepPlan], options: dict, num_tokens: int,
+                     structure) -> list[StepPlan]:
     """The plans with EOC's per-step factor inputs: every branch of the prior gets one at every
     step (ones where nothing is corrected, so that each variant's inputs are always given), and
-    `corrected` names the branches whose factor is not ones."""
-    from ..eoc import load_prior, step_factors
+    `corrected` names the branches whose factor is not ones: cached reads, never a branch the
+    step computes on some tokens (InsertErrorCorrectionPass declines those too)."""
+    from ..eoc import load_prior, step_factors, steps_read
 
     if structure is not None and structure.multi_stream:
         raise GraphcacheError("EOC's correction does not run on blocks with image and text streams (MMDiT) yet: "
                               "calibrate and correct a single-stream model")
     prior = load_prior(options["eoc"])
     hidden = structure.hidden_size if structure is not None else prior.meta["hidden_size"]
-    branches = [br.name for br in structure.branches] if structure is not None else list(prior.trend)
+    if structure is not None:
+        branches = {br.name: (br.block, br.kind) for br in structure.branches}
+    else:
+        branches = {br: (b, prior.meta["kinds"][br]) for br, b in prior.meta["branches"].items()}
     prior.check(num_steps=len(plans), num_tokens=num_tokens, hidden_size=hidden, branches=branches)
-    computed = [{b for b, k in enumerate(p.kinds) if k == FULL} for p in plans]
+    computed = computed_branches(plans, branches)
+    prior.require_steps(steps_read(computed, branches), method)
     factors = step_factors(prior, computed, options["eoc_lambda"], options["eoc_judgment"])
     ones = torch.ones(num_tokens, hidden)
     return [replace(p, inputs={**p.inputs, **{correction_input(br): f.get(br, ones) for br in branches}},

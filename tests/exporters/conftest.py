@@ -11,6 +11,10 @@ AOTInductor/Inductor/ONNX compile time.
 
 `eager_run(name, steps, options)`: `run_helpers.run` of eager graphcache on `dit_s`, memoised for
 the session: the backends compare against the same reference run.
+
+`dit_s_prior(steps)`: an EOC prior of `dit_s` for that many DDIM steps (1 + 1 samples, no
+guidance), made once per step count: the backends run FORA with EOC's correction
+(run_helpers.eoc_options).
 """
 
 from __future__ import annotations
@@ -26,6 +30,21 @@ from run_helpers import DIT_S_DEPTH, run
 def dit_s():
     config = dit_config("DiT-S/2", input_size=32, in_channels=4, num_classes=1000, depth=DIT_S_DEPTH)
     return init_random_(DiT(config), seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def dit_s_prior(dit_s, tmp_path_factory):
+    from graphcache.calibration import calibrate
+
+    priors = {}
+
+    def get(steps):
+        if steps not in priors:
+            priors[steps] = tmp_path_factory.mktemp("eoc") / f"dit-s-{steps}.safetensors"
+            calibrate(dit_s, steps, samples=1, held_out=1, cfg_scale=None).save(priors[steps])
+        return priors[steps]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,18 @@ def tolerance(name, options) -> float:
     return SELECTED_TOL if name in ("toca", "duca") and options.get("score", "attention") != "random" else TOL
 
 
+# The backends' tests run FORA with EOC's correction: its reuse variant then also multiplies every
+# cached read by a per-step factor tensor input. FORA without it is that graph less the
+# multiplications, the cached reads every other method's variants exercise too. λ large enough
+# that the correction shows on random weights (it changes DiT-S/2's DDIM-4 outputs by ~1x their scale).
+EOC_FORA = {"eoc_lambda": 300.0, "eoc_judgment": "all"}
+
+
+def eoc_options(name, prior_of, steps) -> dict:
+    """EOC's options for method `name` in the backends' tests: FORA's, with a prior for `steps`."""
+    return {"eoc": str(prior_of(steps)), **EOC_FORA} if name == "fora" else {}
+
+
 def case_id(case) -> str:
     name, options = case
     return f"{name}-{'-'.join(map(str, options.values())) or 'default'}"

@@ -23,8 +23,8 @@ tiny builtin DiT (2 blocks, 16 tokens), DDIM-10 with CFG (batch 4; the variants 
   within INDUCTOR_TOL of their scale (max |compiled - eager| / max |eager|; measured ~5e-7),
   and the RNG state after the run is identical (`fallback_random`: the same draws, in order);
 * with Inductor on DiT-S/2-shaped random weights (conftest.py `dit_s`: DiT-S/2's width, heads
-  and 256 tokens, 2 blocks: the same variants as at depth 12), every method with its defaults,
-  DDIM-4 with CFG:
+  and 256 tokens, 2 blocks: the same variants as at depth 12), every method with its defaults
+  (FORA with EOC's per-step factor inputs: run_helpers.eoc_options), DDIM-4 with CFG:
   per-step outputs and latents within `tolerance` of eager graphcache (as for aoti and onnx:
   1e-4 of scale, 1e-2 where ToCa/DuCa pick tokens by a computed score), no graph break, one
   graph per variant, the same draws.
@@ -47,7 +47,7 @@ from graphcache.schedule import FORECAST, is_token_input
 from graphcache.methods import METHODS
 from graphcache.models.builtin import resolve_model
 from graphcache.passes.taylor import coefficient_input
-from run_helpers import CASES, TOL, case_id, max_rel, run, tolerance, variants_of
+from run_helpers import CASES, TOL, case_id, eoc_options, max_rel, run, tolerance, variants_of
 
 STEPS = 10
 INDUCTOR_TOL = 1e-4  # per-step model outputs, relative to their max (measured: ~5e-7)
@@ -139,12 +139,13 @@ def test_inductor_end_to_end_matches_eager(tiny):
         print(f"{name}: max per-step relative difference {rel:.2e}")
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_inductor_matches_eager_dit_s2(dit_s, eager_run, name):
+@pytest.mark.parametrize("name", list(METHODS), ids=lambda name: "fora-eoc" if name == "fora" else name)
+def test_inductor_matches_eager_dit_s2(dit_s, dit_s_prior, eager_run, name):
     steps = 4
-    latents, outputs, rng = eager_run(name, steps)
+    options = eoc_options(name, dit_s_prior, steps)  # FORA with EOC's per-step factor inputs
+    latents, outputs, rng = eager_run(name, steps, options)
     fresh_dynamo()
-    cached = graphcache.optimize(dit_s, name, steps, backend="compile")
+    cached = graphcache.optimize(dit_s, name, steps, backend="compile", **options)
     got_latents, got_outputs, got_rng = run(cached, steps=steps)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == len(cached.variants)

@@ -1,8 +1,9 @@
 """The `onnx` backend (graphcache/exporters/onnx.py) on every method, DiT-S/2 random weights.
 
-For every method with its defaults, ToCa's random score and ClusCa with 2 tokens per cluster
-(`aten.sort.stable`, translated to ONNX TopK), DDIM-5 with CFG on conftest.py's `dit_s` (DiT-S/2's
-width, heads and 256 tokens, 2 blocks: the same variants as at depth 12): each
+For every method with its defaults (FORA with EOC's correction: run_helpers.eoc_options), ToCa's
+random score and ClusCa with 2 tokens per cluster (`aten.sort.stable`, translated to ONNX TopK),
+DDIM-5 with CFG on conftest.py's `dit_s` (DiT-S/2's width, heads and 256 tokens, 2 blocks: the
+same variants as at depth 12): each
 variant is exported to ONNX (checked by `onnx.checker` in `build`), run by onnxruntime, and the
 per-step model outputs and latents agree with eager graphcache within TOL of their scale
 (measured: < 1e-6); the RNG state after the run is identical (the draws happen in the eager
@@ -24,12 +25,15 @@ import pytest
 import torch
 
 import graphcache
-from run_helpers import CASES, TOL, case_id, max_rel, run, tolerance
+from graphcache.artifact import load_artifact, save_artifact
+from graphcache.schedule import is_correction_input
+from run_helpers import CASES, TOL, case_id, eoc_options, max_rel, run, tolerance
 
 STEPS = 5
 
 
-SHARED = {("toca", (("score", "random"),))}  # also read by test_onnx_files_have_dynamic_batch_and_token_axes
+# also read by test_onnx_files_have_dynamic_batch_and_token_axes and test_onnx_artifact_carries_eoc_factors
+SHARED = {"toca-random", "fora-default"}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +41,11 @@ def onnx_cached(dit_s):
     """`get(name, options)`: the onnx-backend CachedModel; the SHARED ones are exported once."""
     built = {}
 
-    def get(name, options):
-        key = (name, tuple(sorted(options.items())))
+    def get(name, options, eoc=None):
+        key = case_id((name, options))
         if key in built:
             return built[key]
-        cached = graphcache.optimize(dit_s, name, STEPS, backend="onnx", **options)
+        cached = graphcache.optimize(dit_s, name, STEPS, backend="onnx", **options, **(eoc or {}))
         if key in SHARED:
             built[key] = cached
         return cached
@@ -50,10 +54,14 @@ def onnx_cached(dit_s):
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=[case_id(c) for c in CASES])
-def test_onnx_matches_eager(eager_run, onnx_cached, name, options):
-    latents, outputs, rng = eager_run(name, STEPS, options)
-    cached = onnx_cached(name, options)
+def test_onnx_matches_eager(eager_run, onnx_cached, dit_s_prior, name, options):
+    eoc = eoc_options(name, dit_s_prior, STEPS) if not options else {}
+    latents, outputs, rng = eager_run(name, STEPS, {**options, **eoc})
+    cached = onnx_cached(name, options, eoc)
     assert set(cached.runners) == set(cached.variants)
+    if eoc:  # the factors are inputs of the exported reuse variant
+        assert any(p.corrected for p in cached.schedule.steps)
+        assert any(is_correction_input(n) for v in cached.exported for n in v.sig.inputs)
     got_latents, got_outputs, got_rng = run(cached, steps=STEPS)
     assert torch.equal(got_rng, rng)
     rel = max(max_rel(g, w) for g, w in zip(got_outputs, outputs))
@@ -74,3 +82,18 @@ def test_onnx_files_have_dynamic_batch_and_token_axes(dit_s, onnx_cached):
     one = run(cached, labels=[5], steps=STEPS)
     want = run(graphcache.optimize(dit_s, "toca", STEPS, score="random"), labels=[5], steps=STEPS)
     assert max_rel(one[1], want[1]) < TOL
+
+
+def test_onnx_artifact_carries_eoc_factors(eager_run, onnx_cached, dit_s_prior, tmp_path):
+    """The artifact stores the per-step factors (step_inputs.safetensors) and runs without the prior."""
+    eoc = eoc_options("fora", dit_s_prior, STEPS)
+    cached = onnx_cached("fora", {}, eoc)
+    save_artifact(cached, tmp_path / "art", model_spec="dit-s")
+    prior = dit_s_prior(STEPS)
+    prior.rename(tmp_path / "elsewhere")
+    try:
+        got = run(load_artifact(tmp_path / "art"), steps=STEPS)
+    finally:
+        (tmp_path / "elsewhere").rename(prior)
+    _, outputs, _ = eager_run("fora", STEPS, eoc)
+    assert max(max_rel(g, w) for g, w in zip(got[1], outputs)) < TOL

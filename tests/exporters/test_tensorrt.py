@@ -23,10 +23,11 @@ from graphcache.exporters import tensorrt
 from graphcache.passes.functionalize import Signature
 
 INPUTS = ["x", "t", "y", "gc_tokens_b0", "gc_tokens_b3", "cache__b0_mlp", "cache__b0_staleness", "scale",
-          "random__0"]
+          "random__0", "gc_eoc_b0_attention"]
 SHAPES = {
     "x": (4, 4, 8, 8), "t": (4,), "y": (4,), "gc_tokens_b0": (9,), "gc_tokens_b3": (1,),
     "cache__b0_mlp": (4, 16, 64), "cache__b0_staleness": (4, 16), "scale": (), "random__0": (2, 16),
+    "gc_eoc_b0_attention": (16, 64),  # EOC's factor: (tokens, channels), the same for every batch
     "unused": (4, 3),  # not an input of this signature: no profile
 }
 RANGES = {"gc_tokens_b0": [3, 8], "gc_tokens_b3": [5, 5]}
@@ -54,6 +55,7 @@ def test_profile_by_input_kind():
     assert prof["gc_tokens_b0"] == ((3,), (5,), (8,))
     assert prof["gc_tokens_b3"] == ((5,), (5,), (5,))
     assert prof["scale"] == ((), (), ())
+    assert prof["gc_eoc_b0_attention"] == ((16, 64),) * 3
 
 
 def test_profile_default_batch():

@@ -1,5 +1,6 @@
 """InsertErrorCorrectionPass: exactly one factor input and one multiplication per cached branch,
-none where a branch is computed (fully or on some tokens) or its block skipped."""
+none where a branch is computed (fully or on some tokens) or its block skipped; the schedule's
+`corrected`, decided from the plan, names exactly the branches the pass corrects."""
 
 from __future__ import annotations
 
@@ -69,3 +70,18 @@ def test_partial_and_skipped_branches_are_declined(eoc_model, eoc_prior):
     assert reasons["partially"] == {"b0_mlp", "b1_mlp"}
     assert reasons["its"] >= {"b0_attention", "b1_attention"}  # "its block is skipped in this variant"
     assert any(corrections(toca.variants[k]) for k in toca.schedule.variants())
+
+
+@pytest.mark.parametrize("method, options", [("toca", {"interval": 3}), ("clusca", {"interval": 3, "clusters": 2})])
+def test_schedule_names_what_the_pass_corrects(eoc_model, eoc_prior, method, options):
+    """ToCa's and ClusCa's partial steps compute the MLP on some tokens: neither the schedule nor
+    the pass corrects it there (its factor input is ones), only the attention read from the cache."""
+    cached = graphcache.optimize(eoc_model, method, EOC_STEPS, eoc=str(eoc_prior), eoc_lambda=1.0,
+                                 eoc_judgment="all", **options)
+    ones = torch.ones(16, 64)
+    partial = [p for p in cached.schedule.steps if "partial" in p.kinds]
+    assert partial and all(set(p.corrected) == {f"b{b}_attention" for b, k in enumerate(p.kinds) if k == "partial"}
+                           for p in partial)
+    for p in cached.schedule.steps:
+        assert set(p.corrected) == set(corrections(cached.variants[p.variant])), f"step {p.index}"
+        assert all(torch.equal(p.inputs[correction_input(br)], ones) for br in BRANCHES if br not in p.corrected)
