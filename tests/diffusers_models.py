@@ -68,7 +68,7 @@ def wan_transformer(seed: int = 0):
     """Wan 2.1's video transformer: 2 blocks (self-attention, cross-attention, MLP), 1×2×2 patches."""
     model = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=24, freq_dim=32, ffn_dim=64, num_layers=DEPTH, rope_max_seq_len=32)
+        text_dim=24, freq_dim=32, ffn_dim=64, num_layers=DEPTH)
     return randomize_(model, seed)
 
 
