@@ -145,54 +145,63 @@ def test_more_calls_than_steps_are_refused():
 @pytest.fixture(scope="module", params=list(FLOW_PIPELINES))
 def flow_pipeline(request):
     pipe = FLOW_PIPELINES[request.param]()
-    return pipe, run_pipeline(pipe, FLOW_STEPS)
+    return request.param, pipe, run_pipeline(pipe, FLOW_STEPS)
+
+
+@pytest.fixture(scope="module")
+def fora_pipelines():
+    """name -> another pipeline of that kind (the same weights) with fora enabled, made at its
+    first use and shared: each of its CachedModels is built once in this module."""
+    enabled = {}
+
+    def get(name):
+        if name not in enabled:
+            enabled[name] = graphcache.enable(FLOW_PIPELINES[name](), "fora")
+        return enabled[name]
+    return get
 
 
 def test_flow_matching_none_is_the_pipeline_bit_for_bit(flow_pipeline):
-    pipe, reference = flow_pipeline
+    _, pipe, reference = flow_pipeline
     assert _equal(_cached_run(pipe, "none", FLOW_STEPS), reference)
 
 
-def test_flow_matching_fora_changes_the_predictions_and_is_reproducible(flow_pipeline):
-    pipe, (_, reference) = flow_pipeline
-    graphcache.enable(pipe, "fora")
-    try:
-        first, second = run_pipeline(pipe, FLOW_STEPS), run_pipeline(pipe, FLOW_STEPS)
-        assert [len(models) for models in pipe.transformer.by_steps.values()] == [1]
-    finally:
-        graphcache.disable(pipe)
+def test_flow_matching_fora_changes_the_predictions_and_is_reproducible(flow_pipeline, fora_pipelines):
+    name, _, (_, reference) = flow_pipeline
+    pipe = fora_pipelines(name)
+    first, second = run_pipeline(pipe, FLOW_STEPS), run_pipeline(pipe, FLOW_STEPS)
+    assert sorted(pipe.transformer.by_steps) == [str(FLOW_STEPS)] and len(pipe.transformer.run_models) == 1
     assert _equal(first, second)
     predictions = first[1]
     assert len(predictions) == FLOW_STEPS and torch.equal(predictions[0], reference[0])  # step 0 is full
     assert not torch.equal(predictions[1], reference[1])
 
 
-def test_flux_true_cfg_keeps_a_cache_per_call_of_a_step():
+def test_flux_true_cfg_keeps_a_cache_per_call_of_a_step(fora_pipelines):
     """true_cfg_scale > 1 with negative embeddings: FluxPipeline calls the transformer on the
     positive, then on the negative prompt at every step. Each call's CachedModel must see exactly
-    the calls of its own branch: fed the same inputs, one CachedModel per branch (a run each)
-    reproduces every prediction. A cache shared by the two calls would reuse the positive branch's
-    features for the negative one, or count two steps per step."""
-    pipe = graphcache.enable(flux_pipeline(), "fora")
+    the calls of its own branch: replayed as a run of its own, each branch's calls give every
+    prediction again. A cache shared by the two calls would reuse the positive branch's features
+    for the negative one, or count two steps per step."""
+    pipe = fora_pipelines("flux")
     calls = []
     recorder = pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs),
                                                           with_kwargs=True)
     try:
         first, second = (run_pipeline(pipe, FLOW_STEPS, true_cfg_scale=2.0) for _ in range(2))
-        models = list(pipe.transformer.by_steps[str(FLOW_STEPS)])
-        assert len(models) == 2 and models[0].cache is not models[1].cache
     finally:
         recorder.remove()
-        graphcache.disable(pipe)
+    models = list(pipe.transformer.by_steps[str(FLOW_STEPS)])
+    assert len(models) == 2 and models[0].cache is not models[1].cache
     assert _equal(first, second)
     predictions = first[1]
     assert len(predictions) == 2 * FLOW_STEPS
-    by_branch = graphcache.optimize(pipe.transformer, "fora", num_steps=FLOW_STEPS)
+    replay = models[0]
     with torch.no_grad():
         for branch in (0, 1):  # positive, negative
-            by_branch.reset()
+            replay.reset()
             for kwargs, want in zip(calls[branch:2 * FLOW_STEPS:2], predictions[branch::2]):
-                assert torch.equal(by_branch(**kwargs)[0], want)
+                assert torch.equal(replay(**kwargs)[0], want)
 
 
 def test_sd3_skip_layer_guidance_is_refused():
@@ -207,7 +216,7 @@ def test_sd3_skip_layer_guidance_is_refused():
 def test_flow_matching_pipeline_folders_load_without_text_encoders(flow_pipeline, tmp_path):
     """A saved FLUX or SD3 pipeline loads with its transformer, VAE and scheduler only, and samples
     as the pipeline it was saved from."""
-    pipe, reference = flow_pipeline
+    _, pipe, reference = flow_pipeline
     pipe.save_pretrained(tmp_path)
     loaded = load_pipeline(tmp_path)
     loaded.set_progress_bar_config(disable=True)
