@@ -56,8 +56,11 @@ WAN_LATENT_SIZE = (60, 104)
 HUNYUAN_VIDEO_LATENT_SIZE = (90, 160)
 # the scheduler PixArt-α ships with (DPM-Solver++ multistep, 2nd order by history: one model call per step)
 TEXT_PIPELINE_SCHEDULER = "DPMSolverMultistepScheduler"
-# FLUX and SD3 sample with flow matching: Euler steps on the velocity, one model call per step
+# FLUX and SD3 sample with flow matching: Euler steps on the velocity, one model call per step,
+# with the timestep shift of the released schedulers (FLUX.1-dev's grows with the image's tokens)
 FLOW_MATCHING_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+FLUX_SCHEDULER_SETTINGS = {"shift": 3.0, "use_dynamic_shifting": True}
+SD3_SCHEDULER_SETTINGS = {"shift": 3.0}
 
 
 def diffusers_module():
@@ -172,11 +175,12 @@ def load_pipeline(path, *, allow_pickle: bool = False):
     return cls(**components)
 
 
-# the pipeline that samples each text-conditioned transformer, and its scheduler
+# the pipeline that samples each text-conditioned transformer, its scheduler and the settings
+# that differ from the scheduler's defaults
 TEXT_PIPELINES = {
-    "PixArtTransformer2DModel": ("PixArtAlphaPipeline", TEXT_PIPELINE_SCHEDULER),
-    "FluxTransformer2DModel": ("FluxPipeline", FLOW_MATCHING_SCHEDULER),
-    "SD3Transformer2DModel": ("StableDiffusion3Pipeline", FLOW_MATCHING_SCHEDULER),
+    "PixArtTransformer2DModel": ("PixArtAlphaPipeline", TEXT_PIPELINE_SCHEDULER, {}),
+    "FluxTransformer2DModel": ("FluxPipeline", FLOW_MATCHING_SCHEDULER, FLUX_SCHEDULER_SETTINGS),
+    "SD3Transformer2DModel": ("StableDiffusion3Pipeline", FLOW_MATCHING_SCHEDULER, SD3_SCHEDULER_SETTINGS),
 }
 
 
@@ -189,16 +193,16 @@ def is_text_conditioned(model) -> bool:
 def text_pipeline(transformer: torch.nn.Module):
     """The text-to-image pipeline around `transformer` that samples latents from prompt embeddings:
     no text encoder, tokenizer or VAE (call it with output_type="latent"), the scheduler the model
-    ships with (PixArt-α: DPM-Solver multistep; FLUX, SD3: flow-matching Euler, default settings)."""
+    ships with (PixArt-α: DPM-Solver multistep; FLUX, SD3: flow-matching Euler)."""
     name = type(transformer).__name__
     if name not in TEXT_PIPELINES:
         raise GraphcacheError(f"no text-to-image pipeline for a {name} (graphcache samples "
                               f"{', '.join(TEXT_PIPELINES)} in theirs)")
     diffusers = diffusers_module()
-    pipeline, scheduler = TEXT_PIPELINES[name]
+    pipeline, scheduler, settings = TEXT_PIPELINES[name]
     components = dict.fromkeys(TEXT_COMPONENTS[pipeline], None)
-    return getattr(diffusers, pipeline)(vae=None, transformer=transformer, scheduler=getattr(diffusers, scheduler)(),
-                                        **components)
+    return getattr(diffusers, pipeline)(vae=None, transformer=transformer,
+                                        scheduler=getattr(diffusers, scheduler)(**settings), **components)
 
 
 class _Example:

@@ -14,10 +14,12 @@ from torch._subclasses import FakeTensorMode
 
 import graphcache
 from graphcache import ir
-from graphcache.diffusers_models import example_kwargs, load_pipeline, load_transformer
+from graphcache.diffusers_models import (example_kwargs, is_text_conditioned, load_pipeline, load_transformer,
+                                         text_pipeline)
 from graphcache.models.convert_diffusers import dit_to_diffusers
 from graphcache.models.dit import DiT, DiTConfig, init_random_
-from diffusers_models import (DEPTH, diffusers, dit_inputs, dit_transformer, flux_inputs, flux_transformer,
+from diffusers_models import (DEPTH, diffusers, dit_inputs, dit_transformer, flow_matching_call, flux_inputs,
+                              flux_transformer,
                               hunyuan_video_inputs, hunyuan_video_transformer, pixart_inputs, pixart_pipeline,
                               pixart_transformer, sd3_inputs, sd3_transformer, wan_inputs, wan_transformer)
 
@@ -230,3 +232,18 @@ def test_example_kwargs_of_mmdit_and_video_transformers():
             kwargs = example_kwargs(model, text_tokens=7, frames=2)
             assert kwargs["encoder_hidden_states"].shape[1] == 7
             assert model(**kwargs).sample.shape == kwargs["hidden_states"].shape, name
+
+
+@pytest.mark.parametrize("factory, pipeline", [(flux_transformer, "FluxPipeline"),
+                                               (sd3_transformer, "StableDiffusion3Pipeline")], ids=["flux", "sd3"])
+def test_flux_and_sd3_sample_latents_in_their_text_pipelines(factory, pipeline):
+    """What `graphcache bench` builds for a text-conditioned transformer: its pipeline with the
+    flow-matching Euler scheduler and no VAE (8 pixels per latent pixel), from prompt embeddings."""
+    transformer = factory()
+    assert is_text_conditioned(transformer)
+    pipe = text_pipeline(transformer)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == pipeline and type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    call = {**flow_matching_call(), "height": 32, "width": 32}
+    latents = pipe(**call, num_inference_steps=2, output_type="latent").images
+    assert torch.isfinite(latents).all()
