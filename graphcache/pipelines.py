@@ -88,15 +88,16 @@ class PipelineTransformer(DelegatesToModel, nn.Module):
 def _flux_calls_per_step(arguments: dict) -> int:
     """FluxPipeline guides by its guidance embedding, in one call; true CFG (true_cfg_scale > 1
     with a negative prompt, as text or as both embeddings) adds a call on the negative prompt."""
-    negative = arguments["negative_prompt"] is not None or (
-        arguments["negative_prompt_embeds"] is not None and arguments["negative_pooled_prompt_embeds"] is not None)
-    return 2 if arguments["true_cfg_scale"] > 1 and negative else 1
+    negative = arguments.get("negative_prompt") is not None or (
+        arguments.get("negative_prompt_embeds") is not None
+        and arguments.get("negative_pooled_prompt_embeds") is not None)
+    return 2 if arguments.get("true_cfg_scale", 1.0) > 1 and negative else 1
 
 
 def _sd3_calls_per_step(arguments: dict) -> int:
     """StableDiffusion3Pipeline guides in one batch; skip-layer guidance adds a call on only some
     of the steps, which no fixed number of calls per step describes."""
-    if arguments["skip_guidance_layers"] is not None:
+    if arguments.get("skip_guidance_layers") is not None:
         raise GraphcacheError("StableDiffusion3Pipeline with skip_guidance_layers calls its transformer a third "
                               "time on some steps only: graphcache cannot schedule it (pass skip_guidance_layers=None)")
     return 1
