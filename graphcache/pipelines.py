@@ -81,6 +81,8 @@ class PipelineTransformer(DelegatesToModel, nn.Module):
                 "2nd-order DPM-Solver SDE) or pipelines that call it a varying number of times per step are not "
                 "supported")
         model = self.run_models[self.calls % per_step]
+        if model.spec is None and self.current.spec is not None:
+            model.share_capture(self.current)  # the calls of a step take the same inputs: one export
         self.calls += 1
         return model(*args, **kwargs)
 

@@ -193,6 +193,7 @@ def test_flux_true_cfg_keeps_a_cache_per_call_of_a_step(fora_pipelines):
         recorder.remove()
     models = list(pipe.transformer.by_steps[str(FLOW_STEPS)])
     assert len(models) == 2 and models[0].cache is not models[1].cache
+    assert models[1].captured is models[0].captured  # exported once, for both calls
     assert _equal(first, second)
     predictions = first[1]
     assert len(predictions) == 2 * FLOW_STEPS
