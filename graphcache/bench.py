@@ -267,6 +267,9 @@ class PipelineBenchSession(BenchSession):
                  interleaved: bool = True):
         from .diffusers_models import TEXT_PIPELINE_SCHEDULER
 
+        if type(transformer).__name__ != "PixArtTransformer2DModel":  # its prompts are PixArt-α's caption embeddings
+            raise GraphcacheError(f"bench samples PixArt-α in its pipeline, not a {type(transformer).__name__}: run "
+                                  "its pipeline with graphcache.enable(pipe) by hand")
         _check_backend(backend, compile_options)
         self.model, self.backend, self.compile_options = transformer, backend, compile_options
         self.num_steps, self.batch, self.cfg_scale, self.seed = num_steps, batch, cfg_scale, seed

@@ -369,7 +369,12 @@ def _sample_pipeline(args, out: Path) -> int:
     method = args.method or "none"
     backend = args.backend or "eager"
     pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
-    if type(pipe).__name__ == "PixArtAlphaPipeline":
+    name = type(pipe).__name__
+    if name not in ("DiTPipeline", "PixArtAlphaPipeline"):
+        raise GraphcacheError(f"{args.model}: graphcache sample runs DiT and PixArt-α pipeline folders; run a "
+                              f"{name} in Python: graphcache.enable(load_pipeline(DIR)) and call it with prompt "
+                              "embeddings")
+    if name == "PixArtAlphaPipeline":
         call = _pixart_call(args, pipe)
     else:
         _refuse_pipeline_options(args, "a PixArt-α pipeline folder")

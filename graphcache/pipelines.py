@@ -1,13 +1,16 @@
 """`graphcache.enable(pipe, method=...)`: a diffusers pipeline whose transformer runs cached.
 
-The pipeline's transformer is replaced by a `PipelineTransformer`, a drop-in module that holds one
-CachedModel per distinct step count (built on the first call that asks for it, reused after), and
-the pipeline's class by a subclass whose `__call__` starts a sampling run: it reads the call's
-step count (`num_inference_steps`, or the length of explicit `timesteps` / `sigmas`), resets the
-cache and counts the transformer's calls from 0. The step index is that count, never a timestep
-value (DPM-Solver's timesteps are not uniform). Classifier-free guidance is whatever batch the
-pipeline passes: DiT and PixArt-α concatenate the unconditional and conditional halves into one
-call, which is one step.
+The pipeline's transformer is replaced by a `PipelineTransformer`, a drop-in module that holds
+CachedModels per distinct step count (built on the first call that asks for them, reused after),
+and the pipeline's class by a subclass whose `__call__` starts a sampling run: it reads the call's
+step count (`num_inference_steps`, or the length of explicit `timesteps` / `sigmas`) and how many
+times a step calls the transformer (CALLS_PER_STEP), resets the caches and counts the
+transformer's calls from 0. The step index comes from that count, never from a timestep value
+(DPM-Solver's timesteps are not uniform). Classifier-free guidance in one batch is one call per
+step: DiT, PixArt-α and SD3 concatenate the unconditional and conditional halves. FLUX's true CFG
+calls the transformer twice per step, positive prompt then negative: each of the two calls has a
+CachedModel of its own, so that a reuse step of the negative branch reads the negative branch's
+features, and each steps once per denoising step.
 
 Nothing of diffusers is imported here: a pipeline is anything with a `transformer` module, a
 `scheduler` and a `__call__`. `graphcache.disable(pipe)` puts the original transformer and class
@@ -29,8 +32,9 @@ _CACHED_CLASSES: dict[type, type] = {}
 
 
 class PipelineTransformer(DelegatesToModel, nn.Module):
-    """The transformer a pipeline calls while graphcache is enabled: it runs the CachedModel of the
-    current run's step count, and refuses a run that calls it more often than it has steps."""
+    """The transformer a pipeline calls while graphcache is enabled: the k-th call of a step runs
+    the current run's k-th CachedModel, and a run that calls it more often than its steps times
+    its calls per step is refused."""
 
     _delegate = "transformer"
 
@@ -38,40 +42,88 @@ class PipelineTransformer(DelegatesToModel, nn.Module):
         super().__init__()
         self.transformer = transformer
         self.method, self.backend, self.compile_options, self.options = method, backend, compile_options, options
-        self.by_steps = nn.ModuleDict()  # str(num_steps) -> CachedModel
-        self.current: CachedModel | None = None
+        # str(num_steps) -> one CachedModel per call of a step (their caches and step counters apart)
+        self.by_steps = nn.ModuleDict()
+        self.run_models: list[CachedModel] = []  # the current run's, in the order a step calls them
         self.calls = 0
         # unknown methods, options and backends fail at enable(), not at the first pipeline call
         get_method(method).resolve_options(options)
         get_backend(backend, compile_options)
 
-    def start_run(self, num_steps: int) -> None:
+    @property
+    def current(self) -> CachedModel | None:
+        """The CachedModel of each step's first call in the current run (its only one, unless the
+        pipeline calls the transformer once per guidance branch)."""
+        return self.run_models[0] if self.run_models else None
+
+    def start_run(self, num_steps: int, calls_per_step: int = 1) -> None:
         key = str(num_steps)
         if key not in self.by_steps:
-            self.by_steps[key] = CachedModel(self.transformer, self.method, num_steps=num_steps, backend=self.backend,
-                                             compile_options=self.compile_options, **self.options)
-        self.current = self.by_steps[key]
-        self.current.reset()
+            self.by_steps[key] = nn.ModuleList()
+        models = self.by_steps[key]
+        while len(models) < calls_per_step:
+            models.append(CachedModel(self.transformer, self.method, num_steps=num_steps, backend=self.backend,
+                                      compile_options=self.compile_options, **self.options))
+        self.run_models = list(models[:calls_per_step])
+        for model in self.run_models:
+            model.reset()
         self.calls = 0
 
     def forward(self, *args, **kwargs):
-        if self.current is None:
+        if not self.run_models:
             raise GraphcacheError("the cached transformer was called outside a pipeline call: call the pipeline, "
                                   "or use graphcache.optimize(transformer, ...) to run it by hand")
-        if self.calls == self.current.num_steps:
+        steps, per_step = self.current.num_steps, len(self.run_models)
+        if self.calls == steps * per_step:
             raise GraphcacheError(
-                f"the pipeline called its transformer more than {self.current.num_steps} times in a "
-                f"{self.current.num_steps}-step run: schedulers that evaluate the model more than once per step "
-                "(Heun, 2nd-order DPM-Solver SDE) or pipelines that call it once per guidance branch are not supported")
+                f"the pipeline called its transformer more than {steps * per_step} times in a {steps}-step run "
+                f"({per_step} per step): schedulers that evaluate the model more than once per step (Heun, "
+                "2nd-order DPM-Solver SDE) or pipelines that call it a varying number of times per step are not "
+                "supported")
+        model = self.run_models[self.calls % per_step]
+        if model.spec is None and self.current.spec is not None:
+            model.share_capture(self.current)  # the calls of a step take the same inputs: one export
         self.calls += 1
-        return self.current(*args, **kwargs)
+        return model(*args, **kwargs)
 
 
-def _steps_of_call(call, pipe, args, kwargs) -> int:
-    """The number of denoising steps a pipeline call will run."""
+def _flux_calls_per_step(arguments: dict) -> int:
+    """FluxPipeline guides by its guidance embedding, in one call; true CFG (true_cfg_scale > 1
+    with a negative prompt, as text or as both embeddings) adds a call on the negative prompt."""
+    negative = arguments.get("negative_prompt") is not None or (
+        arguments.get("negative_prompt_embeds") is not None
+        and arguments.get("negative_pooled_prompt_embeds") is not None)
+    return 2 if arguments.get("true_cfg_scale", 1.0) > 1 and negative else 1
+
+
+def _sd3_calls_per_step(arguments: dict) -> int:
+    """StableDiffusion3Pipeline guides in one batch; skip-layer guidance adds a call on only some
+    of the steps, which no fixed number of calls per step describes."""
+    if arguments.get("skip_guidance_layers") is not None:
+        raise GraphcacheError("StableDiffusion3Pipeline with skip_guidance_layers calls its transformer a third "
+                              "time on some steps only: graphcache cannot schedule it (pass skip_guidance_layers=None)")
+    return 1
+
+
+# How many times one denoising step calls the transformer, by pipeline class, from the call's
+# arguments. It is decided before the run from the arguments alone (no tensor is read, no device
+# sync), because each call of a step needs its own cache from the run's first step on. A pipeline
+# not listed calls it once per step (DiT and PixArt-α guide in one batch).
+CALLS_PER_STEP = {
+    "FluxPipeline": _flux_calls_per_step,
+    "StableDiffusion3Pipeline": _sd3_calls_per_step,
+}
+
+
+def _call_arguments(call, pipe, args, kwargs) -> dict:
+    """A pipeline call's arguments by name, defaults included."""
     bound = inspect.signature(call).bind(pipe, *args, **kwargs)
     bound.apply_defaults()
-    arguments = bound.arguments
+    return bound.arguments
+
+
+def _steps_of_call(pipe, arguments: dict) -> int:
+    """The number of denoising steps a pipeline call will run."""
     for explicit in ("timesteps", "sigmas"):
         if arguments.get(explicit) is not None:
             return len(arguments[explicit])
@@ -85,8 +137,11 @@ def _steps_of_call(call, pipe, args, kwargs) -> int:
 def _cached_class(cls: type) -> type:
     """A subclass of the pipeline class whose calls each start a sampling run."""
     if cls not in _CACHED_CLASSES:
+        calls_per_step = CALLS_PER_STEP.get(cls.__name__, lambda arguments: 1)
+
         def __call__(self, *args, **kwargs):
-            self.transformer.start_run(_steps_of_call(cls.__call__, self, args, kwargs))
+            arguments = _call_arguments(cls.__call__, self, args, kwargs)
+            self.transformer.start_run(_steps_of_call(self, arguments), calls_per_step(arguments))
             return cls.__call__(self, *args, **kwargs)
 
         _CACHED_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,

@@ -113,9 +113,23 @@ class CachedModel(DelegatesToModel, SteppedModel):
 
     def _capture(self, args, kwargs) -> None:
         """Capture the model on this call and build every variant and its runner."""
-        self.captured, self.spec = capture_call(self.model, args, kwargs)
+        captured, spec = capture_call(self.model, args, kwargs)
+        self._build_on(captured, spec, spec.flatten(call_arguments(self.model, args, kwargs)))
+
+    def share_capture(self, other: CachedModel) -> None:
+        """Build this model's variants on `other`'s capture of the same model, without exporting it
+        again: for CachedModels that take the same calls with caches of their own (the calls of one
+        pipeline step, one per guidance branch). A call the capture cannot serve captures again."""
+        if other.model is not self.model or other.spec is None:
+            raise GraphcacheError("share_capture needs a CachedModel of the same model that has captured it")
+        self._build_on(other.captured, other.spec, other.capture_inputs)
+
+    def _build_on(self, captured: fx.GraphModule, spec, capture_inputs) -> None:
+        """Build every variant and its runner from a capture: the graph (each variant is a copy of
+        it), how calls map onto it, and the flat inputs it was captured on."""
+        self.captured, self.spec = captured, spec
         # the flat inputs captured on: the ahead-of-time exporters trace with them (at their own batch)
-        self.capture_inputs = self.spec.flatten(call_arguments(self.model, args, kwargs))
+        self.capture_inputs = capture_inputs
         self.capture_signature = self.spec.signature(self.capture_inputs)
         self.structure = ir.structure_of(self.captured)
         if self.given_options.get("eoc"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from graphcache.diffusers_models import FLUX_SCHEDULER_SETTINGS, SD3_SCHEDULER_SETTINGS
+
 diffusers = pytest.importorskip("diffusers")
 
 STD = 0.02
@@ -106,7 +108,7 @@ def pixart_pipeline():
 
 def flux_pipeline():
     """FLUX without its CLIP and T5 encoders, with FLUX.1-dev's resolution-dependent shift."""
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_SETTINGS)
     pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae(latent_channels=4), text_encoder=None, tokenizer=None,
                                   text_encoder_2=None, tokenizer_2=None, transformer=flux_transformer())
     pipe.set_progress_bar_config(disable=True)
@@ -116,7 +118,7 @@ def flux_pipeline():
 def sd3_pipeline():
     """SD3 without its two CLIP encoders and T5."""
     pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=sd3_transformer(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=sd3_transformer(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_SETTINGS),
         vae=vae(latent_channels=16), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
         text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)

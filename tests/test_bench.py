@@ -120,3 +120,12 @@ def test_bench_text_conditioned_model_samples_in_its_pipeline():
     assert toca["rel_l2"] > 0 and none["rel_l2"] == 0  # scored against `none`'s latents
     with pytest.raises(GraphcacheError, match="sampler='ddpm' does not apply"):
         bench(model, [("fora", {})], num_steps=3, sampler="ddpm")
+
+
+def test_bench_refuses_text_conditioned_models_it_has_no_prompts_for():
+    from diffusers_models import flux_transformer
+
+    from graphcache.bench import bench
+
+    with pytest.raises(GraphcacheError, match="bench samples PixArt-α in its pipeline, not a FluxTransformer2DModel"):
+        bench(flux_transformer(), [("fora", {})], num_steps=3, repeats=1, warmup=0)

@@ -485,6 +485,14 @@ def test_optimize_diffusers_folder_writes_a_loadable_artifact(capsys, diffusers_
     assert_one_line_error(code, err, f"holds a diffusers {cls}", "PIPELINE_DIR")
 
 
+def test_sample_refuses_a_flux_pipeline_folder(capsys, tmp_path):
+    from diffusers_models import flux_pipeline
+
+    flux_pipeline().save_pretrained(tmp_path / "flux")
+    code, _, err = run(capsys, "sample", tmp_path / "flux", "--method", "fora", "-o", tmp_path / "out.png")
+    assert_one_line_error(code, err, "graphcache sample runs DiT and PixArt-α pipeline folders; run a FluxPipeline")
+
+
 def test_sample_pixart_pipeline_folder_writes_png(capsys, diffusers_dirs, tmp_path):
     png = tmp_path / "out" / "pixart.png"
     code, out, err = run(capsys, "sample", diffusers_dirs / "pixart", "--prompt-embeds",

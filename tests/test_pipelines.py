@@ -1,5 +1,7 @@
-"""graphcache.enable / disable on diffusers pipelines (graphcache/pipelines.py): DiT (DDIM) and
-PixArt-α (DPM-Solver, prompt embeddings, classifier-free guidance in one batch), every weight random.
+"""graphcache.enable / disable on diffusers pipelines (graphcache/pipelines.py): DiT (DDIM),
+PixArt-α (DPM-Solver, prompt embeddings, classifier-free guidance in one batch), and the
+flow-matching FLUX (guidance embedding, or true CFG: two transformer calls per step) and SD3
+(classifier-free guidance in one batch), every weight random.
 
 `none` runs the captured graph with no rewrite: it is the pipeline bit for bit (the graph holds the
 very ATen operators the transformer's forward runs, in the same order, on the same inputs).
@@ -12,10 +14,14 @@ import torch
 
 import graphcache
 from graphcache import GraphcacheError
-from diffusers_models import diffusers, dit_pipeline, pixart_pipeline, run_pipeline
+from graphcache.diffusers_models import TEXT_COMPONENTS, load_pipeline
+from diffusers_models import diffusers, dit_pipeline, flux_pipeline, pixart_pipeline, run_pipeline, sd3_pipeline
 
 METHODS = ["fora", "toca", "duca", "taylorseer", "clusca"]
 STEPS = 6
+# flow-matching runs: FORA's default interval 3 makes the middle step a reuse step
+FLOW_STEPS = 3
+FLOW_PIPELINES = {"flux": flux_pipeline, "sd3": sd3_pipeline}
 
 
 @pytest.fixture(scope="module", params=["dit", "pixart"])
@@ -24,10 +30,10 @@ def pipeline(request):
     return pipe, run_pipeline(pipe, STEPS)
 
 
-def _cached_run(pipe, method, **options):
+def _cached_run(pipe, method, steps=STEPS, **options):
     graphcache.enable(pipe, method, **options)
     try:
-        return run_pipeline(pipe, STEPS)
+        return run_pipeline(pipe, steps)
     finally:
         graphcache.disable(pipe)
 
@@ -76,7 +82,7 @@ def test_each_step_count_is_built_once(pipeline):
         run_pipeline(pipe, 5)
         run_pipeline(pipe, 4)
         assert sorted(pipe.transformer.by_steps) == ["4", "5"] and pipe.transformer.by_steps["4"] is cached
-        assert pipe.transformer.by_steps["5"].num_steps == 5
+        assert [model.num_steps for model in pipe.transformer.by_steps["5"]] == [5]
     finally:
         graphcache.disable(pipe)
 
@@ -130,7 +136,91 @@ def test_more_calls_than_steps_are_refused():
         x = torch.zeros(2, 4, 8, 8)
         for _ in range(2):
             pipe.transformer(x, timestep=torch.tensor([10, 10]), class_labels=torch.tensor([1, 2]))
-        with pytest.raises(GraphcacheError, match="more than 2 times in a 2-step run"):
+        with pytest.raises(GraphcacheError, match=r"more than 2 times in a 2-step run \(1 per step\)"):
             pipe.transformer(x, timestep=torch.tensor([10, 10]), class_labels=torch.tensor([1, 2]))
     finally:
         graphcache.disable(pipe)
+
+
+@pytest.fixture(scope="module", params=list(FLOW_PIPELINES))
+def flow_pipeline(request):
+    pipe = FLOW_PIPELINES[request.param]()
+    return request.param, pipe, run_pipeline(pipe, FLOW_STEPS)
+
+
+@pytest.fixture(scope="module")
+def fora_pipelines():
+    """name -> another pipeline of that kind (the same weights) with fora enabled, made at its
+    first use and shared: each of its CachedModels is built once in this module."""
+    enabled = {}
+
+    def get(name):
+        if name not in enabled:
+            enabled[name] = graphcache.enable(FLOW_PIPELINES[name](), "fora")
+        return enabled[name]
+    return get
+
+
+def test_flow_matching_none_is_the_pipeline_bit_for_bit(flow_pipeline):
+    _, pipe, reference = flow_pipeline
+    assert _equal(_cached_run(pipe, "none", FLOW_STEPS), reference)
+
+
+def test_flow_matching_fora_changes_the_predictions_and_is_reproducible(flow_pipeline, fora_pipelines):
+    name, _, (_, reference) = flow_pipeline
+    pipe = fora_pipelines(name)
+    first, second = run_pipeline(pipe, FLOW_STEPS), run_pipeline(pipe, FLOW_STEPS)
+    assert sorted(pipe.transformer.by_steps) == [str(FLOW_STEPS)] and len(pipe.transformer.run_models) == 1
+    assert _equal(first, second)
+    predictions = first[1]
+    assert len(predictions) == FLOW_STEPS and torch.equal(predictions[0], reference[0])  # step 0 is full
+    assert not torch.equal(predictions[1], reference[1])
+
+
+def test_flux_true_cfg_keeps_a_cache_per_call_of_a_step(fora_pipelines):
+    """true_cfg_scale > 1 with negative embeddings: FluxPipeline calls the transformer on the
+    positive, then on the negative prompt at every step. Each call's CachedModel must see exactly
+    the calls of its own branch: replayed as a run of its own, each branch's calls give every
+    prediction again. A cache shared by the two calls would reuse the positive branch's features
+    for the negative one, or count two steps per step."""
+    pipe = fora_pipelines("flux")
+    calls = []
+    recorder = pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs),
+                                                          with_kwargs=True)
+    try:
+        first, second = (run_pipeline(pipe, FLOW_STEPS, true_cfg_scale=2.0) for _ in range(2))
+    finally:
+        recorder.remove()
+    models = list(pipe.transformer.by_steps[str(FLOW_STEPS)])
+    assert len(models) == 2 and models[0].cache is not models[1].cache
+    assert models[1].captured is models[0].captured  # exported once, for both calls
+    assert _equal(first, second)
+    predictions = first[1]
+    assert len(predictions) == 2 * FLOW_STEPS
+    replay = models[0]
+    with torch.no_grad():
+        for branch in (0, 1):  # positive, negative
+            replay.reset()
+            for kwargs, want in zip(calls[branch:2 * FLOW_STEPS:2], predictions[branch::2]):
+                assert torch.equal(replay(**kwargs)[0], want)
+
+
+def test_sd3_skip_layer_guidance_is_refused():
+    pipe = graphcache.enable(sd3_pipeline(), "fora")
+    try:
+        with pytest.raises(GraphcacheError, match="skip_guidance_layers calls its transformer a third time"):
+            run_pipeline(pipe, FLOW_STEPS, skip_guidance_layers=[0])
+    finally:
+        graphcache.disable(pipe)
+
+
+def test_flow_matching_pipeline_folders_load_without_text_encoders(flow_pipeline, tmp_path):
+    """A saved FLUX or SD3 pipeline loads with its transformer, VAE and scheduler only, and samples
+    as the pipeline it was saved from."""
+    _, pipe, reference = flow_pipeline
+    pipe.save_pretrained(tmp_path)
+    loaded = load_pipeline(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is type(pipe) and type(loaded.scheduler) is type(pipe.scheduler)
+    assert all(getattr(loaded, name) is None for name in TEXT_COMPONENTS[type(pipe).__name__])
+    assert _equal(run_pipeline(loaded, FLOW_STEPS), reference)
