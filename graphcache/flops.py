@@ -48,7 +48,9 @@ gates and residual adds, the modulation's scale and shift.
       full    = ada(3) + B*T*C + B*T*C*3C*2 + 2*B*T*C + attn(T, T)     no attention output projection
               + B*T*C*M*2 + B*T*M*6                   proj_mlp and GELU-tanh, in parallel with attention
               + B*T*(C+M)*C*2                         proj_out of attention and MLP together
-      partial: not counted (GraphcacheError): its MLP and attention share one output projection
+      partial = ada(3) + B*T*C + B*T*C*2C*2 + B*T*C   LayerNorm, K and V, K's RMSNorm on all tokens
+              + B*k*C + B*k*C*C*2 + B*k*C + attn(k, T)  LayerNorm, Q, Q's RMSNorm of the k selected
+              + B*k*C*M*2 + B*k*M*6 + B*k*(C+M)*C*2   queries (ToCa's FLUX profile); their MLP, proj_out
 
 SD3's last block is context_pre_only: its text stream is modulated by ada(2) with one LayerNorm,
 and its text tokens are projected to Q, K and V and attended (their attention output is discarded)
@@ -66,8 +68,9 @@ when the config's qk_norm names one (SD3.5's and HunyuanVideo's do; SD3's does n
 
 Reuse and forecast blocks cost their modulation (both streams of a joint block), skip blocks 0. A
 schedule's blocks are the model's blocks in order: FLUX's and HunyuanVideo's double blocks, then
-their single blocks. Schedules carry no text-token counts, so a partial joint block in a schedule
-reads its text MLP from cache (`fresh_text` 0). The default batch is the model's sampling batch:
+their single blocks. A partial joint block computes its plan's `text_tokens` of the text MLP
+(`fresh_text`; none: 0), a partial single block its `joint_tokens`. The default batch is the
+model's sampling batch:
 2 (CFG) for DiT, PixArt-α, SD3 and Wan; 1 for FLUX and HunyuanVideo (guidance embedded).
 
 Sanity figure: FLUX.1-dev at 1024x1024 (N = 4096, L = 512, 19 double and 38 single blocks,
@@ -201,16 +204,20 @@ def _joint_block(kind: str, *, batch: int, tokens: int, text_tokens: int, hidden
 
 
 def _single_block(kind: str, *, batch: int, tokens: int, text_tokens: int, hidden: int, heads: int, mlp_hidden: int,
-                  qk_norm: bool) -> int:
-    """FLUX's and HunyuanVideo's single-stream block over the T = N + L tokens of both streams."""
+                  qk_norm: bool, fresh: int | None = None) -> int:
+    """FLUX's and HunyuanVideo's single-stream block over the T = N + L tokens of both streams; a
+    partial one computes `fresh` queries against keys and values of all T tokens."""
     b, t, c, m = batch, tokens + text_tokens, hidden, mlp_hidden
     ada = _modulation(b, c, 3)
     if kind == FULL:
         attention = b * t * c * 3 * c * 2 + (2 * b * t * c if qk_norm else 0) + _attention(b, t, t, c, heads)
         return ada + b * t * c + attention + b * t * c * m * 2 + b * t * m * 6 + b * t * (c + m) * c * 2
     if kind == PARTIAL:
-        raise GraphcacheError("a partial single-stream block is not counted yet: its attention and MLP share one "
-                              "output projection, so which part a partial step computes is not defined")
+        _needs_fresh(fresh)
+        k = int(fresh)
+        keys_values = b * t * c + b * t * c * 2 * c * 2 + (b * t * c if qk_norm else 0)
+        queries = b * k * c + b * k * c * c * 2 + (b * k * c if qk_norm else 0) + _attention(b, k, t, c, heads)
+        return ada + keys_values + queries + b * k * c * m * 2 + b * k * m * 6 + b * k * (c + m) * c * 2
     return _cached(kind, ada)
 
 
@@ -219,7 +226,7 @@ def _flux_block(kind: str, block: int, *, double_blocks: int, fresh: int | None 
     """FLUX and HunyuanVideo: `double_blocks` double-stream blocks, then the single-stream blocks."""
     if block < double_blocks:
         return _joint_block(kind, fresh=fresh, fresh_text=fresh_text, partial_style=partial_style, **dims)
-    return _single_block(kind, **dims)
+    return _single_block(kind, fresh=fresh, **dims)
 
 
 def _sd3_block(kind: str, block: int, *, blocks: int, dual_attention_blocks: tuple[int, ...] = (),
@@ -290,11 +297,14 @@ def schedule_flops(schedule: Schedule, *, partial_style: str | None = None, **di
     per_step = []
     for plan in schedule.steps:
         none = (None,) * len(plan.kinds)
+        counts = zip(plan.tokens or none, plan.joint_tokens or none, plan.text_tokens or none,
+                     plan.cross_tokens or none)
         per_step.append(
             sum(
-                block_flops(kind, block=i, fresh=fresh, partial_style=partial_style,
-                            **({"fresh_cross": cross} if cross is not None else {}), **dims)
-                for i, kind, fresh, cross in zip(blocks, plan.kinds, plan.tokens or none, plan.cross_tokens or none)
+                block_flops(kind, block=i, fresh=fresh if fresh is not None else joint, partial_style=partial_style,
+                            **({"fresh_cross": cross} if cross is not None else {}),
+                            **({"fresh_text": text} if text is not None else {}), **dims)
+                for i, kind, (fresh, joint, text, cross) in zip(blocks, plan.kinds, counts)
             )
         )
     total = sum(per_step)

@@ -245,6 +245,20 @@ def passes_on(node) -> bool:
             and (end is None or (isinstance(end, int) and end >= shape[(dim or 0) % len(shape)])))
 
 
+# ops that read only the shape, dtype or device of some inputs: of all (…_like), of all but the first
+_SHAPE_ONLY = {aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default}
+_DTYPE_OF_SECOND = {aten.type_as.default}
+
+
+def data_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values `node` computes with: not those it reads only a shape, dtype or
+    device from (empty_like, type_as's second argument, sizes)."""
+    if is_call(node, _SHAPE_ONLY):
+        return []
+    inputs = [node.args[0]] if is_call(node, _DTYPE_OF_SECOND) else node.all_input_nodes
+    return [n for n in inputs if isinstance(n, fx.Node) and n.meta.get("tensor_meta") is not None]
+
+
 def stream_operand(add: fx.Node, stream_in: str) -> fx.Node:
     """The operand of a residual add that is the stream `stream_in` (possibly through a cast)."""
     for arg in add.args:

@@ -217,8 +217,13 @@ def test_flux_blocks_hand_count():
     assert block_flops(PARTIAL, block=0, fresh=7, **dims) == norms + ada_double + _mlp(B, 7, C, M)
     assert block_flops(PARTIAL, block=0, fresh=7, partial_style="clusca", **dims) == B * T * C + ada_double \
         + _mlp(B, 7, C, M)
-    with pytest.raises(GraphcacheError, match="not counted yet"):
-        block_flops(PARTIAL, block=1, fresh=7, **dims)
+    # partial single block (ToCa's FLUX profile): 7 queries against keys and values of all T tokens
+    keys_values = B * T * C + B * T * C * 2 * C * 2 + B * T * C  # LayerNorm, K and V, K's RMSNorm
+    queries = B * 7 * C + B * 7 * C * C * 2 + B * 7 * C + _attn(B, H, hd, 7, T)
+    assert block_flops(PARTIAL, block=1, fresh=7, **dims) == ada_single + keys_values + queries \
+        + B * 7 * C * M * 2 + B * 7 * M * 6 + B * 7 * (C + M) * C * 2
+    with pytest.raises(GraphcacheError, match="fresh-token count"):
+        block_flops(PARTIAL, block=1, **dims)
     with pytest.raises(GraphcacheError, match="architecture"):
         block_flops(FULL, **{**dims, "architecture": "unet"})
 

@@ -261,13 +261,13 @@ def _classify(work, stream, by_name, ancestors) -> str:
 
 def _bypasses(work, attention: str, stream, by_name) -> bool:
     """Whether the branch output is reached from the stream by a path that avoids the attention
-    node: an MLP working side by side with the attention (FLUX's single-stream blocks). Sizes
-    read off the stream (sym_size, no tensor) carry no data."""
+    node: an MLP working side by side with the attention (FLUX's single-stream blocks). Only
+    values count: not a size, dtype or device read off the stream (`ir.data_inputs`)."""
+    # an explicit attention softmax(q k^T) @ v takes the values in its second matmul
+    core = {attention} | {user.name for user in by_name[attention].users if ir.is_call(user, ir.MATMUL_TARGETS)}
     reached = {stream.name}
     for name in work:
-        node = by_name[name]
-        if name != attention and node.meta.get("tensor_meta") is not None \
-                and any(inp.name in reached for inp in node.all_input_nodes):
+        if name not in core and any(inp.name in reached for inp in ir.data_inputs(by_name[name])):
             reached.add(name)
     return work[-1] in reached
 

@@ -170,3 +170,42 @@ def test_token_select_declines_attention_branch():
         named = re.match(r"node (\S+) ", declined.reason)
         assert named and named.group(1) in nodes, declined.reason
         assert named.group(1) in structure.branch(b, ir.ATTENTION).work
+
+
+# --------------------------------------------------------------------------------------------
+# The FLUX profile (ToCa's FLUX code, METHODS.md §3.7), planned without a model: FLUX.1-dev's 19
+# double-stream and 38 single-stream blocks, 4096 image and 512 text tokens
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interval", [4, 5])
+def test_flux_schedule_follows_its_rule(interval):
+    """The counter runs up; the first 3 steps are full, then every N-th counting from the third."""
+    sched = get_method("toca").schedule(50, options={"profile": "flux", "interval": interval})
+    assert sched.depth == 19 + 38 and all(len(set(p.kinds)) == 1 for p in sched.steps)
+    full = [p.kinds[0] == "full" for p in sched.steps]
+    assert full == [i in (0, 1, 2) or (i - 2) % interval == 0 for i in range(50)]
+    assert [p.step for p in sched.steps] == list(range(50))
+    if interval == 4:  # the default: 3 full steps, then one in 4 from step 2 on
+        assert "".join("F" if f else "T" for f in full) == "FFF" + "TTTF" * 11 + "TTT"
+    assert all(p.tokens is None and p.text_tokens is None and p.joint_tokens is None
+               for p, f in zip(sched.steps, full) if f)
+
+
+def test_flux_fresh_tokens_by_stream_and_layer():
+    """fresh_ratio 0.1 x stream factor (double 0.4, single 1.6) x layer factor (1.5 at a block
+    type's first block, 0.5 at its last), times the stream's tokens, truncated: written out."""
+    sched = get_method("toca").schedule(50, options={"profile": "flux"})
+    assert sched.options["fresh_ratio"] == 0.1 and sched.options["interval"] == 4
+    assert sched.options["spatial_bonus"] == 0.0  # text and joint tokens form no grid
+    partial = sched.steps[3]
+    double, single = range(19), range(19, 57)
+    assert partial.tokens[0] == 245 and partial.text_tokens[0] == 30  # 0.06 x 4096, 0.06 x 512
+    assert partial.tokens[18] == 81 and partial.text_tokens[18] == 10  # 0.02 x ...
+    assert partial.joint_tokens[19] == 1105 and partial.joint_tokens[56] == 368  # 0.24, 0.08 x 4608
+    assert all(partial.joint_tokens[b] is None for b in double)
+    assert all(partial.tokens[b] is None and partial.text_tokens[b] is None for b in single)
+    # the layer factor falls linearly within each block type
+    image = [partial.tokens[b] for b in double]
+    assert image == sorted(image, reverse=True) and image[9] == int(0.1 * 0.4 * 1.0 * 4096)
+    assert all(p.tokens == partial.tokens for p in sched.steps if p.kinds[0] == "partial")

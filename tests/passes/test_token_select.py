@@ -23,6 +23,7 @@ from torch import nn
 import graphcache
 from graphcache import ir
 from graphcache.cache import CacheState
+from graphcache.capture import call_arguments, capture_call
 from graphcache.models.dit import DiT, DiTConfig, init_random_
 from graphcache.ops import gather_tokens, scatter_tokens
 from graphcache.passes.cache_passes import EliminateDeadBranchesPass
@@ -333,3 +334,55 @@ def test_declines_a_missing_branch_kind(captured):
     assert not result.modified
     assert [(d.target, d.reason) for d in select.declined] == [
         ("block 0", "has no cross_attention branch"), ("block 1", "has no cross_attention branch")]
+
+
+# --------------------------------------------------------------------------------------------
+# Two streams: diffusers' FLUX (double-stream blocks' image and text MLPs, single-stream blocks'
+# attention-and-MLP branch on selected queries)
+# --------------------------------------------------------------------------------------------
+
+
+def merge_into_full(full, idx, fresh):
+    return scatter_tokens(full, idx, fresh)
+
+
+class FullMerger(TokenMerger):
+    """The full branch output with the fresh rows written over it: the same tensor only if what
+    the branch computed on the selected tokens is what it computes on them among all tokens."""
+
+    def merge(self, ctx: SelectContext, idx, fresh):
+        return ctx.gm.graph.call_function(merge_into_full, (ctx.branch_out, idx, fresh))
+
+
+def test_selection_on_two_streams_is_exact_and_stays_in_its_stream():
+    import diffusers_models as dm
+
+    model, kwargs = dm.flux_transformer(), dm.flux_inputs()
+    captured, spec = capture_call(model, (), kwargs)
+    s = ir.structure_of(captured)
+    gm = new_variant(captured, CacheState())
+    mlp, parallel = (InsertTokenSelectPass(range(s.depth), SpreadSelector(), FullMerger(), kind=kind)
+                     for kind in (ir.MLP, ir.PARALLEL))
+    mlp(gm)
+    parallel(gm)
+    assert mlp.counters == {"token_select": 4, "token_select.text": 2}
+    assert parallel.counters == {"token_select": 2, "token_select.joint": 2}
+    # each gather reads the stream of the branch it selects for: 2 image, 2 text, 2 joint streams
+    selected = [br for br in s.branches if br.kind in (ir.MLP, ir.PARALLEL)]
+    sources = [g.args[0].name for g in calls(gm, gather_tokens)]
+    assert sorted(sources) == sorted(br.stream_in for br in selected)
+    tokens = {st.name: st.num_tokens for st in s.streams}
+    nodes = ir.nodes_by_name(gm.graph)
+    assert Counter(ir.tensor_shape(nodes[n])[1] for n in sources) == {tokens[ir.IMAGE]: 2, tokens[ir.TEXT]: 2,
+                                                                      tokens[ir.JOINT]: 2}
+    # the single blocks' attention runs its selected queries against keys and values of all tokens
+    attention = [n for n in on_selected(gm) if ir.is_sdpa(n)]
+    assert len(attention) == 2 and not any(a.meta.get(ir.ON_SELECTED_TOKENS) for n in attention
+                                           for a in n.args[1:3])
+    gm.recompile()
+    counts = {n.target: 3 if n.target.endswith("_parallel") else 2 for n in gm.graph.nodes
+              if n.op == "placeholder" and n.target.startswith("gc_tokens_")}
+    assert len(counts) == 6
+    with torch.no_grad():
+        out = gm(*spec.flatten(call_arguments(model, (), kwargs)), **counts)
+        torch.testing.assert_close(out, model(**kwargs, return_dict=False)[0], rtol=1e-5, atol=1e-6)
