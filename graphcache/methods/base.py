@@ -87,9 +87,6 @@ class Method:
     # when planning without a model: DiT-XL/2)
     profiles: dict[str, dict] = field(default_factory=dict)
     detect_profile: Callable[[Any], str] | None = None
-    # whether the method runs on blocks with more than one stream (MMDiT: SD3, FLUX, HunyuanVideo);
-    # token selection, token scores and skipped blocks still assume one stream per block
-    multi_stream: bool = False
 
     @property
     def corrects(self) -> bool:
@@ -129,10 +126,6 @@ class Method:
         profile to the captured `structure`'s."""
         if not 1 <= num_steps <= 1000:
             raise GraphcacheError(f"num_steps must be between 1 and 1000, got {num_steps}")
-        if structure is not None and structure.multi_stream and not self.multi_stream:
-            able = ", ".join(name for name, m in _methods().items() if m.multi_stream)
-            raise GraphcacheError(f"{self.name} does not run on blocks with image and text streams (MMDiT: SD3, "
-                                  f"FLUX, HunyuanVideo) yet; these methods do: {able}")
         options = self.resolve_options(options or {}, structure)
         plans = self.plan(num_steps, depth, num_tokens, options, structure)
         if options.get("eoc"):
@@ -140,11 +133,6 @@ class Method:
         # a profile planned without a model plans the model it is named for (FLUX.1-dev's 57 blocks)
         return Schedule(self.name, options, num_steps, len(plans[0].kinds), plans)
 
-
-def _methods() -> dict:
-    from . import METHODS
-
-    return METHODS
 
 
 def computed_branches(plans: list[StepPlan], branches: dict[str, tuple[int, str]]) -> list[set[str]]:

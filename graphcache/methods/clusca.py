@@ -14,9 +14,19 @@ propagated (γ) to the other tokens of their cluster (`models.py`, `cache_functi
   (one global-RNG `rand(B, N)` per block picks them), the order-0 MLP factor is updated and kept,
   and the MLP output is the forecast over it. With clusters=0 every such step is a pure Taylor
   forecast (TaylorSeer).
+* Profile `flux` (ClusCa's FLUX code, METHODS.md §6.6; auto for a model whose blocks carry image
+  and text streams): the first 3 steps full, order 1; K-means on the image and on the text tokens
+  apart, where they leave the last double-stream block; a ClusCa step computes each double-stream
+  block's image MLP on the image clusters' representatives (propagated, γ) and its text MLP on the
+  text clusters' (scattered only), forecasts both streams' attention, and forecasts the
+  single-stream blocks whole (their partial path is commented out in that code). The snapshot
+  cannot run as published (its cluster scheduler reads a `topk` key its cache init names `k`);
+  this is its evident intent.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from .. import ir
 from ..passes.cache_passes import EliminateDeadBranchesPass
@@ -24,29 +34,49 @@ from ..passes.cluster import ClusterPropagationMerger, ClusterRepresentativeSele
 from ..passes.taylor import ReplaceWithTaylorForecastPass
 from ..passes.token_select import InsertTokenSelectPass
 from . import taylorseer
-from ..schedule import FULL
+from ..schedule import FORECAST, FULL, PARTIAL
 from .base import EOC_OPTIONS, Method, Option
+from .rules import FLUX_DEV, FLUX_FIRST_FULL, StreamLayout
+
+
+def detect_profile(structure) -> str:
+    return "flux" if structure is not None and structure.multi_stream else "dit"
 
 
 def plan(num_steps, depth, num_tokens, options, structure=None):
     k = options["clusters"]
-    return taylorseer.taylor_plans(
-        num_steps, depth, options["interval"], options["order"],
-        partial_tokens=k * options["tokens_per_cluster"] if k else None, clustering=k > 0,
-    )
+    fresh = k * options["tokens_per_cluster"] if k else None
+    if options["profile"] != "flux":
+        return taylorseer.taylor_plans(num_steps, depth, options["interval"], options["order"],
+                                       partial_tokens=fresh, clustering=k > 0)
+    layout = StreamLayout.of(structure) if structure is not None else FLUX_DEV
+    plans = taylorseer.taylor_plans(num_steps, len(layout.blocks), options["interval"], options["order"],
+                                    partial_tokens=fresh, clustering=k > 0, first_enhance=FLUX_FIRST_FULL)
+    if not k:
+        return plans
+    # the double blocks compute their MLPs on the representatives, the single blocks are forecast
+    kinds = tuple(PARTIAL if block_type == "double" else FORECAST for block_type, _ in layout.blocks)
+    return [p if p.kinds[0] == FULL else replace(
+        p, kinds=kinds,
+        tokens=tuple(fresh if kind == PARTIAL else None for kind in kinds),
+        text_tokens=tuple(fresh if kind == PARTIAL and has_text else None
+                          for kind, (_, has_text) in zip(kinds, layout.blocks)))
+        for p in plans]
 
 
 def passes(plan, options):
     k, order = options["clusters"], options["order"]
-    blocks = list(range(len(plan.kinds)))
     if k == 0:  # TaylorSeer
         return taylorseer.passes(plan, options)
     if plan.kinds[0] == FULL:
         return [*taylorseer.passes(plan, options), InsertClusterPass(k, init=plan.init_clusters)]
+    partial = [b for b, kind in enumerate(plan.kinds) if kind == PARTIAL]
+    forecast = [b for b, kind in enumerate(plan.kinds) if kind == FORECAST]
     return [
-        ReplaceWithTaylorForecastPass(blocks, order=order, kinds={ir.ATTENTION, ir.CROSS_ATTENTION}),
+        *([ReplaceWithTaylorForecastPass(forecast, order=order)] if forecast else []),
+        ReplaceWithTaylorForecastPass(partial, order=order, kinds={ir.ATTENTION, ir.CROSS_ATTENTION}),
         InsertTokenSelectPass(
-            blocks,
+            partial,
             ClusterRepresentativeSelector(k, options["tokens_per_cluster"]),
             ClusterPropagationMerger(k, order, options["propagation"]),
             kind=ir.MLP,
@@ -59,6 +89,8 @@ METHOD = Method(
     name="clusca",
     summary="TaylorSeer forecasts plus the MLP of one token per K-means cluster, propagated to the cluster",
     options=(
+        Option("profile", "auto", "whose official settings: dit, flux, or auto (flux for a model with image and "
+                                  "text streams); the profile sets the other defaults", str, ("auto", "dit", "flux")),
         Option("interval", 5, "N: after the first two full steps, every N-th step is full "
                               "(official script default 4; the paper's DiT table uses 5)", minimum=1),
         Option("clusters", 16, "K: K-means clusters per row (0 = TaylorSeer)", minimum=0),
@@ -70,4 +102,6 @@ METHOD = Method(
     ),
     plan=plan,
     passes=passes,
+    profiles={"dit": {}, "flux": {"order": 1}},
+    detect_profile=detect_profile,
 )

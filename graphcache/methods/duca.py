@@ -6,17 +6,29 @@ V-caching is `score=kv-norm`; DuCa v2's random selection is `score=random`.
 
 Profiles as ToCa's (toca.py): `pixart` (DuCa-PixArt-alpha) counts steps up, force_scheduler has
 weight 0 (T = N: full, conservative, aggressive for N = 3), conservative steps recompute
-cross-attention and MLP tokens; README defaults fresh_ratio 0.75, N = 3.
+cross-attention and MLP tokens; README defaults fresh_ratio 0.75, N = 3. `flux`: no DuCa FLUX code
+is documented; this profile takes ToCa's FLUX rules (step counter up, first 3 steps full, then
+every N-th; its fresh ratios and token selection per stream) with DuCa's alternation after each
+full step: odd distances conservative, even ones aggressive. An aggressive step reuses the final
+hidden state (the joint stream leaving FLUX's last single block, holding both streams' tokens;
+SD3's image stream, the only one its output reads).
 """
 
 from ..passes.cache_passes import EliminateDeadBranchesPass
 from ..passes.skip_blocks import InsertFinalStreamWritePass, SkipBlocksPass
 from ..schedule import SKIP
 from .base import Method
-from .rules import DUCA_DIT, DUCA_PIXART, toca_plans
-from .toca import PIXART_DEFAULTS, detect_profile, options, token_wise_passes
+from .rules import DUCA_DIT, DUCA_PIXART, FLUX_DEV, StreamLayout, flux_toca_plans, toca_plans
+from .toca import FLUX_DEFAULTS, PIXART_DEFAULTS, detect_profile, options, token_wise_passes
 
 RULES = {"dit": DUCA_DIT, "pixart": DUCA_PIXART}
+
+
+def plan(num_steps, depth, num_tokens, options, structure=None):
+    if options["profile"] == "flux":
+        layout = StreamLayout.of(structure) if structure is not None else FLUX_DEV
+        return flux_toca_plans(num_steps, layout, options, alternate=True)
+    return toca_plans(num_steps, depth, num_tokens, options, RULES[options["profile"]])
 
 
 def passes(plan, options):
@@ -33,10 +45,9 @@ METHOD = Method(
     name="duca",
     summary="dual caching: aggressive steps skip every block, conservative steps are ToCa steps "
             "(PixArt-α profile as ToCa's)",
-    options=options(0.05, "ToCa", 0.8),
-    plan=lambda num_steps, depth, num_tokens, options, structure=None: toca_plans(num_steps, depth, num_tokens, options,
-                                                                  RULES[options["profile"]]),
+    options=options(0.05, "ToCa", 0.8, profiles=(*RULES, "flux")),
+    plan=plan,
     passes=passes,
-    profiles={"dit": {}, "pixart": dict(PIXART_DEFAULTS, fresh_ratio=0.75)},
+    profiles={"dit": {}, "pixart": dict(PIXART_DEFAULTS, fresh_ratio=0.75), "flux": FLUX_DEFAULTS},
     detect_profile=detect_profile,
 )

@@ -56,5 +56,4 @@ METHOD = Method(
     ),
     plan=plan,
     passes=passes,
-    multi_stream=True,
 )

@@ -15,5 +15,4 @@ METHOD = Method(
     options=(),
     plan=plan,
     passes=lambda plan, options: [],
-    multi_stream=True,
 )

@@ -265,9 +265,11 @@ def flux_fresh_tokens(fresh_ratio: float, block_type: str, layer: int, layers: i
     return int(np.float32(ratio32) * np.float32(num_tokens))
 
 
-def flux_toca_plans(num_steps: int, layout: StreamLayout, options: dict) -> list[StepPlan]:
+def flux_toca_plans(num_steps: int, layout: StreamLayout, options: dict, alternate: bool = False) -> list[StepPlan]:
     """Per-step plans of ToCa's FLUX rules: all blocks full, or all partial with a double block's
-    image and text MLPs and a single block's joint branch each on their own fresh-token count."""
+    image and text MLPs and a single block's joint branch each on their own fresh-token count.
+    With `alternate` (DuCa), a step an even number of steps after the last full one skips every
+    block instead (aggressive), as DuCa's DiT rule does with the residue."""
     fresh_ratio, n = float(options["fresh_ratio"]), int(options["interval"])
     layers = {t: sum(1 for bt, _ in layout.blocks if bt == t) for t in FLUX_STREAM_FACTORS}
     image, text, joint = [], [], []
@@ -285,6 +287,8 @@ def flux_toca_plans(num_steps: int, layout: StreamLayout, options: dict) -> list
     for index in range(num_steps):
         if flux_full(index, n):
             plans.append(StepPlan(index, index, (FULL,) * depth))
+        elif alternate and (index - (FLUX_FIRST_FULL - 1)) % n % 2 == 0:
+            plans.append(StepPlan(index, index, (SKIP,) * depth))
         else:
             plans.append(StepPlan(index, index, (PARTIAL,) * depth, tuple(image), text_tokens=tuple(text),
                                   joint_tokens=tuple(joint)))

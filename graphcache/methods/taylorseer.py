@@ -22,21 +22,22 @@ from .base import EOC_OPTIONS, Method, Option
 FIRST_ENHANCE = 2
 
 
-def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, clustering=False):
+def taylor_plans(num_steps, depth, interval, order, partial_tokens=None, clustering=False,
+                 first_enhance=FIRST_ENHANCE):
     """The TaylorSeer / ClusCa `cal_type` schedule. Non-full steps are FORECAST, or PARTIAL with
     `partial_tokens` fresh MLP tokens per block when given (ClusCa). With `clustering`, the first full step initialises K-means
-    (`init_clusters`)."""
+    (`init_clusters`). The first `first_enhance` steps are full."""
     plans = []
     cache_counter = 0
     activated_steps = [49]  # hard-coded in the official cache init
     factors = 0  # Taylor factors in the cache after the last full step
     for index, s in descending(num_steps):
-        first_steps = s > num_steps - FIRST_ENHANCE - 1
+        first_steps = s > num_steps - first_enhance - 1
         if first_steps or cache_counter == interval - 1:
             cache_counter = 0
             activated_steps.append(s)
             old = 0 if s == num_steps - 1 else factors  # taylor_cache_init at the first step
-            m = min(old, order) if s < num_steps - FIRST_ENHANCE + 1 else 0
+            m = min(old, order) if s < num_steps - first_enhance + 1 else 0
             factors = m + 1
             # m = 0: no previous factors; d only has to be non-zero (passes/taylor.py)
             inputs = {DELTA_INPUT: activated_steps[-1] - activated_steps[-2] if m else 1} if order else {}
@@ -75,5 +76,4 @@ METHOD = Method(
     ),
     plan=plan,
     passes=passes,
-    multi_stream=True,
 )

@@ -107,5 +107,4 @@ METHOD = Method(
     passes=token_wise_passes,
     profiles={"dit": {}, "pixart": dict(PIXART_DEFAULTS, fresh_ratio=0.30), "flux": FLUX_DEFAULTS},
     detect_profile=detect_profile,
-    multi_stream=True,
 )

@@ -52,12 +52,14 @@ class Pass:
     def call(self, gm: fx.GraphModule) -> PassResult:
         raise NotImplementedError
 
-    def count(self, key: str, branch: ir.Branch, n: int = 1) -> None:
-        """Add `n` to the counter `key`, and to `key.<stream>` for a branch of a text or joint
-        stream, so that a two-stream model's counts say which stream each rewrite went to."""
+    def count(self, key: str, where: ir.Branch | str, n: int = 1) -> None:
+        """Add `n` to the counter `key`, and to `key.<stream>` for a branch (or a stream name) of a
+        text or joint stream, so that a two-stream model's counts say which stream each rewrite
+        went to."""
+        stream = where if isinstance(where, str) else where.stream
         self.counters[key] += n
-        if branch.stream != ir.IMAGE:
-            self.counters[f"{key}.{branch.stream}"] += n
+        if stream != ir.IMAGE:
+            self.counters[f"{key}.{stream}"] += n
 
     def decline(self, target: str, reason: str) -> None:
         self.declined.append(Declined(target, reason))

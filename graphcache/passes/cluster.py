@@ -7,7 +7,8 @@ propagating its update to the whole cluster.
   block (B, N, C), warm-started from the cached centroids; at the first full step of a run it
   starts from K random tokens per row (one global-RNG `torch.randint` node, at the official point:
   after the last block's MLP). It writes `cluster_labels` (B, N) int64 and `cluster_centroids`
-  (B, K, C).
+  (B, K, C). On a two-stream model (ClusCa's FLUX code) the image and the text stream are
+  clustered apart, each where it leaves the last double-stream block (`text_cluster_…` slots).
 * `ClusterRepresentativeSelector` (a `TokenSelector` for `InsertTokenSelectPass`): one global-RNG
   `torch.rand(B, N)` per block, and per cluster the member with the largest draw (the top
   `per_cluster` ones when > 1), so (B, K * per_cluster) indices.
@@ -124,10 +125,23 @@ def _draw_shape(graph: fx.Graph, labels: fx.Node) -> tuple[fx.Node, fx.Node, fx.
     return b, n, graph.call_function(getattr, (labels, "device"))
 
 
-def declare_cluster_slots(gm: fx.GraphModule, clusters: int) -> None:
-    end = ir.structure_of(gm).stream_end
-    declare_slot(gm, CacheSlot(LABELS_SLOT, like=end, shape=lambda s: (s[0], s[1]), dtype=torch.int64))
-    declare_slot(gm, CacheSlot(CENTROIDS_SLOT, like=end, shape=lambda s, k=clusters: (s[0], k, s[2])))
+def cluster_slots(stream: str = ir.IMAGE) -> tuple[str, str]:
+    """The (labels, centroids) slots of a stream's clustering."""
+    prefix = "text_" if stream == ir.TEXT else ""
+    return prefix + LABELS_SLOT, prefix + CENTROIDS_SLOT
+
+
+def clustered_streams(structure: ir.Structure) -> list[ir.Stream]:
+    """The streams ClusCa clusters: the image stream (and an MMDiT's text stream), where each
+    leaves its last block; the joint stream of single-stream blocks is forecast, not clustered."""
+    return [st for st in structure.streams if st.name != ir.JOINT]
+
+
+def declare_cluster_slots(gm: fx.GraphModule, clusters: int, stream: str = ir.IMAGE) -> None:
+    end = next(st.end for st in ir.structure_of(gm).streams if st.name == stream)
+    labels, centroids = cluster_slots(stream)
+    declare_slot(gm, CacheSlot(labels, like=end, shape=lambda s: (s[0], s[1]), dtype=torch.int64))
+    declare_slot(gm, CacheSlot(centroids, like=end, shape=lambda s, k=clusters: (s[0], k, s[2])))
 
 
 class InsertClusterPass(Pass):
@@ -141,26 +155,31 @@ class InsertClusterPass(Pass):
             clusters, init, max_iter, rtol, check_every)
 
     def call(self, gm):
+        for stream in clustered_streams(ir.structure_of(gm)):
+            self._cluster(gm, stream)
+        return PassResult(gm, True)
+
+    def _cluster(self, gm, stream: ir.Stream) -> None:
         graph = gm.graph
-        x = ir.nodes_by_name(graph)[ir.structure_of(gm).stream_end]
-        declare_cluster_slots(gm, self.clusters)
+        x = ir.nodes_by_name(graph)[stream.end]
+        labels_slot, centroids_slot = cluster_slots(stream.name)
+        declare_cluster_slots(gm, self.clusters, stream.name)
         with ir.insert_after(x):
             if self.init:
-                b, n, device = _draw_shape(graph, read_slot(graph, LABELS_SLOT))
+                b, n, device = _draw_shape(graph, read_slot(graph, labels_slot))
                 start = graph.call_function(torch.randint, (0, n, (b, self.clusters)), {"device": device})
                 centroids = graph.call_function(gather_tokens, (x, start))
-                self.counters["randint"] += 1
+                self.count("randint", stream.name)
             else:
-                centroids = read_slot(graph, CENTROIDS_SLOT)
-                self.counters["centroid_read"] += 1
+                centroids = read_slot(graph, centroids_slot)
+                self.count("centroid_read", stream.name)
             result = graph.call_function(KMEANS, (x, centroids, self.max_iter, self.rtol, self.check_every))
             labels = graph.call_function(operator.getitem, (result, 0))
             new_centroids = graph.call_function(operator.getitem, (result, 1))
-            write_slot(graph, LABELS_SLOT, labels)
-            write_slot(graph, CENTROIDS_SLOT, new_centroids)
-        self.counters["kmeans"] += 1
-        self.counters["cache_write"] += 2
-        return PassResult(gm, True)
+            write_slot(graph, labels_slot, labels)
+            write_slot(graph, centroids_slot, new_centroids)
+        self.count("kmeans", stream.name)
+        self.count("cache_write", stream.name, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,8 +260,8 @@ class ClusterRepresentativeSelector(TokenSelector):
 
     def indices(self, ctx: SelectContext) -> fx.Node:
         graph = ctx.gm.graph
-        declare_cluster_slots(ctx.gm, self.clusters)
-        labels = read_slot(graph, LABELS_SLOT)
+        declare_cluster_slots(ctx.gm, self.clusters, ctx.branch.stream)
+        labels = read_slot(graph, cluster_slots(ctx.branch.stream)[0])
         b, n, device = _draw_shape(graph, labels)
         r = graph.call_function(torch.rand, (b, n), {"device": device})
         return graph.call_function(cluster_representatives, (r, labels, self.clusters, self.per_cluster))
@@ -252,6 +271,7 @@ class ClusterPropagationMerger(TokenMerger):
     """Fresh tokens into the order-0 factor (+ propagation), in place; returns the forecast.
 
     order: the highest Taylor factor (all are read; the forecast coefficients say which exist).
+    A text stream's fresh tokens are scattered without propagation, as ClusCa's FLUX code does.
     """
 
     def __init__(self, clusters: int, order: int, propagation: float = 0.0):
@@ -262,8 +282,8 @@ class ClusterPropagationMerger(TokenMerger):
         declare_taylor_slots(ctx.gm, branch, self.order)
         old = [read_slot(graph, taylor_slot(branch, i)) for i in range(1, self.order + 1)]
         slot0 = taylor_slot(branch, 0)
-        if self.propagation > 0:
-            labels = read_slot(graph, LABELS_SLOT)
+        if self.propagation > 0 and branch.stream != ir.TEXT:
+            labels = read_slot(graph, cluster_slots(branch.stream)[0])
             order0 = update_slot(graph, slot0, CACHE_PROPAGATE, labels, idx, fresh, self.clusters, self.propagation)
         else:
             order0 = update_slot(graph, slot0, CACHE_SCATTER, idx, fresh, False)  # picks may repeat

@@ -162,14 +162,15 @@ def test_schedule_follows_rule(num_steps, interval, order):
             assert plan.inputs == {coefficient_input(i): dist**i / math.factorial(i) if i < factors else 0.0
                                    for i in range(1, order + 1)}
             assert plan.to_json()["tokens"] == [k * per] * 28
-    assert sched.options == {"interval": interval, "clusters": k, "order": order, "propagation": 0.005,
-                             "tokens_per_cluster": per}
+    assert sched.options == {"profile": "dit", "interval": interval, "clusters": k, "order": order,
+                             "propagation": 0.005, "tokens_per_cluster": per}
 
 
 def test_options_and_variants():
     method = get_method("clusca")
     assert {o.name: o.default for o in method.options} == {
-        "interval": 5, "clusters": 16, "order": 4, "propagation": 0.005, "tokens_per_cluster": 1, **EOC_DEFAULTS}
+        "profile": "auto", "interval": 5, "clusters": 16, "order": 4, "propagation": 0.005, "tokens_per_cluster": 1,
+        **EOC_DEFAULTS}
     sched = method.schedule(50, 28)
     # full with the K-means start, full, ClusCa: how many Taylor factors exist is a per-step input
     assert len(sched.variants()) == 3
@@ -319,3 +320,21 @@ def test_matches_reference_dit_xl():
     options = dict(interval=3, clusters=4, order=4, propagation=0.005, tokens_per_cluster=1)
     cm, _ = compare(random_xl(), 4, "ddpm", options, labels=(5,))
     assert kinds_string(cm.model.schedule) == "FFCC"
+
+
+def test_flux_schedule_follows_its_rule():
+    """ClusCa's FLUX code (planned without a model: FLUX.1-dev's 19 double and 38 single blocks):
+    the first 3 steps full, then every N-th (N = 5); order 1; a ClusCa step computes the double
+    blocks' MLPs on K representatives per stream and forecasts the single blocks."""
+    sched = get_method("clusca").schedule(50, options={"profile": "flux"})
+    assert sched.options["order"] == 1 and sched.options["interval"] == 5 and sched.options["clusters"] == 16
+    full = [p.kinds[0] == "full" for p in sched.steps]
+    assert full == [i in (0, 1, 2) or (i - 2) % 5 == 0 for i in range(50)]
+    double, single = range(19), range(19, 57)
+    for plan, is_full in zip(sched.steps, full):
+        if is_full:
+            assert set(plan.kinds) == {"full"} and plan.tokens is None
+            continue
+        assert [plan.kinds[b] for b in double] == ["partial"] * 19 and [plan.kinds[b] for b in single] == ["forecast"] * 38
+        assert [plan.tokens[b] for b in double] == [plan.text_tokens[b] for b in double] == [16] * 19
+        assert all(plan.tokens[b] is None and plan.text_tokens[b] is None for b in single)

@@ -1,8 +1,9 @@
 """Caching methods on blocks with more than one stream (diffusers' FLUX and SD3, small random
-configs): FORA and TaylorSeer cache every branch of every stream; ToCa (its FLUX profile) reads
-both streams' attention from the cache and selects tokens within each stream; the methods that
-skip whole blocks or cluster tokens refuse such models with the reason, until they handle two
-streams.
+configs): FORA and TaylorSeer cache every branch of every stream; ToCa and DuCa (their FLUX
+profile) read both streams' attention from the cache and select tokens within each stream, DuCa's
+aggressive steps reusing the final hidden state; ClusCa clusters the image and the text tokens
+apart and computes each stream's MLP on its own clusters' representatives. EOC's correction
+refuses such models with the reason.
 
 Each run feeds the model a different latent at every step, as a sampler does, so that a cached
 step's output differs from the plain model's.
@@ -18,8 +19,8 @@ import torch
 import graphcache
 from graphcache import ir
 from graphcache.errors import GraphcacheError
-from graphcache.methods import METHODS, get_method
-from graphcache.schedule import FORECAST, FULL, PARTIAL, REUSE
+from graphcache.methods import get_method
+from graphcache.schedule import FORECAST, FULL, PARTIAL, REUSE, SKIP
 
 import diffusers_models as dm
 
@@ -51,7 +52,11 @@ def sample(cached, kwargs, latents):
 def cached_run(name, method):
     model, kwargs, latents, _ = model_and_inputs(name)
     cached = graphcache.optimize(model, method, STEPS, kwargs=kwargs)
-    return cached, sample(cached, kwargs, latents), sample(cached, kwargs, latents)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)  # ClusCa's K-means start and picks draw from the global RNG
+        runs.append(sample(cached, kwargs, latents))
+    return cached, *runs
 
 
 def counters(cached, kind, pass_name):
@@ -75,8 +80,8 @@ def test_none_is_the_model(name):
     assert all(torch.equal(a, b) for a, b in zip(first, plain))
 
 
-@pytest.mark.parametrize("method", ["fora", "taylorseer", "toca"])
-@pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.parametrize("name, method", [(name, method) for method in ("fora", "taylorseer", "toca", "duca", "clusca")
+                                          for name in ("flux", "sd3") if name == "flux" or method in ("fora", "toca")])
 def test_runs_changes_the_output_and_is_reproducible(name, method):
     _, _, _, plain = model_and_inputs(name)
     cached, first, second = cached_run(name, method)
@@ -85,8 +90,8 @@ def test_runs_changes_the_output_and_is_reproducible(name, method):
     assert computed[0] and not all(computed)
     for out, ref, full in zip(first, plain, computed):
         assert torch.isfinite(out).all()
-        if full:  # ToCa's full steps write the attention out to score tokens: equal up to rounding
-            torch.testing.assert_close(out, ref, rtol=0, atol=0 if method != "toca" else 1e-5)
+        if full:  # ToCa's and DuCa's full steps write the attention out to score tokens: equal up to rounding
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 if method in ("toca", "duca") else 0)
         else:
             assert not torch.allclose(out, ref, atol=1e-6)
 
@@ -138,9 +143,43 @@ def test_taylorseer_forecasts_every_branch_of_every_stream():
     assert counters(cached, FORECAST, "ReplaceWithTaylorForecastPass") == {**per_stream("flux", "forecast"), **reads}
 
 
-@pytest.mark.parametrize("method", sorted(name for name, m in METHODS.items() if not m.multi_stream))
-def test_single_stream_methods_refuse_two_streams(method):
+def test_duca_aggressive_steps_reuse_the_final_hidden_state():
+    cached, _, _ = cached_run("flux", "duca")
+    depth = cached.structure.depth
+    assert [p.kinds[0] for p in cached.schedule.steps] == [FULL, FULL, FULL, PARTIAL, SKIP]
+    assert counters(cached, SKIP, "SkipBlocksPass") == {"skipped_block": depth, "final_stream_read": 1}
+    skip = next(gm for key, gm in cached.variants.items() if key[0] == (SKIP,) * depth)
+    assert not [n for n in skip.graph.nodes if ir.is_sdpa(n) or (ir.is_linear(n) and "blocks" in ir.module_path(n))]
+    assert counters(cached, FULL, "InsertFinalStreamWritePass") == {"final_stream_write": 1}
+    assert cached.cache.final_stream.shape[1] == cached.structure.streams[-1].num_tokens  # the joint stream
+
+
+def test_clusca_clusters_each_stream_and_forecasts_single_blocks():
+    cached, _, _ = cached_run("flux", "clusca")
+    s = cached.structure
+    assert cached.options["profile"] == "flux" and cached.options["order"] == 1
+    assert [p.kinds[0] for p in cached.schedule.steps] == [FULL, FULL, FULL, PARTIAL, PARTIAL]
+    assert cached.schedule[3].kinds == (PARTIAL, PARTIAL, FORECAST, FORECAST)
+    first = next(v for v in cached.describe()["variants"] if v["steps"] == [0])
+    cluster = next(p["counters"] for p in first["passes"] if p["pass"] == "InsertClusterPass")
+    assert cluster == {"randint": 2, "kmeans": 2, "cache_write": 4, "randint.text": 1, "kmeans.text": 1,
+                       "cache_write.text": 2}
+    tokens = {st.name: st.num_tokens for st in s.streams}
+    assert cached.cache.cluster_labels.shape[1] == tokens[ir.IMAGE]
+    assert cached.cache.text_cluster_labels.shape[1] == tokens[ir.TEXT]
+    step = next(v for v in cached.describe()["variants"] if v["steps"][0] == 3)
+    forecast_single, forecast_attention = [p["counters"] for p in step["passes"]
+                                           if p["pass"] == "ReplaceWithTaylorForecastPass"]
+    assert forecast_single["forecast"] == forecast_single["forecast.joint"] == 2
+    assert forecast_attention["forecast"] == 4 and forecast_attention["forecast.text"] == 2
+    assert counters_of(step, "InsertTokenSelectPass") == {"token_select": 4, "token_select.text": 2}
+
+
+def counters_of(variant, pass_name):
+    return next(p["counters"] for p in variant["passes"] if p["pass"] == pass_name)
+
+
+def test_eoc_refuses_two_streams():
     structure = cached_run("flux", "fora")[0].structure
-    with pytest.raises(GraphcacheError, match=f"{method} does not run on blocks with image and text streams.*"
-                                              "these methods do: none, fora, toca, taylorseer"):
-        get_method(method).schedule(STEPS, structure.depth, structure=structure)
+    with pytest.raises(GraphcacheError, match="EOC's correction does not run on blocks with image and text streams"):
+        get_method("fora").schedule(STEPS, structure.depth, {"eoc": "prior.safetensors"}, structure=structure)

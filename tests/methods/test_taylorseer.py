@@ -147,7 +147,7 @@ def test_matches_reference_tiny(sampler, steps, interval, order):
 def fora_at_taylorseer_full_steps(interval):
     """FORA's own passes (cache write / cache read), scheduled on TaylorSeer's full steps."""
 
-    def plan(num_steps, depth, num_tokens, options):
+    def plan(num_steps, depth, num_tokens, options, structure=None):
         return [
             StepPlan(p.index, p.step, tuple(REUSE if k == FORECAST else k for k in p.kinds))
             for p in taylor_plans(num_steps, depth, interval, 0)
