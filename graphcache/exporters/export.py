@@ -8,7 +8,8 @@ without the model's Python code; in-process they run as the GraphModules they ar
 
 Dynamic dimensions: dim 0 of every tensor input (the batch: x, t, y, cache slots and draws are
 batch-major) is `Dim.AUTO`, exported at a batch of 4 (the inputs the model was captured on, rows
-repeated: `capture.with_batch`); a token count `gc_tokens_b<i>`
+repeated: `capture.with_batch`), except the model inputs that have no batch (FLUX's token
+positions: `CachedModel.unbatched_inputs`), which stay static; a token count `gc_tokens_b<i>`
 (a `(k,)` tensor) is `Dim(min=0, max=N-1)` (a cross-attention's: min 2, `schedule.compiled_token_count`). `token_ranges` gives the k each variant actually
 receives in the run (TensorRT profiles and the manifest use it). An EOC factor
 `gc_eoc_<branch>` (tokens, channels) is not batch-major: its shape is static.
