@@ -81,7 +81,8 @@ def manifest_entries(cached, backend: str) -> dict:
     param = next(cached.model.parameters())
     step_inputs, tensors = recorded_step_inputs(cached)
     least = MIN_BATCH if any(v.prologue is not None for v in cached.exported) else 1
-    ranges = [_batch_range(v.main, cached.unbatched_inputs, least) for v in cached.exported]  # the artifact runs the batches all accept
+    # the artifact runs the batches all variants accept
+    ranges = [_batch_range(v.main, cached.unbatched_inputs, least) for v in cached.exported]
     highs = [high for _, high in ranges if high is not None]
     batch = [max(low for low, _ in ranges), min(highs) if highs else None]
     variants = []

@@ -94,7 +94,8 @@ def build(variant, path: Path, weights_file: Path) -> None:
     trt = require_tensorrt()
     program, sig = variant.main, variant.sig
     onnx_backend.build(variant, path, weights_file)
-    exported = {s.name: s.meta["val"].shape for s in program.graph.nodes if s.op == "placeholder" and s.name in sig.inputs}
+    exported = {s.name: s.meta["val"].shape for s in program.graph.nodes
+                if s.op == "placeholder" and s.name in sig.inputs}
     shapes = {name: tuple(int(d) if isinstance(d, int) else 1 for d in shape) for name, shape in exported.items()}
     fixed = {name for name, shape in exported.items() if len(shape) and isinstance(shape[0], int)}
     logger = trt.Logger(trt.Logger.WARNING)
