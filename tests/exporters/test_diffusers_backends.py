@@ -12,7 +12,7 @@ every kind of variant these models get. FLUX (double- and single-stream blocks) 
 blocks) cache both streams: FORA, and TaylorSeer's forecasts on SD3. Each backend compiles or
 exports every variant (C++ builds: the slow part), so it runs one method per model (CASES).
 
-* compile (Inductor on PixArt-α, aot_eager on DiT): per-step outputs within `tolerance` of eager
+* compile (Inductor on PixArt-α, aot_eager on DiT, FLUX and SD3): per-step outputs within `tolerance` of eager
   graphcache, no graph break, one compilation per variant (counted by the compiler backend and
   by Dynamo);
 * aoti, onnx: the same, then the artifact is saved, loaded with `graphcache.load` while
