@@ -23,9 +23,10 @@ from .stepping import SteppedModel, model_attributes
 # the manifest's step inputs name them as {"tensor": key}. The artifact needs no prior file to run.
 STEP_TENSORS = "step_inputs.safetensors"
 
-# Smallest batch an artifact accepts: one image with guidance. Size-oblivious export reports
-# ranges from 0, but the graphs branch on batch parity (ToCa's shared CFG draw) and were traced
-# with an even batch, so an odd batch of 1 is refused rather than trusted.
+# Smallest batch an artifact whose variants draw random numbers accepts: one image with guidance.
+# Size-oblivious export reports ranges from 0, but those draws branch on batch parity (ToCa's
+# shared CFG draw) and were traced with an even batch, so an odd batch of 1 is refused rather
+# than trusted. Variants without draws take one image (FLUX's guidance-distilled batch of 1).
 MIN_BATCH = 2
 
 
@@ -40,17 +41,17 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _batch_range(program: torch.export.ExportedProgram) -> list[int | None]:
+def _batch_range(program: torch.export.ExportedProgram, unbatched: set[str], least: int) -> list[int | None]:
     """[min, max] batch the program accepts: the intersection of dim 0's range over its
-    batch-major inputs (every tensor input but the token counts and EOC's factors) and [MIN_BATCH, ∞); max None
-    when unbounded."""
+    batch-major inputs (every tensor input but the token counts, EOC's factors and the model
+    inputs in `unbatched`) and [least, ∞); max None when unbounded."""
     from torch.utils._sympy.numbers import int_oo
 
     users = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"}
-    low, high = MIN_BATCH, None
+    low, high = least, None
     for node in program.graph.nodes:
         if (node.op != "placeholder" or node.name not in users or is_token_input(node.name)
-                or is_correction_input(node.name)):
+                or is_correction_input(node.name) or node.name in unbatched):
             continue
         shape = node.meta["val"].shape
         if not shape:
@@ -65,13 +66,23 @@ def _batch_range(program: torch.export.ExportedProgram) -> list[int | None]:
     return [low, high]
 
 
+def _input_entry(value: torch.Tensor, batched: bool) -> dict:
+    """An input's shape past the batch, or its whole shape marked `"batched": false` when its dim 0
+    is not the batch (FLUX's token positions)."""
+    if batched:
+        return {"shape": list(value.shape[1:]), "dtype": _dtype_name(value.dtype)}
+    return {"shape": list(value.shape), "dtype": _dtype_name(value.dtype), "batched": False}
+
+
 def manifest_entries(cached, backend: str) -> dict:
     """What an artifact of `cached` (built with an ahead-of-time backend) records for its loader."""
     module = backend_module(backend)
     keys = cached.schedule.variants()
     param = next(cached.model.parameters())
     step_inputs, tensors = recorded_step_inputs(cached)
-    ranges = [_batch_range(v.main) for v in cached.exported]  # the artifact runs the batches all accept
+    least = MIN_BATCH if any(v.prologue is not None for v in cached.exported) else 1
+    # the artifact runs the batches all variants accept
+    ranges = [_batch_range(v.main, cached.unbatched_inputs, least) for v in cached.exported]
     highs = [high for _, high in ranges if high is not None]
     batch = [max(low for low, _ in ranges), min(highs) if highs else None]
     variants = []
@@ -84,8 +95,8 @@ def manifest_entries(cached, backend: str) -> dict:
         })
     return {
         "device": param.device.type,
-        "inputs": {name: {"shape": list(a.shape[1:]), "dtype": _dtype_name(a.dtype)}
-                   for name, a in zip(cached.structure.input_names, cached.capture_inputs)},
+        "inputs": {name: _input_entry(a, batched) for name, a, batched in
+                   zip(cached.structure.input_names, cached.capture_inputs, cached.spec.symbolic_batch)},
         "batch": batch,
         "slots": {name: {"shape": list(shape[1:]), "dtype": _dtype_name(dtype)}
                   for name, (shape, dtype) in cached.slot_specs().items()},
@@ -188,7 +199,10 @@ class ExportedModel(SteppedModel):
                 from safetensors.torch import load_file
 
                 try:
-                    self.weights = load_file(str(weights), device=str(device))
+                    # copied into fresh (64-byte aligned) memory: the file's tensors start wherever its
+                    # header ends, and CPU GEMMs round differently on misaligned operands (the artifact
+                    # would not compute exactly what the model it was exported from does)
+                    self.weights = {name: t.clone() for name, t in load_file(str(weights), device=str(device)).items()}
                 except Exception as e:
                     raise GraphcacheError(f"{path}: cannot read {weights.name}: {e}") from e
         self.runners_by_variant = []
@@ -257,10 +271,14 @@ class ExportedModel(SteppedModel):
         low, high = self.manifest["batch"]
         for name, a in zip(self.arg_names, args):
             want = self.inputs[name]
-            if list(a.shape[1:]) != want["shape"] or a.shape[0] != batch or _dtype_name(a.dtype) != want["dtype"]:
+            batched = want.get("batched", True)
+            shape = [batch, *want["shape"]] if batched else want["shape"]
+            if list(a.shape) != shape or _dtype_name(a.dtype) != want["dtype"]:
+                built = ["batch", *want["shape"]] if batched else want["shape"]
                 raise GraphcacheError(
                     f"{self.path}: input {name} is {tuple(a.shape)} {_dtype_name(a.dtype)}; the artifact was built "
-                    f"for (batch, {', '.join(map(str, want['shape']))}) {want['dtype']}")
+                    f"for ({', '.join(map(str, built))}) {want['dtype']} (another resolution or prompt length needs "
+                    "its own artifact)")
             if a.device.type != self.device.type:
                 raise GraphcacheError(f"{self.path}: input {name} is on {a.device}, the artifact runs on {self.device}")
         if batch < low or (high is not None and batch > high):

@@ -79,8 +79,11 @@ def _is_diffusers(model) -> bool:
     return type(model).__name__ in TRANSFORMERS
 
 
-def _model_entry(model, model_spec: str) -> dict:
-    if _is_diffusers(model):  # its config is written beside its weights, in transformer/config.json
+def _model_entry(model, model_spec: str, backend: str) -> dict:
+    # a diffusers transformer's config is written beside its weights, in transformer/config.json;
+    # ahead-of-time files run without the model's code, so any diffusers model is only named
+    from_diffusers = type(model).__module__.split(".")[0] == "diffusers"
+    if _is_diffusers(model) or (backend in AHEAD_OF_TIME and from_diffusers):
         return {"source": str(model_spec), "diffusers_class": type(model).__name__}
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -100,7 +103,7 @@ def build_manifest(cached_model, *, model_spec: str) -> dict:
         "method": cached_model.method.name,
         "options": dict(cached_model.options),
         "num_steps": cached_model.num_steps,
-        "model": _model_entry(cached_model.model, model_spec),
+        "model": _model_entry(cached_model.model, model_spec, backend),
         "schedule": cached_model.schedule.to_json(),
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -53,11 +53,13 @@ def example_inputs(model: torch.nn.Module, batch: int = 2) -> tuple[torch.Tensor
     )
 
 
-def with_batch(inputs, batch: int) -> list[torch.Tensor]:
-    """Flat graph inputs resized to `batch` rows (dim 0 of every tensor of rank >= 1, as capture
-    makes it symbolic; rows repeat cyclically): a captured call's inputs at another batch size,
-    for models that have no `example_inputs`."""
-    return [t[torch.arange(batch, device=t.device) % t.shape[0]] if t.dim() >= 1 else t for t in inputs]
+def with_batch(inputs, batch: int, batched) -> list[torch.Tensor]:
+    """Flat graph inputs resized to `batch` rows (rows repeat cyclically): a captured call's inputs
+    at another batch size, for models that have no `example_inputs`. `batched` says, per input,
+    whether its dim 0 is the batch (`CallSpec.symbolic_batch`): FLUX's token positions `img_ids`
+    and `txt_ids` have none and keep their shape."""
+    return [t[torch.arange(batch, device=t.device) % t.shape[0]] if is_batch else t
+            for t, is_batch in zip(inputs, batched, strict=True)]
 
 
 def shapes_recorded(gm: fx.GraphModule, inputs) -> bool:
@@ -142,7 +144,7 @@ class CallSpec:
     inputs: pytree.TreeSpec
     constants: tuple  # per leaf: TENSOR for a graph input, else the value captured
     output: pytree.TreeSpec
-    symbolic_batch: tuple[bool, ...]  # per graph input: whether its first dimension stayed symbolic
+    symbolic_batch: tuple[bool, ...]  # per graph input: whether its first dimension is the (symbolic) batch
 
     def signature(self, flat) -> list[tuple]:
         """What the graph is specialised on, input by input: the shape (past the batch where the
@@ -230,12 +232,17 @@ def export_graph(model: torch.nn.Module, args=(), kwargs=None) -> tuple[fx.Graph
     leaves, in_spec = pytree.tree_flatten(arguments)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     symbolic_batch = []
+    batch = next(leaf.shape[0] for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.dim() > 0)
     for node, leaf in zip(placeholders, leaves, strict=True):
         if not isinstance(leaf, torch.Tensor):  # specialised: export baked its value in
             graph.erase_node(node)
         else:
+            # a symbolic dim 0 is the batch when it has the latents' (first input's) size: FLUX's
+            # token positions `txt_ids` and `img_ids` have symbolic first dims too, sized by the
+            # text and the image (export only pins their sum)
             value = node.meta.get("val")
-            symbolic_batch.append(value is not None and value.dim() > 0 and isinstance(value.shape[0], torch.SymInt))
+            symbolic_batch.append(value is not None and value.dim() > 0 and isinstance(value.shape[0], torch.SymInt)
+                                  and leaf.shape[0] == batch)
     for node in graph.nodes:  # export's shapes are symbolic in the batch; propagate_shapes records concrete ones
         node.meta.pop("tensor_meta", None)
         value = node.meta.pop("val", None)

@@ -283,6 +283,11 @@ class CachedModel(DelegatesToModel, SteppedModel):
         self.step_kwargs = [{k: move(v) for k, v in kwargs.items()} for kwargs in self.step_kwargs]
 
     @property
+    def unbatched_inputs(self) -> set[str]:
+        """The model's tensor inputs whose dim 0 is not the batch (FLUX's token positions)."""
+        return {name for name, batched in zip(self.structure.input_names, self.spec.symbolic_batch) if not batched}
+
+    @property
     def input_dtype(self) -> torch.dtype:
         """The dtype of the latents the model takes."""
         return next(self.model.parameters()).dtype

@@ -8,7 +8,8 @@ without the model's Python code; in-process they run as the GraphModules they ar
 
 Dynamic dimensions: dim 0 of every tensor input (the batch: x, t, y, cache slots and draws are
 batch-major) is `Dim.AUTO`, exported at a batch of 4 (the inputs the model was captured on, rows
-repeated: `capture.with_batch`); a token count `gc_tokens_b<i>`
+repeated: `capture.with_batch`), except the model inputs that have no batch (FLUX's token
+positions: `CachedModel.unbatched_inputs`), which stay static; a token count `gc_tokens_b<i>`
 (a `(k,)` tensor) is `Dim(min=0, max=N-1)` (a cross-attention's: min 2, `schedule.compiled_token_count`). `token_ranges` gives the k each variant actually
 receives in the run (TensorRT profiles and the manifest use it). An EOC factor
 `gc_eoc_<branch>` (tokens, channels) is not batch-major: its shape is static.
@@ -79,12 +80,15 @@ class ExportedVariant:
     token_ranges: dict[str, list[int]]
 
 
-def _dynamic_shapes(names, values, num_tokens: int) -> dict:
+def _dynamic_shapes(names, values, num_tokens: int, unbatched: set[str]) -> dict:
+    """Token counts and the batch (dim 0 of every tensor but EOC's factors and the model inputs in
+    `unbatched`) dynamic."""
     shapes = {}
     for name, value in zip(names, values):
         if is_token_input(name):
             shapes[name] = {0: Dim(name, min=compiled_token_count(name, 0), max=num_tokens - 1)}
-        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and not is_correction_input(name):
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and not is_correction_input(name) \
+                and name not in unbatched:
             shapes[name] = {0: Dim.AUTO}
         else:
             shapes[name] = None
@@ -100,13 +104,13 @@ def quiet_torch():
         yield
 
 
-def _export(gm, names, env, num_tokens) -> torch.export.ExportedProgram:
+def _export(gm, names, env, num_tokens, unbatched) -> torch.export.ExportedProgram:
     values = tuple(env[n] for n in names)
     try:
         # size-oblivious: a batch of 2 rows gives rand(batch // 2 = 1, N) in ToCa's random score,
         # which must not become a guard "batch // 2 != 1"
         with quiet_torch(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-            return torch.export.export(gm, values, dynamic_shapes=_dynamic_shapes(names, values, num_tokens))
+            return torch.export.export(gm, values, dynamic_shapes=_dynamic_shapes(names, values, num_tokens, unbatched))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise GraphcacheError(f"torch.export failed on a variant: {first}") from e
@@ -115,7 +119,8 @@ def _export(gm, names, env, num_tokens) -> torch.export.ExportedProgram:
 def export_variants(cached) -> list[ExportedVariant]:
     """torch.export every variant of `cached` (in `cached.schedule.variants()` order)."""
     n = cached.structure.num_tokens
-    args = with_batch(cached.capture_inputs, EXAMPLE_BATCH)
+    args = with_batch(cached.capture_inputs, EXAMPLE_BATCH, cached.spec.symbolic_batch)
+    unbatched = cached.unbatched_inputs
     propagate_shapes(cached.captured, args)
     specs = cached.slot_specs()
     for slot, (shape, _) in specs.items():
@@ -144,12 +149,12 @@ def export_variants(cached) -> list[ExportedVariant]:
             env.update({name: torch.empty(max(2, min(hi, n - 1)), device=device) for name, (_, hi) in ranges.items()})
             prologue = epilogue = None
             if sig.prologue is not None:
-                prologue = _export(sig.prologue, sig.prologue_inputs, env, n)
+                prologue = _export(sig.prologue, sig.prologue_inputs, env, n, unbatched)
                 env.update(zip(sig.prologue_outputs, sig.prologue(*(env[k] for k in sig.prologue_inputs))))
-            program = _export(main, sig.inputs, env, n)
+            program = _export(main, sig.inputs, env, n, unbatched)
             if sig.epilogue is not None:
                 env.update(zip(sig.outputs, main(*(env[k] for k in sig.inputs))))
-                epilogue = _export(sig.epilogue, sig.epilogue_inputs, env, n)
+                epilogue = _export(sig.epilogue, sig.epilogue_inputs, env, n, unbatched)
             exported.append(ExportedVariant(index, sig, program, prologue, epilogue, ranges))
     finally:
         torch.set_rng_state(rng)

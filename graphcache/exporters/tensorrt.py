@@ -7,6 +7,8 @@ into an engine with ONE optimization profile, derived by `profile`:
   and largest k the schedule actually feeds this variant (`export.token_ranges`);
 * every batch-major input gets the batch range `batch` = (min, opt, max) (default: 2 to 16 rows,
   i.e. 1 to 8 images with guidance; opt 2), the other dimensions fixed at their exported size;
+* an input exported with a static first dimension (FLUX's token positions, which have no batch)
+  is fixed at its exported shape;
 * 0-d inputs (per-step scalars) and EOC's factors (tokens, channels) are fixed.
 
 The ToCa/DuCa selection sorts the N token scores inside the graph (ONNX TopK with k = N);
@@ -58,11 +60,12 @@ def check_topk(num_tokens: int) -> None:
 
 
 def profile(sig: Signature, shapes: dict[str, tuple[int, ...]], token_ranges: dict[str, list[int]],
-            batch: tuple[int, int, int] = DEFAULT_BATCH) -> dict[str, tuple[tuple, tuple, tuple]]:
+            batch: tuple[int, int, int] = DEFAULT_BATCH, fixed=frozenset()) -> dict[str, tuple[tuple, tuple, tuple]]:
     """{input: (min shape, opt shape, max shape)} for one variant.
 
     `shapes` are the exported example shapes of the main graph's inputs (batch first), as
-    `ExportedProgram` placeholders or the ONNX file declare them with the batch as any value."""
+    `ExportedProgram` placeholders or the ONNX file declare them with the batch as any value;
+    the inputs named in `fixed` have no batch and keep their shape."""
     lo, opt, hi = batch
     if not 1 <= lo <= opt <= hi:
         raise GraphcacheError(f"batch range must satisfy 1 <= min <= opt <= max, got {batch}")
@@ -72,7 +75,7 @@ def profile(sig: Signature, shapes: dict[str, tuple[int, ...]], token_ranges: di
         if is_token_input(name):
             k_lo, k_hi = token_ranges[name]
             out[name] = ((k_lo,), ((k_lo + k_hi) // 2,), (k_hi,))
-        elif len(shape) == 0 or is_correction_input(name):
+        elif len(shape) == 0 or is_correction_input(name) or name in fixed:
             out[name] = (shape, shape, shape)
         else:
             rest = shape[1:]
@@ -91,8 +94,10 @@ def build(variant, path: Path, weights_file: Path) -> None:
     trt = require_tensorrt()
     program, sig = variant.main, variant.sig
     onnx_backend.build(variant, path, weights_file)
-    shapes = {s.name: tuple(int(d) if isinstance(d, int) else 1 for d in s.meta["val"].shape)
-              for s in program.graph.nodes if s.op == "placeholder" and s.name in sig.inputs}
+    exported = {s.name: s.meta["val"].shape for s in program.graph.nodes
+                if s.op == "placeholder" and s.name in sig.inputs}
+    shapes = {name: tuple(int(d) if isinstance(d, int) else 1 for d in shape) for name, shape in exported.items()}
+    fixed = {name for name, shape in exported.items() if len(shape) and isinstance(shape[0], int)}
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -103,7 +108,7 @@ def build(variant, path: Path, weights_file: Path) -> None:
     config = builder.create_builder_config()
     prof = builder.create_optimization_profile()
     kept = {network.get_input(i).name for i in range(network.num_inputs)}
-    for name, (lo, opt, hi) in profile(sig, shapes, variant.token_ranges).items():
+    for name, (lo, opt, hi) in profile(sig, shapes, variant.token_ranges, fixed=fixed).items():
         if name in kept:
             prof.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(prof)

@@ -1,5 +1,6 @@
-"""The compile, aoti and onnx backends on diffusers' DiT and PixArt-α transformers (random, 2 blocks,
-16 tokens: tests/diffusers_models.py), as the other backend tests check them on the built-in DiT.
+"""The compile, aoti and onnx backends on diffusers' DiT, PixArt-α, FLUX and SD3 transformers (random,
+2 blocks of each kind, 16 image tokens: tests/diffusers_models.py), as the other backend tests check
+them on the built-in DiT.
 
 Each model is called as a diffusers pipeline calls it (keyword arguments, diffusers' output
 dataclass), STEPS steps of new latents and timesteps under one condition; PixArt-α with an
@@ -7,15 +8,18 @@ dataclass), STEPS steps of new latents and timesteps under one condition; PixArt
 attention score through an explicit attention; its partial step reads self-attention from the
 cache, recomputes PixArt's cross-attention over the caption and runs the MLP on selected tokens)
 and FORA (a reuse step reads every branch, cross-attention included, from the cache): together
-every kind of variant these models get. Each backend compiles or exports every variant (C++
-builds: the slow part), so it runs one method per model (CASES).
+every kind of variant these models get. FLUX (double- and single-stream blocks) and SD3 (joint
+blocks) cache both streams: FORA, and TaylorSeer's forecasts on SD3. Each backend compiles or
+exports every variant (C++ builds: the slow part), so it runs one method per model (CASES).
 
-* compile (Inductor on PixArt-α, aot_eager on DiT): per-step outputs within `tolerance` of eager
+* compile (Inductor on PixArt-α, aot_eager on DiT, FLUX and SD3): per-step outputs within `tolerance` of eager
   graphcache, no graph break, one compilation per variant (counted by the compiler backend and
   by Dynamo);
 * aoti, onnx: the same, then the artifact is saved, loaded with `graphcache.load` while
   `import diffusers` fails, called with the transformer's keyword arguments, and its outputs
-  equal the in-process run's; it was exported at batch 4 and runs at batch 2 (dynamic batch).
+  equal the in-process run's; it was exported at batch 4 and runs at batch 2 (FLUX: 1) (dynamic
+  batch). The prompt length is fixed by the capture (the passes split the joint stream at it):
+  a caption of another length is refused with the exported shape and the given one.
 """
 
 from __future__ import annotations
@@ -31,32 +35,38 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import graphcache
-from diffusers_models import dit_inputs, dit_transformer, pixart_inputs, pixart_transformer
+from diffusers_models import (dit_inputs, dit_transformer, flux_inputs, flux_transformer, pixart_inputs,
+                              pixart_transformer, sd3_inputs, sd3_transformer)
 from graphcache.artifact import read_manifest, save_artifact
+from graphcache.errors import GraphcacheError
 from graphcache.methods import METHODS
 from graphcache.schedule import MIN_ATTENTION_TOKENS
 from run_helpers import max_rel, tolerance
 
 STEPS = 5
-MODELS = {"dit": (dit_transformer, dit_inputs), "pixart": (pixart_transformer, pixart_inputs)}
-# every (model, method) runs on aoti or onnx; compile runs ToCa, whose token counts change per step
+MODELS = {"dit": (dit_transformer, dit_inputs), "pixart": (pixart_transformer, pixart_inputs),
+          "flux": (flux_transformer, flux_inputs), "sd3": (sd3_transformer, sd3_inputs)}
+# every (model, method) runs on aoti or onnx; compile runs ToCa, whose token counts change per step,
+# and the two-stream models' methods
 CASES = [("compile", "dit", "toca"), ("compile", "pixart", "toca"),
-         ("aoti", "dit", "fora"), ("aoti", "pixart", "toca"),
-         ("onnx", "dit", "toca"), ("onnx", "pixart", "fora")]
+         ("compile", "flux", "fora"), ("compile", "sd3", "taylorseer"),
+         ("aoti", "dit", "fora"), ("aoti", "pixart", "toca"), ("aoti", "flux", "fora"),
+         ("onnx", "dit", "toca"), ("onnx", "pixart", "fora"), ("onnx", "flux", "fora")]
 # PixArt-α's ToCa profile: cross-attention recomputed on selected tokens, with a ratio small enough
 # that the 16 tokens' partial steps stay partial (all of them cannot be exported)
 OPTIONS = {("pixart", "toca"): {"profile": "pixart", "fresh_ratio": 0.1}}
 # Inductor's C++ build is the slow part: diffusers' DiT compiles with aot_eager (what Dynamo
 # captures does not depend on the compiler), PixArt-α with Inductor
-COMPILER = {"dit": "aot_eager", "pixart": "inductor"}
+COMPILER = {"dit": "aot_eager", "pixart": "inductor", "flux": "aot_eager", "sd3": "aot_eager"}
 
 
-def call_inputs(model: str, step: int) -> dict:
+def call_inputs(model: str, step: int, **call) -> dict:
     """The transformer's keyword arguments at `step`: new latents and timestep, the same condition;
-    PixArt's caption has its last two tokens masked out for the second row."""
-    inputs = MODELS[model][1]()
+    PixArt's caption has its last two tokens masked out for the second row; FLUX takes timesteps in
+    [0, 1]."""
+    inputs = MODELS[model][1](**call)
     inputs["hidden_states"] = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(step))
-    inputs["timestep"] = torch.full_like(inputs["timestep"], 900 - 150 * step)
+    inputs["timestep"] = torch.full_like(inputs["timestep"], (900 - 150 * step) / (1000 if model == "flux" else 1))
     if model == "pixart":
         mask = torch.ones(2, inputs["encoder_hidden_states"].shape[1])
         mask[1, -2:] = 0
@@ -160,3 +170,8 @@ def test_artifact_runs_without_diffusers(transformers, eager_steps, tmp_path, mo
     assert torch.equal(run_steps(loaded, model), got)
     tupled = loaded(**call_inputs(model, 0), return_dict=False)
     assert isinstance(tupled, tuple) and len(tupled) == 1 and isinstance(tupled[0], torch.Tensor)
+    if model in ("pixart", "flux"):
+        loaded.reset()  # a new run: a new prompt length is refused, not taken for a change mid-run
+        with pytest.raises(GraphcacheError, match=r"input encoder_hidden_states is \(\d, 7, 24\) float32; the "
+                                                  r"artifact was built for \(batch, 5, 24\)"):
+            loaded(**call_inputs(model, 0, text=7))

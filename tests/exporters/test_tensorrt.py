@@ -70,6 +70,11 @@ def test_profile_refuses_a_bad_batch_range(batch):
         tensorrt.profile(Signature(inputs=["x"]), SHAPES, {}, batch=batch)
 
 
+def test_profile_keeps_inputs_without_a_batch():
+    prof = tensorrt.profile(Signature(inputs=["x", "unused"]), SHAPES, {}, fixed={"unused"})
+    assert prof["unused"] == ((4, 3),) * 3 and prof["x"][2] == (16, 4, 8, 8)
+
+
 def test_profile_single_batch():
     prof = tensorrt.profile(Signature(inputs=["x"]), SHAPES, {}, batch=(1, 1, 1))
     assert prof == {"x": ((1, 4, 8, 8),) * 3}
