@@ -34,10 +34,12 @@ import torch
 import torch.fx.experimental._config  # noqa: F401 (backed_size_oblivious)
 from torch.export import Dim
 
+from .. import ir
 from ..capture import propagate_shapes, with_batch
 from ..errors import GraphcacheError
 from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize
-from ..schedule import compiled_token_count, is_correction_input, is_token_input, step_inputs
+from ..schedule import (PARALLEL_SUFFIX, TEXT_SUFFIX, compiled_token_count, is_correction_input, is_token_input,
+                        step_inputs)
 from .base import Runners
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
@@ -80,13 +82,25 @@ class ExportedVariant:
     token_ranges: dict[str, list[int]]
 
 
-def _dynamic_shapes(names, values, num_tokens: int, unbatched: set[str]) -> dict:
-    """Token counts and the batch (dim 0 of every tensor but EOC's factors and the model inputs in
-    `unbatched`) dynamic."""
+def token_limits(structure) -> dict[str, int]:
+    """The token count of the stream each kind of token-count input selects from, by the input
+    name's suffix: a text MLP's from the text stream, a single-stream block's from the joint one."""
+    tokens = {st.name: st.num_tokens for st in structure.streams}
+    return {TEXT_SUFFIX: tokens.get(ir.TEXT, 0), PARALLEL_SUFFIX: tokens.get(ir.JOINT, 0),
+            "": structure.num_tokens}
+
+
+def _limit(limits: dict[str, int], name: str) -> int:
+    return next(n for suffix, n in limits.items() if name.endswith(suffix))
+
+
+def _dynamic_shapes(names, values, limits: dict[str, int], unbatched: set[str]) -> dict:
+    """Token counts (below their stream's token count, `token_limits`) and the batch (dim 0 of
+    every tensor but EOC's factors and the model inputs in `unbatched`) dynamic."""
     shapes = {}
     for name, value in zip(names, values):
         if is_token_input(name):
-            shapes[name] = {0: Dim(name, min=compiled_token_count(name, 0), max=num_tokens - 1)}
+            shapes[name] = {0: Dim(name, min=compiled_token_count(name, 0), max=_limit(limits, name) - 1)}
         elif isinstance(value, torch.Tensor) and value.ndim >= 1 and not is_correction_input(name) \
                 and name not in unbatched:
             shapes[name] = {0: Dim.AUTO}
@@ -104,13 +118,13 @@ def quiet_torch():
         yield
 
 
-def _export(gm, names, env, num_tokens, unbatched) -> torch.export.ExportedProgram:
+def _export(gm, names, env, limits, unbatched) -> torch.export.ExportedProgram:
     values = tuple(env[n] for n in names)
     try:
         # size-oblivious: a batch of 2 rows gives rand(batch // 2 = 1, N) in ToCa's random score,
         # which must not become a guard "batch // 2 != 1"
         with quiet_torch(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-            return torch.export.export(gm, values, dynamic_shapes=_dynamic_shapes(names, values, num_tokens, unbatched))
+            return torch.export.export(gm, values, dynamic_shapes=_dynamic_shapes(names, values, limits, unbatched))
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise GraphcacheError(f"torch.export failed on a variant: {first}") from e
@@ -118,7 +132,7 @@ def _export(gm, names, env, num_tokens, unbatched) -> torch.export.ExportedProgr
 
 def export_variants(cached) -> list[ExportedVariant]:
     """torch.export every variant of `cached` (in `cached.schedule.variants()` order)."""
-    n = cached.structure.num_tokens
+    limits = token_limits(cached.structure)
     args = with_batch(cached.capture_inputs, EXAMPLE_BATCH, cached.spec.symbolic_batch)
     unbatched = cached.unbatched_inputs
     propagate_shapes(cached.captured, args)
@@ -134,10 +148,10 @@ def export_variants(cached) -> list[ExportedVariant]:
         for index, key in enumerate(cached.schedule.variants()):
             main, sig = functionalize(cached.variants[key])
             ranges = {k: r for k, r in token_ranges(cached.schedule, key).items() if k in sig.inputs}
-            too_many = {name: hi for name, (_, hi) in ranges.items() if hi >= n}
+            too_many = {name: hi for name, (_, hi) in ranges.items() if hi >= _limit(limits, name)}
             if too_many:
-                raise GraphcacheError(f"token count {too_many} reaches all {n} tokens: such a partial step "
-                                      "cannot be exported (use a smaller fresh ratio)")
+                raise GraphcacheError(f"token count {too_many} reaches all of its stream's tokens: such a partial "
+                                      "step cannot be exported (use a smaller fresh ratio)")
             env = dict(zip(cached.structure.input_names, args))
             env.update({name: torch.zeros(shape, dtype=dtype, device=device) for name, (shape, dtype) in
                         ((CACHE_PREFIX + s, spec) for s, spec in specs.items())})
@@ -146,15 +160,16 @@ def export_variants(cached) -> list[ExportedVariant]:
                     env[name] = v.to(device, cached.input_dtype)
                 else:
                     env[name] = step_tensor(name, v, device, scalars)
-            env.update({name: torch.empty(max(2, min(hi, n - 1)), device=device) for name, (_, hi) in ranges.items()})
+            env.update({name: torch.empty(max(2, min(hi, _limit(limits, name) - 1)), device=device)
+                        for name, (_, hi) in ranges.items()})
             prologue = epilogue = None
             if sig.prologue is not None:
-                prologue = _export(sig.prologue, sig.prologue_inputs, env, n, unbatched)
+                prologue = _export(sig.prologue, sig.prologue_inputs, env, limits, unbatched)
                 env.update(zip(sig.prologue_outputs, sig.prologue(*(env[k] for k in sig.prologue_inputs))))
-            program = _export(main, sig.inputs, env, n, unbatched)
+            program = _export(main, sig.inputs, env, limits, unbatched)
             if sig.epilogue is not None:
                 env.update(zip(sig.outputs, main(*(env[k] for k in sig.inputs))))
-                epilogue = _export(sig.epilogue, sig.epilogue_inputs, env, n, unbatched)
+                epilogue = _export(sig.epilogue, sig.epilogue_inputs, env, limits, unbatched)
             exported.append(ExportedVariant(index, sig, program, prologue, epilogue, ranges))
     finally:
         torch.set_rng_state(rng)
