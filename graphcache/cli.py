@@ -17,6 +17,7 @@ import traceback
 import zlib
 from pathlib import Path
 
+from .diffusers_models import PIXART_CFG_SCALE
 from .errors import GraphcacheError, exception_line, one_line
 from .exporters import BACKENDS
 from .io import atomic_write
@@ -30,7 +31,6 @@ _OUTPUT_SUFFIXES = (".pt", ".png")
 _PIXEL_CHANNELS = (1, 3)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _BUILTIN_CFG_SCALE = 1.5
-_PIXART_CFG_SCALE = 4.5  # the PixArt-α pipeline's default
 
 
 class _UsageError(Exception):
@@ -416,7 +416,7 @@ def _pixart_call(args, pipe) -> dict:
     if args.negative_embeds is not None:
         embeds, mask = _load_embeddings(Path(args.negative_embeds), channels)
         call.update(negative_prompt_embeds=embeds, negative_prompt_attention_mask=mask,
-                    guidance_scale=_PIXART_CFG_SCALE if args.cfg_scale is None else args.cfg_scale)
+                    guidance_scale=PIXART_CFG_SCALE if args.cfg_scale is None else args.cfg_scale)
     elif args.cfg_scale is not None and args.cfg_scale > 1:
         raise GraphcacheError("--cfg-scale above 1 needs --negative-embeds (the unconditional embeddings)")
     else:
@@ -758,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: ddim (pipeline folders use their own scheduler)")
     p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
                    help=f"classifier-free guidance scale; <= 1 disables guidance (default: {_BUILTIN_CFG_SCALE}; "
-                        f"pipelines: DiT's 4.0, PixArt-α's {_PIXART_CFG_SCALE})")
+                        f"pipelines: DiT's 4.0, PixArt-α's {PIXART_CFG_SCALE})")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, default="official",
                    help="official: the reference's 3-channel guidance; eps: all channels (default: official)")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
@@ -895,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
     p.add_argument("--sampler", choices=SAMPLERS, help="class-conditional DiTs (default: ddim)")
     p.add_argument("--cfg-scale", type=float, metavar="S",
-                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE}; text-conditioned: {_PIXART_CFG_SCALE})")
+                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE}; text-conditioned: {PIXART_CFG_SCALE})")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, help="class-conditional DiTs (default: official)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write frontier and step x block heatmap PNGs")
@@ -957,7 +957,7 @@ def cmd_bench(args) -> int:
     report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
                          hoist_conditioning=args.hoist_conditioning, num_steps=args.steps or (20 if text else 50),
                          batch=args.batch or (1 if text else 8), sampler=args.sampler,
-                         cfg_scale=args.cfg_scale if args.cfg_scale is not None else (_PIXART_CFG_SCALE if text else _BUILTIN_CFG_SCALE),
+                         cfg_scale=args.cfg_scale if args.cfg_scale is not None else (PIXART_CFG_SCALE if text else _BUILTIN_CFG_SCALE),
                          guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                          interleave=args.interleave, model_name=args.model, progress=not args.quiet,
                          text_tokens=args.text_tokens)
