@@ -91,12 +91,10 @@ class _Statistics:
         self.norm = {br: torch.zeros(self.num_steps - 1, dtype=torch.float64) for br in self.trend}
 
 
-def _check_request(num_steps: int, samples: int, held_out: int, for_method: str | None, method_options):
-    """GraphcacheError for a calibration that cannot be made, before any sampling run; returns the
-    `for_method` method (or None)."""
+def _check_request(num_steps: int, samples: int, held_out: int, for_method: str | None, method_options) -> None:
+    """GraphcacheError for a calibration that cannot be made, before any sampling run."""
     from .methods import get_method
 
-    method = None
     if for_method is not None:
         method = get_method(for_method)
         if not method.corrects:
@@ -110,12 +108,12 @@ def _check_request(num_steps: int, samples: int, held_out: int, for_method: str 
         raise GraphcacheError("calibration needs at least one sample and one held-out sample")
     if num_steps < 2:
         raise GraphcacheError("EOC corrects a step by the trend from the step before: it needs 2+ steps")
-    return method
 
 
-def _make_prior(stats: _Statistics, structure, meta: dict, method, method_options) -> Prior:
+def _make_prior(stats: _Statistics, structure, meta: dict, for_method, method_options) -> Prior:
     """The prior from the statistics, its metadata completed from the annotated graph, kept for
-    `method`'s schedule (with `method_options`) when one is given."""
+    the schedule of `for_method` (with `method_options`) when one is given."""
+    from .methods import get_method
     from .methods.base import computed_branches
 
     num_steps = stats.num_steps
@@ -124,13 +122,14 @@ def _make_prior(stats: _Statistics, structure, meta: dict, method, method_option
             "held_out_seed": HELD_OUT_SEED, "branches": {br.name: br.block for br in structure.branches},
             "kinds": {br.name: br.kind for br in structure.branches}, "steps": list(range(1, num_steps))}
     prior = Prior(meta, stats.trend, stats.gain, stats.norm)
-    if method is None:
+    if for_method is None:
         return prior
-    schedule = method.schedule(num_steps, structure.depth, method_options, structure.num_tokens, structure)
+    schedule = get_method(for_method).schedule(num_steps, structure.depth, method_options, structure.num_tokens,
+                                               structure)
     branches = {br.name: (br.block, br.kind) for br in structure.branches}
     keep = steps_read(computed_branches(schedule.steps, branches), branches)
     prior = prior.keep_steps(keep)
-    prior.meta["for"] = {"method": method.name, "options": dict(method_options or {})}
+    prior.meta["for"] = {"method": for_method, "options": dict(method_options or {})}
     return prior
 
 
@@ -159,7 +158,7 @@ def calibrate(model: nn.Module, num_steps: int, *, samples: int | None = None, h
     classes = int(model.num_classes)
     samples = classes if samples is None else samples
     held_out = samples if held_out is None else held_out
-    method = _check_request(num_steps, samples, held_out, for_method, method_options)
+    _check_request(num_steps, samples, held_out, for_method, method_options)
     stats = _Statistics(num_steps)
     recorder = RecordingModel(model, num_steps, stats)
     bar = _progress(progress, (samples + held_out) * num_steps)
@@ -178,7 +177,7 @@ def calibrate(model: nn.Module, num_steps: int, *, samples: int | None = None, h
         bar.close()
     meta = {"fingerprint": fingerprint(model), "sampler": sampler, "cfg_scale": cfg_scale, "samples": samples,
             "held_out": held_out}
-    return _make_prior(stats, recorder.structure, meta, method, method_options)
+    return _make_prior(stats, recorder.structure, meta, for_method, method_options)
 
 
 class _RecordingTransformer(PipelineTransformer):
@@ -225,6 +224,9 @@ def _pixart_calls(transformer, vae_scale_factor, samples, held_out, batch, cfg_s
                               f"prompt embeddings, found {count}")
     if cfg_scale is None:
         cfg_scale = PIXART_CFG_SCALE if negative is not None else 1.0
+    if negative is not None and negative.shape[0] not in (1, count):
+        raise GraphcacheError(f"{negative.shape[0]} negative prompt embeddings for {count} prompts: give one, "
+                              "or one per prompt")
     if cfg_scale > 1 and negative is None:
         raise GraphcacheError("guidance (cfg scale above 1) needs the negative prompt embeddings")
     size = transformer.config.sample_size * vae_scale_factor
@@ -279,7 +281,7 @@ def calibrate_pipeline(pipe, num_steps: int, *, samples: int | None = None, held
             transformer, pipe.vae_scale_factor, samples, held_out, batch, cfg_scale, prompts)
     else:
         raise GraphcacheError(f"calibration runs DiT and PixArt-α pipelines, not a {name}")
-    method = _check_request(num_steps, samples, held_out, for_method, method_options)
+    _check_request(num_steps, samples, held_out, for_method, method_options)
     stats = _Statistics(num_steps)
     bar = _progress(progress, (samples + held_out) * num_steps)
     install(pipe, lambda model: _RecordingTransformer(model, stats))
@@ -298,4 +300,4 @@ def calibrate_pipeline(pipe, num_steps: int, *, samples: int | None = None, held
             bar.close()
     meta = {"fingerprint": fingerprint(transformer), "sampler": type(pipe.scheduler).__name__, "pipeline": name,
             "cfg_scale": cfg_scale, "samples": samples, "held_out": held_out}
-    return _make_prior(stats, structure, meta, method, method_options)
+    return _make_prior(stats, structure, meta, for_method, method_options)

@@ -26,7 +26,12 @@ from torch import nn
 from .errors import GraphcacheError
 from .exporters import get_backend
 from .methods import get_method
-from .runtime import CachedModel, DelegatesToModel, check_prior_model, check_prior_sampler
+from .runtime import (
+    CachedModel,
+    DelegatesToModel,
+    check_prior_model,
+    check_prior_sampler,
+)
 
 _CACHED_CLASSES: dict[type, type] = {}
 
