@@ -43,9 +43,9 @@ class RecordingModel(CachedModel):
     """A CachedModel of method none, captured without hoisting (the plain model's arithmetic),
     whose variant reports every branch's ungated output to sink(step, branch, value)."""
 
-    def __init__(self, model: nn.Module, num_steps: int, sink, **kwargs):
+    def __init__(self, model: nn.Module, num_steps: int, sink):
         object.__setattr__(self, "sink", sink)  # the built-in DiT is captured inside __init__
-        super().__init__(model, "none", num_steps, hoist_conditioning=False, **kwargs)
+        super().__init__(model, "none", num_steps, hoist_conditioning=False)
 
     def _build_on(self, captured, spec, capture_inputs) -> None:
         super()._build_on(captured, spec, capture_inputs)

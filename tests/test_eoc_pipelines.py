@@ -31,9 +31,9 @@ def _equal(a, b) -> bool:
     return torch.equal(out_a, out_b) and len(pred_a) == len(pred_b) and all(map(torch.equal, pred_a, pred_b))
 
 
-def test_dit_pipeline_prior_serves_its_model_only(tmp_path):
-    """Calibrated on class labels with the pipeline's DDIM and guidance; the runs that use the
-    prior are the PixArt-α test's (each costs a capture)."""
+def test_dit_pipeline_prior_corrects_fora_and_serves_its_model_only(tmp_path):
+    """Calibrated on class labels with the pipeline's DDIM and guidance; FORA with the fitted λ
+    differs from plain FORA (λ=0 is checked on PixArt-α: each run costs a capture)."""
     pipe = dit_pipeline()
     prior = calibrate_pipeline(pipe, STEPS, samples=2, held_out=1)
     assert type(pipe.transformer).__name__ == "DiTTransformer2DModel"  # the recording transformer is gone
@@ -42,8 +42,7 @@ def test_dit_pipeline_prior_serves_its_model_only(tmp_path):
     assert (m["num_tokens"], m["samples"], m["held_out"]) == (16, 2, 1)
     assert sorted(prior.trend) == ["b0_attention", "b0_mlp", "b1_attention", "b1_mlp"]
     path = prior.save(tmp_path / "dit.safetensors")
-    graphcache.enable(pipe, "fora", eoc=str(path))  # the same model and scheduler: accepted
-    graphcache.disable(pipe)
+    assert not _equal(_fora_run(pipe, eoc=str(path), eoc_lambda="fit", eoc_judgment="all"), _fora_run(pipe))
 
     other = dit_pipeline()
     other.transformer = dit_transformer(seed=5)
