@@ -284,15 +284,18 @@ def calibrate_pipeline(pipe, num_steps: int, *, samples: int | None = None, held
     _check_request(num_steps, samples, held_out, for_method, method_options)
     stats = _Statistics(num_steps)
     bar = _progress(progress, (samples + held_out) * num_steps)
+
+    def run(calls, seed0):
+        for i, (rows, call) in enumerate(calls):
+            pipe(**call, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed0 + i))
+            if bar is not None:
+                bar.update(rows * num_steps)
+
     install(pipe, lambda model: _RecordingTransformer(model, stats))
     try:
-        for calls, seed0 in ((calibration_calls, CALIBRATION_SEED), (held_out_calls, HELD_OUT_SEED)):
-            for i, (rows, call) in enumerate(calls):
-                pipe(**call, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed0 + i))
-                if bar is not None:
-                    bar.update(rows * num_steps)
-            if stats.trend is None:
-                stats.end_calibration()
+        run(calibration_calls, CALIBRATION_SEED)
+        stats.end_calibration()
+        run(held_out_calls, HELD_OUT_SEED)
         structure = pipe.transformer.current.structure
     finally:
         disable(pipe)
