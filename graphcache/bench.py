@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from .diffusers_models import PIXART_CFG_SCALE
 from .errors import GraphcacheError
 from .sampling import sample
 
@@ -263,7 +264,7 @@ class PipelineBenchSession(BenchSession):
     the latents."""
 
     def __init__(self, transformer, *, backend: str = "eager", compile_options: dict | None = None,
-                 num_steps: int = 20, batch: int = 1, cfg_scale: float = 4.5, seed: int = 0, text_tokens: int = 120,
+                 num_steps: int = 20, batch: int = 1, cfg_scale: float = PIXART_CFG_SCALE, seed: int = 0, text_tokens: int = 120,
                  interleaved: bool = True):
         from .diffusers_models import TEXT_PIPELINE_SCHEDULER
 

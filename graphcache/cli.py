@@ -17,6 +17,7 @@ import traceback
 import zlib
 from pathlib import Path
 
+from .diffusers_models import PIXART_CFG_SCALE
 from .errors import GraphcacheError, exception_line, one_line
 from .exporters import BACKENDS
 from .io import atomic_write
@@ -30,7 +31,6 @@ _OUTPUT_SUFFIXES = (".pt", ".png")
 _PIXEL_CHANNELS = (1, 3)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _BUILTIN_CFG_SCALE = 1.5
-_PIXART_CFG_SCALE = 4.5  # the PixArt-α pipeline's default
 
 
 class _UsageError(Exception):
@@ -416,7 +416,7 @@ def _pixart_call(args, pipe) -> dict:
     if args.negative_embeds is not None:
         embeds, mask = _load_embeddings(Path(args.negative_embeds), channels)
         call.update(negative_prompt_embeds=embeds, negative_prompt_attention_mask=mask,
-                    guidance_scale=_PIXART_CFG_SCALE if args.cfg_scale is None else args.cfg_scale)
+                    guidance_scale=PIXART_CFG_SCALE if args.cfg_scale is None else args.cfg_scale)
     elif args.cfg_scale is not None and args.cfg_scale > 1:
         raise GraphcacheError("--cfg-scale above 1 needs --negative-embeds (the unconditional embeddings)")
     else:
@@ -517,21 +517,30 @@ def cmd_schedule(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate
+    from .diffusers_models import is_diffusers_folder, is_pipeline_folder
     from .eoc import step_weights
 
     out = Path(args.output)
     if out.suffix.lower() != ".safetensors":
         raise GraphcacheError(f"cannot write the prior to {out}: use a .safetensors file name")
-    model = _load_model(args.model, args)
-    for attr in ("num_classes", "in_channels", "input_size"):
-        if not hasattr(model, attr):
-            raise GraphcacheError(f"{args.model} is not a class-conditional DiT (no `{attr}`): calibrate samples "
-                                  "it with graphcache's class-conditional sampler")
     if _options(args) and args.for_method is None:
         raise GraphcacheError("--set gives options of the --for method: add --for METHOD")
-    prior = calibrate(model, args.steps, samples=args.samples, held_out=args.held_out, batch=args.batch,
-                      sampler=args.sampler, cfg_scale=args.cfg_scale, for_method=args.for_method,
-                      method_options=_options(args), progress=not args.quiet)
+    if is_pipeline_folder(args.model):
+        prior = _calibrate_pipeline(args)
+    else:
+        if is_diffusers_folder(args.model):
+            raise GraphcacheError(f"{args.model} is a diffusers model folder: calibrate from the pipeline folder "
+                                  "`pipe.save_pretrained(DIR)` writes (its scheduler and guidance sample it)")
+        _refuse_pipeline_options(args, "a PixArt-α pipeline folder")
+        model = _load_model(args.model, args)
+        for attr in ("num_classes", "in_channels", "input_size"):
+            if not hasattr(model, attr):
+                raise GraphcacheError(f"{args.model} is not a class-conditional DiT (no `{attr}`): calibrate "
+                                      "samples it with graphcache's class-conditional sampler")
+        prior = calibrate(model, args.steps, samples=args.samples, held_out=args.held_out, batch=args.batch,
+                          sampler=args.sampler or "ddim",
+                          cfg_scale=_BUILTIN_CFG_SCALE if args.cfg_scale is None else args.cfg_scale,
+                          for_method=args.for_method, method_options=_options(args), progress=not args.quiet)
     prior.save(out)
     m = prior.meta
     kept = sum(w != 0 for br in prior.trend for w in step_weights(prior, br, 0.01, "held-out").values())
@@ -544,6 +553,35 @@ def cmd_calibrate(args) -> int:
     print(f"  judgment at eoc_lambda=0.01: {kept} of {total} (step, branch) corrections lower the held-out error")
     print(f"  wrote {out} ({_human_bytes(out.stat().st_size)}); use it with --set eoc={out}")
     return 0
+
+
+def _calibrate_pipeline(args):
+    """EOC's prior from a DiT pipeline folder (class labels) or a PixArt-α one (--prompt-embeds,
+    each prompt one sample), sampled with the folder's scheduler and guidance."""
+    from .calibration import calibrate_pipeline
+    from .diffusers_models import load_pipeline
+
+    if args.sampler is not None:
+        raise GraphcacheError("--sampler applies to graphcache's own sampler; a pipeline folder samples with its "
+                              "scheduler")
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    pipe.set_progress_bar_config(disable=True)  # calibration shows one bar of its own
+    prompts = None
+    if type(pipe).__name__ == "PixArtAlphaPipeline":
+        if args.prompt_embeds is None:
+            raise GraphcacheError(f"{args.model} is a text-conditioned pipeline: --prompt-embeds FILE is required "
+                                  "(each prompt is one calibration sample)")
+        channels = pipe.transformer.config.caption_channels
+        embeds, mask = _load_embeddings(Path(args.prompt_embeds), channels)
+        prompts = dict(prompt_embeds=embeds, prompt_attention_mask=mask)
+        if args.negative_embeds is not None:
+            embeds, mask = _load_embeddings(Path(args.negative_embeds), channels)
+            prompts.update(negative_prompt_embeds=embeds, negative_prompt_attention_mask=mask)
+    else:
+        _refuse_pipeline_options(args, "a PixArt-α pipeline folder")
+    return calibrate_pipeline(pipe, args.steps, samples=args.samples, held_out=args.held_out, batch=args.batch,
+                              cfg_scale=args.cfg_scale, prompts=prompts, for_method=args.for_method,
+                              method_options=_options(args), progress=not args.quiet)
 
 
 def cmd_methods(args) -> int:
@@ -758,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: ddim (pipeline folders use their own scheduler)")
     p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
                    help=f"classifier-free guidance scale; <= 1 disables guidance (default: {_BUILTIN_CFG_SCALE}; "
-                        f"pipelines: DiT's 4.0, PixArt-α's {_PIXART_CFG_SCALE})")
+                        f"pipelines: DiT's 4.0, PixArt-α's {PIXART_CFG_SCALE})")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, default="official",
                    help="official: the reference's 3-channel guidance; eps: all channels (default: official)")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
@@ -795,28 +833,45 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample MODEL uncached and record every branch's ungated output per step (from the "
                     "captured graph): their average over the calibration samples gives EOC's prior trends, "
                     "held-out samples (other seeds) the statistics its judgment and fitted λ read. The prior "
-                    "serves one model, sampler, step count and resolution; use it with any method that has "
-                    "the eoc option (`--set eoc=PRIOR`). Calibration seeds start at 1000, held-out seeds at "
+                    "serves one model, sampler, step count and resolution; a DiT or PixArt-α pipeline folder "
+                    "is sampled by its own scheduler and guidance, from class labels or --prompt-embeds. Use the "
+                    "prior with any method that has the eoc option (`--set eoc=PRIOR`). Calibration seeds start at 1000, held-out seeds at "
                     "2000. With --for METHOD the prior keeps only the steps that method's schedule reads, and "
                     "serves that schedule alone. Writing is atomic.",
         epilog=f"examples:\n  graphcache calibrate {DEFAULT_MODEL} --method eoc --steps 20 -o prior.safetensors\n"
                f"  graphcache calibrate {DEFAULT_MODEL} --method eoc --steps 20 --for fora --set level=50 "
                "-o fora50.safetensors\n"
                f"  graphcache sample {DEFAULT_MODEL} --method fora --steps 20 --set level=50 "
-               "--set eoc=prior.safetensors --labels 1,2 -o out.png",
+               "--set eoc=prior.safetensors --labels 1,2 -o out.png\n"
+               "  graphcache calibrate dit-pipeline/ --method eoc --steps 20 --samples 64 -o dit.safetensors\n"
+               "  graphcache calibrate pixart-alpha/ --method eoc --steps 20 --prompt-embeds prompts.safetensors "
+               "--negative-embeds n.safetensors --held-out 8 -o pixart.safetensors\n"
+               "  graphcache sample pixart-alpha/ --prompt-embeds p.safetensors --negative-embeds n.safetensors "
+               "--method fora --steps 20 --set eoc=pixart.safetensors -o image.png",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"checkpoint file or builtin:NAME (default: {DEFAULT_MODEL})")
+                   help=f"checkpoint file, builtin:NAME, or a DiT or PixArt-α pipeline folder (default: "
+                        f"{DEFAULT_MODEL})")
     p.add_argument("--method", required=True, choices=("eoc",), help="what to calibrate: eoc")
     p.add_argument("--steps", type=_positive_int, required=True, metavar="N", help="sampling steps the prior serves")
     p.add_argument("--samples", type=_positive_int, default=None, metavar="M",
-                   help="calibration samples, classes in turn (default: one per class)")
+                   help="calibration samples, classes in turn (default: one per class); PixArt-α: the first M "
+                        "prompts (default: the first half, rounded up)")
     p.add_argument("--held-out", type=_positive_int, default=None, metavar="H",
-                   help="held-out samples for the judgment (default: as many as --samples)")
+                   help="held-out samples for the judgment (default: as many as --samples); PixArt-α: the H "
+                        "prompts after them (default: the rest)")
     p.add_argument("--batch", type=_positive_int, default=16, metavar="B", help="samples per run (default: 16)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default: ddim")
-    p.add_argument("--cfg-scale", type=float, default=_BUILTIN_CFG_SCALE, metavar="S",
-                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE})")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="default: ddim (pipeline folders use their own scheduler)")
+    p.add_argument("--cfg-scale", type=float, default=None, metavar="S",
+                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE}; pipelines: DiT's 4.0, PixArt-α's "
+                        f"{PIXART_CFG_SCALE} with --negative-embeds, none without)")
+    p.add_argument("--prompt-embeds", metavar="FILE",
+                   help="PixArt-α pipeline folders: the calibration prompts, a .safetensors file holding "
+                        "prompt_embeds (n, L, C) and optionally prompt_attention_mask (n, L); one sample per row")
+    p.add_argument("--negative-embeds", metavar="FILE",
+                   help="PixArt-α: the unconditional embeddings (one row, or one per prompt); without them there "
+                        "is no guidance")
     p.add_argument("--for", dest="for_method", metavar="M",
                    help="keep only the steps this caching method's schedule (with --set) reads: the small "
                         "form; without --for the prior keeps every step, the large form (DiT-XL/2, 20 steps: "
@@ -895,7 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
     p.add_argument("--sampler", choices=SAMPLERS, help="class-conditional DiTs (default: ddim)")
     p.add_argument("--cfg-scale", type=float, metavar="S",
-                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE}; text-conditioned: {_PIXART_CFG_SCALE})")
+                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE}; text-conditioned: {PIXART_CFG_SCALE})")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, help="class-conditional DiTs (default: official)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write frontier and step x block heatmap PNGs")
@@ -957,7 +1012,7 @@ def cmd_bench(args) -> int:
     report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
                          hoist_conditioning=args.hoist_conditioning, num_steps=args.steps or (20 if text else 50),
                          batch=args.batch or (1 if text else 8), sampler=args.sampler,
-                         cfg_scale=args.cfg_scale if args.cfg_scale is not None else (_PIXART_CFG_SCALE if text else _BUILTIN_CFG_SCALE),
+                         cfg_scale=args.cfg_scale if args.cfg_scale is not None else (PIXART_CFG_SCALE if text else _BUILTIN_CFG_SCALE),
                          guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                          interleave=args.interleave, model_name=args.model, progress=not args.quiet,
                          text_tokens=args.text_tokens)

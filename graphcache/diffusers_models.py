@@ -54,6 +54,7 @@ HUNYUAN_VIDEO_TEXT_TOKENS = 256
 FLUX_LATENT_SIZE = (128, 128)
 WAN_LATENT_SIZE = (60, 104)
 HUNYUAN_VIDEO_LATENT_SIZE = (90, 160)
+PIXART_CFG_SCALE = 4.5  # the PixArt-α pipeline's default guidance scale
 # the scheduler PixArt-α ships with (DPM-Solver++ multistep, 2nd order by history: one model call per step)
 TEXT_PIPELINE_SCHEDULER = "DPMSolverMultistepScheduler"
 # FLUX and SD3 sample with flow matching: Euler steps on the velocity, one model call per step,

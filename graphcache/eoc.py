@@ -24,7 +24,9 @@ schedule leaves some branch uncomputed, the only ones a factor reads):
   and the least-squares weight is b_s / c_s. The judgment (methods/base.py) reads these.
 
 Its metadata holds the model fingerprint, sampler, step count, guidance scale, tokens and
-channels; a prior used with another model, step count or resolution is refused.
+channels; a prior used with another model, step count or resolution is refused. A prior calibrated
+through a diffusers pipeline names the pipeline and, as its sampler, the scheduler class, which
+`graphcache.enable` checks too.
 """
 
 from __future__ import annotations

@@ -26,7 +26,12 @@ from torch import nn
 from .errors import GraphcacheError
 from .exporters import get_backend
 from .methods import get_method
-from .runtime import CachedModel, DelegatesToModel
+from .runtime import (
+    CachedModel,
+    DelegatesToModel,
+    check_prior_model,
+    check_prior_sampler,
+)
 
 _CACHED_CLASSES: dict[type, type] = {}
 
@@ -56,14 +61,18 @@ class PipelineTransformer(DelegatesToModel, nn.Module):
         pipeline calls the transformer once per guidance branch)."""
         return self.run_models[0] if self.run_models else None
 
+    def new_model(self, num_steps: int) -> CachedModel:
+        """The CachedModel one call of each step of a `num_steps`-step run goes to."""
+        return CachedModel(self.transformer, self.method, num_steps=num_steps, backend=self.backend,
+                           compile_options=self.compile_options, **self.options)
+
     def start_run(self, num_steps: int, calls_per_step: int = 1) -> None:
         key = str(num_steps)
         if key not in self.by_steps:
             self.by_steps[key] = nn.ModuleList()
         models = self.by_steps[key]
         while len(models) < calls_per_step:
-            models.append(CachedModel(self.transformer, self.method, num_steps=num_steps, backend=self.backend,
-                                      compile_options=self.compile_options, **self.options))
+            models.append(self.new_model(num_steps))
         self.run_models = list(models[:calls_per_step])
         for model in self.run_models:
             model.reset()
@@ -152,6 +161,20 @@ def _cached_class(cls: type) -> type:
 def enable(pipe, method: str = "fora", *, backend: str = "eager", compile_options: dict | None = None, **options):
     """Run `pipe`'s transformer with `method` (and the method's `options`) on every call of `pipe`.
     Returns the pipeline. Each call is one sampling run with its own step count."""
+
+    def wrap(transformer):
+        cached = PipelineTransformer(transformer, method, backend, compile_options, options)
+        if options.get("eoc"):  # another model or scheduler fails here; steps and resolution at each capture
+            check_prior_model(options["eoc"], transformer)
+            check_prior_sampler(options["eoc"], type(getattr(pipe, "scheduler", None)).__name__)
+        return cached
+
+    return install(pipe, wrap)
+
+
+def install(pipe, wrap):
+    """Replace `pipe`'s transformer by `wrap(transformer)`, a PipelineTransformer, and its class by
+    one whose calls each start a sampling run. Returns the pipeline."""
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, nn.Module):
         raise GraphcacheError(f"{type(pipe).__name__} has no transformer module: graphcache caches DiT pipelines")
@@ -162,7 +185,7 @@ def enable(pipe, method: str = "fora", *, backend: str = "eager", compile_option
         raise GraphcacheError(f"{type(pipe.scheduler).__name__} evaluates the model {order} times per step; "
                               "graphcache counts one transformer call per step: use a first-order scheduler "
                               "(DDIM, DPM-Solver multistep, Euler, flow-matching Euler)")
-    cached = PipelineTransformer(transformer, method, backend, compile_options, options)
+    cached = wrap(transformer)
     pipe.__dict__["transformer"] = cached  # not through the pipeline's __setattr__: its config stays as it is
     pipe.__class__ = _cached_class(type(pipe))
     return pipe

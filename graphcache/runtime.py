@@ -333,6 +333,17 @@ def check_prior_model(path, model: nn.Module) -> None:
                               f"{found}): run `graphcache calibrate` on this model")
 
 
+def check_prior_sampler(path, sampler: str) -> None:
+    """GraphcacheError unless the EOC prior at `path` was calibrated with this sampler (a pipeline's
+    scheduler class, or graphcache's sampler name): the trends follow the sampler's trajectory."""
+    from .eoc import load_prior
+
+    expected = load_prior(path).meta["sampler"]
+    if sampler != expected:
+        raise GraphcacheError(f"{path} was calibrated with the {expected} sampler, not {sampler}: run "
+                              "`graphcache calibrate` with this one")
+
+
 def _records_json(records: list[PassRecord]) -> list[dict]:
     return [{"pass": r.name, "counters": r.counters, "declined": [f"{d.target}: {d.reason}" for d in r.declined]}
             for r in records]
