@@ -133,7 +133,7 @@ BUILTINS: dict[str, BuiltinModel] = _register(
         "flux-dev-4x8-random",
         "FLUX.1-dev-shaped at reduced depth (diffusers FluxTransformer2DModel: hidden 3072 = 24 heads x 128, "
         "4 double-stream + 8 single-stream blocks instead of 19 + 38, 4096-wide T5 and 768-wide pooled text "
-        "embeddings, guidance embedding; 2.5B parameters, 10 GB in fp32), random N(0, 0.02) weights: for speed "
+        "embeddings, guidance embedding; 2.6B parameters, 10 GB in fp32), random N(0, 0.02) weights: for speed "
         "benchmarks, where it samples 1024 image tokens (512x512) and 256 text tokens (needs graphcache[diffusers])",
         make=_flux_dev_4x8,
     ),
