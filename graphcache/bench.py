@@ -283,8 +283,8 @@ class PipelineBenchSession(BenchSession):
         self.cfg_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         self.text_tokens = text_tokens or self.default_text_tokens
         self.image_tokens = image_tokens or self.default_image_tokens()
-        self.side = round(self.image_tokens ** 0.5)
-        if self.side * self.side != self.image_tokens:
+        self.tokens_per_side = round(self.image_tokens ** 0.5)
+        if self.tokens_per_side ** 2 != self.image_tokens:
             raise GraphcacheError(f"bench samples square images: {self.image_tokens} image tokens is not a square")
         self.interleaved, self.hoist_conditioning = interleaved, True
         self.sampler, self.guidance = self.scheduler, "pipeline"
@@ -324,7 +324,7 @@ class PipelineBenchSession(BenchSession):
 
     def sampling_run(self, entry: dict):
         pipe = entry["pipe"]
-        size = self.side * self.latent_pixels_per_token() * pipe.vae_scale_factor
+        size = self.tokens_per_side * self.latent_pixels_per_token() * pipe.vae_scale_factor
 
         def call():
             torch.manual_seed(self.seed)  # ToCa's random scores and ClusCa's K-means draw from it
