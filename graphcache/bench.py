@@ -13,11 +13,12 @@ import time
 
 import torch
 
-from .diffusers_models import PIXART_CFG_SCALE
+from .diffusers_models import FLOW_MATCHING_SCHEDULER, PIXART_CFG_SCALE, PIXART_TEXT_TOKENS, TEXT_PIPELINE_SCHEDULER
 from .errors import GraphcacheError
 from .sampling import sample
 
-__all__ = ["BenchSession", "bench", "format_table", "plot", "time_sampling"]
+__all__ = ["BenchSession", "FluxBenchSession", "PipelineBenchSession", "PixArtBenchSession", "bench", "format_table",
+           "pipeline_session", "plot", "time_sampling"]
 
 
 def _sync(model) -> None:
@@ -256,33 +257,52 @@ class BenchSession:
 
 
 class PipelineBenchSession(BenchSession):
-    """bench through `graphcache.enable(pipe)`, for text-conditioned transformers (PixArt-α): every
-    method samples in its own diffusers pipeline around the shared transformer, with the pipeline's
-    scheduler (DPM-Solver multistep, as PixArt-α ships) and guidance, from seeded random prompt and
-    negative embeddings of `text_tokens` tokens (no text encoder runs). The pipelines return
-    latents: the VAE decode, the same for every method, is not timed, and fidelity is measured on
-    the latents."""
+    """bench through `graphcache.enable(pipe)`, for text-conditioned transformers: every method
+    samples in its own diffusers pipeline around the shared transformer, with the scheduler the
+    model ships with and the pipeline's guidance, from seeded random prompt embeddings of
+    `text_tokens` tokens (no text encoder runs), at the square resolution of `image_tokens` image
+    tokens. The pipelines return latents: the VAE decode, the same for every method, is not timed,
+    and fidelity is measured on the latents.
+
+    A subclass per model gives its pipeline's scheduler, its defaults (steps, guidance scale, text
+    and image tokens), whether its guidance doubles the transformer's batch, the latent pixels per
+    side of an image token, and the prompt arguments of a call."""
+
+    scheduler: str
+    default_steps: int
+    default_guidance_scale: float
+    default_text_tokens: int
+    guides_in_batch: bool  # classifier-free guidance's two halves in one transformer call
 
     def __init__(self, transformer, *, backend: str = "eager", compile_options: dict | None = None,
-                 num_steps: int = 20, batch: int = 1, cfg_scale: float = PIXART_CFG_SCALE, seed: int = 0, text_tokens: int = 120,
-                 interleaved: bool = True):
-        from .diffusers_models import TEXT_PIPELINE_SCHEDULER
-
-        if type(transformer).__name__ != "PixArtTransformer2DModel":  # its prompts are PixArt-α's caption embeddings
-            raise GraphcacheError(f"bench samples PixArt-α in its pipeline, not a {type(transformer).__name__}: run "
-                                  "its pipeline with graphcache.enable(pipe) by hand")
+                 num_steps: int | None = None, batch: int = 1, guidance_scale: float | None = None, seed: int = 0,
+                 text_tokens: int | None = None, image_tokens: int | None = None, interleaved: bool = True):
         _check_backend(backend, compile_options)
         self.model, self.backend, self.compile_options = transformer, backend, compile_options
-        self.num_steps, self.batch, self.cfg_scale, self.seed = num_steps, batch, cfg_scale, seed
-        self.interleaved, self.text_tokens = interleaved, text_tokens
-        self.hoist_conditioning = True
-        self.sampler, self.guidance = TEXT_PIPELINE_SCHEDULER, "pipeline"
+        self.num_steps, self.batch, self.seed = num_steps or self.default_steps, batch, seed
+        self.cfg_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        self.text_tokens = text_tokens or self.default_text_tokens
+        self.image_tokens = image_tokens or self.default_image_tokens()
+        self.tokens_per_side = round(self.image_tokens ** 0.5)
+        if self.tokens_per_side ** 2 != self.image_tokens:
+            raise GraphcacheError(f"bench samples square images: {self.image_tokens} image tokens is not a square")
+        self.interleaved, self.hoist_conditioning = interleaved, True
+        self.sampler, self.guidance = self.scheduler, "pipeline"
         self.labels, self.pixel, self.digits = None, False, None
-        self.cfg = cfg_scale > 1.0
+        self.cfg = self.guides_in_batch and self.cfg_scale > 1.0
         self.device = next(transformer.parameters()).device
-        g = torch.Generator().manual_seed(seed + 1)
-        channels = transformer.config.caption_channels
-        self.prompt, self.negative = (torch.randn(1, text_tokens, channels, generator=g) for _ in range(2))
+        self.prompts = self.prompt_arguments(torch.Generator().manual_seed(seed + 1))
+
+    def default_image_tokens(self) -> int:
+        raise NotImplementedError
+
+    def latent_pixels_per_token(self) -> int:
+        """Latent pixels per side of one image token."""
+        raise NotImplementedError
+
+    def prompt_arguments(self, generator: torch.Generator) -> dict:
+        """The pipeline's prompt arguments: random embeddings drawn from `generator`."""
+        raise NotImplementedError
 
     def build(self, name: str, options: dict) -> dict:
         from .diffusers_models import text_pipeline
@@ -304,34 +324,92 @@ class PipelineBenchSession(BenchSession):
 
     def sampling_run(self, entry: dict):
         pipe = entry["pipe"]
-        mask = torch.ones(1, self.text_tokens)
-        size = self.model.config.sample_size * pipe.vae_scale_factor
+        size = self.tokens_per_side * self.latent_pixels_per_token() * pipe.vae_scale_factor
 
         def call():
             torch.manual_seed(self.seed)  # ToCa's random scores and ClusCa's K-means draw from it
-            return pipe(prompt=None, negative_prompt=None, prompt_embeds=self.prompt, prompt_attention_mask=mask,
-                        negative_prompt_embeds=self.negative, negative_prompt_attention_mask=mask,
-                        num_images_per_prompt=self.batch, num_inference_steps=self.num_steps,
-                        guidance_scale=self.cfg_scale, height=size, width=size, use_resolution_binning=False,
+            return pipe(**self.prompts, num_images_per_prompt=self.batch, num_inference_steps=self.num_steps,
+                        guidance_scale=self.cfg_scale, height=size, width=size,
                         generator=torch.Generator().manual_seed(self.seed), output_type="latent").images
 
         return call
 
     def summary(self, results: list[dict], model_name: str = "") -> dict:
-        return {**super().summary(results, model_name), "text_tokens": self.text_tokens}
+        return {**super().summary(results, model_name), "text_tokens": self.text_tokens,
+                "image_tokens": self.image_tokens}
+
+
+class PixArtBenchSession(PipelineBenchSession):
+    """PixArt-α in PixArtAlphaPipeline: DPM-Solver multistep, 20 steps, classifier-free guidance
+    4.5 in one batch from random prompt and negative caption embeddings, 120 caption tokens, the
+    config's sample size."""
+
+    default_steps, default_guidance_scale, default_text_tokens, guides_in_batch = 20, PIXART_CFG_SCALE, PIXART_TEXT_TOKENS, True
+    scheduler = TEXT_PIPELINE_SCHEDULER
+
+    def default_image_tokens(self) -> int:
+        config = self.model.config
+        return (config.sample_size // config.patch_size) ** 2
+
+    def latent_pixels_per_token(self) -> int:
+        return self.model.config.patch_size
+
+    def prompt_arguments(self, generator: torch.Generator) -> dict:
+        shape = (1, self.text_tokens, self.model.config.caption_channels)
+        prompt, negative = (torch.randn(shape, generator=generator) for _ in range(2))
+        mask = torch.ones(1, self.text_tokens)
+        return dict(prompt=None, negative_prompt=None, prompt_embeds=prompt, prompt_attention_mask=mask,
+                    negative_prompt_embeds=negative, negative_prompt_attention_mask=mask, use_resolution_binning=False)
+
+
+class FluxBenchSession(PipelineBenchSession):
+    """FLUX in FluxPipeline: flow-matching Euler with FLUX.1-dev's resolution-dependent shift, 28
+    steps, guidance 3.5 through the guidance embedding (one batch, no negative prompt), random T5
+    and pooled CLIP embeddings; 256 text tokens (FLUX.1-schnell's prompt length) and 1024 image
+    tokens (512×512 pixels: a 64×64 latent packed in 2×2 patches) keep a CPU run affordable."""
+
+    default_steps, default_guidance_scale, default_text_tokens, guides_in_batch = 28, 3.5, 256, False
+    scheduler = FLOW_MATCHING_SCHEDULER
+
+    def default_image_tokens(self) -> int:
+        return 1024
+
+    def latent_pixels_per_token(self) -> int:
+        return 2  # FluxPipeline packs 2×2 latent pixels into a token
+
+    def prompt_arguments(self, generator: torch.Generator) -> dict:
+        config = self.model.config
+        return dict(prompt=None, prompt_embeds=torch.randn(1, self.text_tokens, config.joint_attention_dim,
+                                                           generator=generator),
+                    pooled_prompt_embeds=torch.randn(1, config.pooled_projection_dim, generator=generator))
+
+
+# diffusers transformer class -> the session that samples it in its pipeline
+PIPELINE_SESSIONS = {"PixArtTransformer2DModel": PixArtBenchSession, "FluxTransformer2DModel": FluxBenchSession}
+
+
+def pipeline_session(model) -> type[PipelineBenchSession]:
+    """The PipelineBenchSession subclass that samples the text-conditioned `model`."""
+    name = type(model).__name__
+    if name not in PIPELINE_SESSIONS:
+        raise GraphcacheError(f"bench samples PixArt-α and FLUX in their pipelines, not a {name}: run its pipeline "
+                              "with graphcache.enable(pipe) by hand")
+    return PIPELINE_SESSIONS[name]
 
 
 def bench(model, methods, *, backend: str = "eager", compile_options: dict | None = None,
-          hoist_conditioning: bool = True, num_steps: int = 50, batch: int = 1, sampler: str | None = None,
+          hoist_conditioning: bool = True, num_steps: int | None = None, batch: int = 1, sampler: str | None = None,
           cfg_scale: float | None = 1.5, guidance: str | None = None, repeats: int = 3, warmup: int = 1,
           seed: int = 0, interleave: bool | None = None, model_name: str = "", progress: bool = False,
-          text_tokens: int | None = None) -> dict:
+          text_tokens: int | None = None, image_tokens: int | None = None) -> dict:
     """Time and score each (method, options) against the uncached model on the same backend.
 
     A class-conditional DiT samples with graphcache's sampler (`sampler`, default ddim; `guidance`,
-    default official). A text-conditioned transformer (PixArt-α) samples in its diffusers pipeline
-    (`PipelineBenchSession`: the pipeline's scheduler and guidance, `text_tokens` random caption
-    tokens, default 120); `sampler`, `guidance` and hoist_conditioning=False do not apply to it.
+    default official; `num_steps`, default 50). A text-conditioned transformer (PixArt-α, FLUX)
+    samples in its diffusers pipeline (`pipeline_session(model)`: the pipeline's scheduler,
+    `cfg_scale` as its guidance scale, `text_tokens` random prompt tokens and `image_tokens` image
+    tokens; None: that session's defaults); `sampler`, `guidance` and hoist_conditioning=False do
+    not apply to it.
 
     `none` runs first (added if missing): every speedup and fidelity figure is relative to it,
     built with the same backend, compile options and `hoist_conditioning`.
@@ -350,7 +428,7 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
     _check_counts(repeats, warmup)
     if interleave is None:
         interleave = backend in ("eager", "compile")
-    from .diffusers_models import PIXART_TEXT_TOKENS, is_text_conditioned
+    from .diffusers_models import is_text_conditioned
 
     if is_text_conditioned(model):
         given = [f"{name}={value!r}" for name, value in (("sampler", sampler), ("guidance", guidance))
@@ -358,14 +436,16 @@ def bench(model, methods, *, backend: str = "eager", compile_options: dict | Non
         if given:
             raise GraphcacheError(f"{type(model).__name__} samples in its diffusers pipeline, with the pipeline's "
                                   f"scheduler and guidance: {', '.join(given)} does not apply")
-        session = PipelineBenchSession(model, backend=backend, compile_options=compile_options, num_steps=num_steps,
-                                       batch=batch, cfg_scale=1.0 if cfg_scale is None else cfg_scale, seed=seed,
-                                       text_tokens=text_tokens or PIXART_TEXT_TOKENS, interleaved=interleave)
+        session = pipeline_session(model)(model, backend=backend, compile_options=compile_options,
+                                          num_steps=num_steps, batch=batch, guidance_scale=cfg_scale, seed=seed,
+                                          text_tokens=text_tokens, image_tokens=image_tokens, interleaved=interleave)
     else:
-        if text_tokens is not None:
-            raise GraphcacheError(f"text_tokens applies to text-conditioned models, not to a {type(model).__name__}")
+        given = [name for name, value in (("text_tokens", text_tokens), ("image_tokens", image_tokens))
+                 if value is not None]
+        if given:
+            raise GraphcacheError(f"{given[0]} applies to text-conditioned models, not to a {type(model).__name__}")
         session = BenchSession(model, backend=backend, compile_options=compile_options,
-                               hoist_conditioning=hoist_conditioning, num_steps=num_steps, batch=batch,
+                               hoist_conditioning=hoist_conditioning, num_steps=num_steps or 50, batch=batch,
                                sampler=sampler or "ddim", cfg_scale=cfg_scale, guidance=guidance or "official",
                                seed=seed, interleaved=interleave)
     methods = list(methods)

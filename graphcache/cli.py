@@ -694,8 +694,9 @@ def _add_model_loading(p) -> None:
     p.add_argument("--num-heads", type=_positive_int, metavar="H",
                    help="attention heads, when they cannot be inferred from the checkpoint")
     p.add_argument("--text-tokens", type=_positive_int, metavar="L",
-                   help="diffusers PixArt-α folders: caption length to capture with (default: 120, PixArt-α's "
-                        "maximum; another length at run time captures again)")
+                   help="text-conditioned diffusers models: prompt length to capture with (default: the released "
+                        "model's, PixArt-α 120, FLUX 512; bench on FLUX: 256; another length at run time captures "
+                        "again)")
 
 
 def _add_backend(p, *, default: str | None = "eager", default_note: str = "eager") -> None:
@@ -923,23 +924,29 @@ def build_parser() -> argparse.ArgumentParser:
                "  graphcache bench DiT-XL-2-256x256.pt --method toca --repeats 2 --steps 50\n"
                "  graphcache bench DiT-XL-2-256x256.pt --method fora,toca --backend compile --compile-mode reduce-overhead\n"
                "  graphcache bench builtin:pixart-xl2-256-random --method none,fora,toca   (PixArt-α: its pipeline, "
-               "DPM-Solver 20 steps, guidance 4.5, one image)\n\n"
-               "A text-conditioned model (a PixArt-α folder or builtin:pixart-xl2-256-random) samples in its diffusers "
-               "pipeline with graphcache.enable: the pipeline's DPM-Solver scheduler and guidance, random prompt and "
-               "negative embeddings of --text-tokens tokens, latents out (the VAE is not run); fidelity is measured "
-               "on the latents.",
+               "DPM-Solver 20 steps, guidance 4.5, one image)\n"
+               "  graphcache bench builtin:flux-dev-4x8-random --method none,fora,toca,taylorseer   (FLUX: its "
+               "pipeline, flow-matching Euler 28 steps, embedded guidance 3.5, one 512x512 image)\n\n"
+               "A text-conditioned model (a PixArt-α or FLUX folder, builtin:pixart-xl2-256-random, "
+               "builtin:flux-dev-4x8-random) samples in its diffusers pipeline with graphcache.enable: the scheduler "
+               "it ships with and the pipeline's guidance, random prompt embeddings of --text-tokens tokens (PixArt-α: "
+               "and negative ones), --image-tokens image tokens, latents out (the VAE is not run); fidelity is "
+               "measured on the latents. DuCa and ClusCa do not run on FLUX's two-stream blocks.",
     )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help=f"checkpoint file, artifact directory, diffusers DiT folder (run as the built-in DiT), "
-                        f"diffusers PixArt-α folder or builtin:NAME (default: {DEFAULT_MODEL})")
+                        f"diffusers PixArt-α or FLUX folder or builtin:NAME (default: {DEFAULT_MODEL})")
     p.add_argument("--method", default="all", metavar="M[,M...]|all", help="methods to compare (default: all)")
     p.add_argument("--set", action="append", type=_key_value, metavar="[METHOD.]KEY=VALUE", default=[],
                    help="a method option for every listed method that has it, or for one method with METHOD.KEY")
     _add_backend(p)
     p.add_argument("--steps", type=_positive_int, metavar="N",
-                   help="sampling steps (default: 50; text-conditioned: 20, as PixArt-α samples)")
+                   help="sampling steps (default: 50; PixArt-α: 20; FLUX: 28, as they sample)")
     p.add_argument("--batch", type=_positive_int, metavar="B",
                    help="images per run (default: 8; text-conditioned: 1)")
+    p.add_argument("--image-tokens", type=_positive_int, metavar="N",
+                   help="text-conditioned models: image tokens of the square image sampled (default: PixArt-α: its "
+                        "config's sample size; FLUX: 1024, 512x512 pixels)")
     p.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed runs, median reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs first (default: 1)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
@@ -950,7 +957,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global torch seed (default: 0)")
     p.add_argument("--sampler", choices=SAMPLERS, help="class-conditional DiTs (default: ddim)")
     p.add_argument("--cfg-scale", type=float, metavar="S",
-                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE}; text-conditioned: {PIXART_CFG_SCALE})")
+                   help=f"guidance scale (default: {_BUILTIN_CFG_SCALE}; PixArt-α: {PIXART_CFG_SCALE}; FLUX: 3.5, "
+                        "embedded)")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, help="class-conditional DiTs (default: official)")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", metavar="DIR", help="write frontier and step x block heatmap PNGs")
@@ -1009,13 +1017,14 @@ def cmd_bench(args) -> int:
     compile_options = _compile_options(args, args.backend)
     model = _bench_model(_load_model(args.model, args), args.model)
     text = is_text_conditioned(model)
+    # a text-conditioned model's session fills in its pipeline's steps and guidance scale
     report = bench.bench(model, methods, backend=args.backend, compile_options=compile_options,
-                         hoist_conditioning=args.hoist_conditioning, num_steps=args.steps or (20 if text else 50),
+                         hoist_conditioning=args.hoist_conditioning, num_steps=args.steps,
                          batch=args.batch or (1 if text else 8), sampler=args.sampler,
-                         cfg_scale=args.cfg_scale if args.cfg_scale is not None else (PIXART_CFG_SCALE if text else _BUILTIN_CFG_SCALE),
+                         cfg_scale=args.cfg_scale if args.cfg_scale is not None or text else _BUILTIN_CFG_SCALE,
                          guidance=args.guidance, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                          interleave=args.interleave, model_name=args.model, progress=not args.quiet,
-                         text_tokens=args.text_tokens)
+                         text_tokens=args.text_tokens, image_tokens=args.image_tokens)
     print(bench.format_table(report))
     print(f"FLOPs: {bench.FLOPS_COUNTING}")
     if args.json:

@@ -122,10 +122,54 @@ def test_bench_text_conditioned_model_samples_in_its_pipeline():
         bench(model, [("fora", {})], num_steps=3, sampler="ddpm")
 
 
-def test_bench_refuses_text_conditioned_models_it_has_no_prompts_for():
+def test_bench_flux_folder_samples_in_its_pipeline(tmp_path, capsys):
+    """A FLUX model folder through `graphcache bench`: FluxPipeline's flow-matching scheduler,
+    embedded guidance 3.5 in a batch of 1 (FLOPs without a CFG batch), the image and text token
+    counts asked for."""
     from diffusers_models import flux_transformer
+
+    from graphcache.cli import main
+    from graphcache.flops import block_flops, model_dims
+    from graphcache.schedule import FULL
+
+    model = flux_transformer()
+    model.save_pretrained(tmp_path / "flux")
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tmp_path / "flux"), "--method", "none,fora", "--steps", "3", "--text-tokens", "5",
+                 "--image-tokens", "16", "--repeats", "1", "--warmup", "0", "--json", str(out), "-q"]) == 0
+    report = json.loads(out.read_text())
+    assert report["sampler"] == "FlowMatchEulerDiscreteScheduler" and report["cfg_scale"] == 3.5
+    assert (report["steps"], report["batch"], report["text_tokens"], report["image_tokens"]) == (3, 1, 5, 16)
+    none, fora = report["results"]
+    for r in report["results"]:
+        assert BENCH_FIELDS <= set(r) and r["seconds"] > 0
+        assert r["realization"] == r["speedup"] / r["flops_speedup"]
+    dims = model_dims(model, text_tokens=5, tokens=16)
+    assert dims["batch"] == 1
+    assert none["flops"] == 3 * sum(block_flops(FULL, block=i, **dims) for i in range(4))  # 2 double + 2 single
+    assert none["flops_speedup"] == 1.0 and none["psnr"] is None
+    assert fora["flops_speedup"] > 1.0 and fora["psnr"] is not None and fora["rel_l2"] > 0
+    assert "realiz." in capsys.readouterr().out
+    assert main(["bench", str(tmp_path / "flux"), "--image-tokens", "15"]) == 2
+    assert "15 image tokens is not a square" in capsys.readouterr().err
+
+
+def test_bench_refuses_text_conditioned_models_it_has_no_session_for():
+    from diffusers_models import sd3_transformer
 
     from graphcache.bench import bench
 
-    with pytest.raises(GraphcacheError, match="bench samples PixArt-α in its pipeline, not a FluxTransformer2DModel"):
-        bench(flux_transformer(), [("fora", {})], num_steps=3, repeats=1, warmup=0)
+    with pytest.raises(GraphcacheError, match="bench samples PixArt-α and FLUX in their pipelines, not a "
+                                              "SD3Transformer2DModel"):
+        bench(sd3_transformer(), [("fora", {})], num_steps=3, repeats=1, warmup=0)
+
+
+def test_builtin_flux_has_flux_dev_widths_at_reduced_depth():
+    """Checked on the config the builder passes (the model itself is 10 GB in fp32)."""
+    from graphcache.models.builtin import BUILTINS, FLUX_DEV_4X8_CONFIG
+
+    assert BUILTINS["flux-dev-4x8-random"].make is not None
+    assert FLUX_DEV_4X8_CONFIG == dict(
+        patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))

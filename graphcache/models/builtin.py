@@ -63,20 +63,40 @@ class BuiltinModel:
         return init_random_(DiT(self.config), seed=self.seed).eval()
 
 
-def _pixart_xl2_256(seed: int) -> nn.Module:
-    """PixArt-α's transformer at 256px (diffusers' PixArtTransformer2DModel: 28 blocks, hidden 1152,
-    16 heads, T5-XXL captions of width 4096), every parameter N(0, 0.02)."""
-    from ..diffusers_models import diffusers_module
+# FLUX.1-dev's transformer widths (diffusers' FluxTransformer2DModel config) at 4 double-stream and
+# 8 single-stream blocks instead of 19 and 38: a model whose blocks, token counts and caching
+# behaviour are FLUX's at a size a CPU benchmark can run
+FLUX_DEV_4X8_CONFIG = dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128,
+                           num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                           guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
-    model = diffusers_module().PixArtTransformer2DModel(
-        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
-        patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
-        use_additional_conditions=False)
+
+def _randomize_(model: nn.Module, seed: int) -> nn.Module:
+    """Every parameter N(0, 0.02): diffusers' own initialisation zeroes the adaLN gates and output
+    projections, which would make every caching method trivially exact."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return model
+
+
+def _pixart_xl2_256(seed: int) -> nn.Module:
+    """PixArt-α's transformer at 256px (diffusers' PixArtTransformer2DModel: 28 blocks, hidden 1152,
+    16 heads, T5-XXL captions of width 4096), every parameter N(0, 0.02)."""
+    from ..diffusers_models import diffusers_module
+
+    return _randomize_(diffusers_module().PixArtTransformer2DModel(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
+        patch_size=2, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        use_additional_conditions=False), seed)
+
+
+def _flux_dev_4x8(seed: int) -> nn.Module:
+    """FLUX_DEV_4X8_CONFIG's FluxTransformer2DModel, every parameter N(0, 0.02)."""
+    from ..diffusers_models import diffusers_module
+
+    return _randomize_(diffusers_module().FluxTransformer2DModel(**FLUX_DEV_4X8_CONFIG), seed)
 
 
 def _register(*models: BuiltinModel) -> dict[str, BuiltinModel]:
@@ -108,6 +128,14 @@ BUILTINS: dict[str, BuiltinModel] = _register(
         "tokens), cross-attention to 4096-wide captions, random N(0, 0.02) weights: for speed benchmarks "
         "(needs graphcache[diffusers])",
         make=_pixart_xl2_256,
+    ),
+    BuiltinModel(
+        "flux-dev-4x8-random",
+        "FLUX.1-dev-shaped at reduced depth (diffusers FluxTransformer2DModel: hidden 3072 = 24 heads x 128, "
+        "4 double-stream + 8 single-stream blocks instead of 19 + 38, 4096-wide T5 and 768-wide pooled text "
+        "embeddings, guidance embedding; 2.6B parameters, 10 GB in fp32), random N(0, 0.02) weights: for speed "
+        "benchmarks, where it samples 1024 image tokens (512x512) and 256 text tokens (needs graphcache[diffusers])",
+        make=_flux_dev_4x8,
     ),
     BuiltinModel(
         "dit-tiny-random",
