@@ -344,7 +344,8 @@ class PixArtBenchSession(PipelineBenchSession):
     4.5 in one batch from random prompt and negative caption embeddings, 120 caption tokens, the
     config's sample size."""
 
-    default_steps, default_guidance_scale, default_text_tokens, guides_in_batch = 20, PIXART_CFG_SCALE, PIXART_TEXT_TOKENS, True
+    default_steps, default_guidance_scale, guides_in_batch = 20, PIXART_CFG_SCALE, True
+    default_text_tokens = PIXART_TEXT_TOKENS
     scheduler = TEXT_PIPELINE_SCHEDULER
 
     def default_image_tokens(self) -> int:
