@@ -21,6 +21,18 @@ def one_intra_op_thread():
 
 
 @pytest.fixture(scope="session")
+def dit_s2_captured():
+    """(DiT-S/2 at a 16x16 latent (64 tokens, 12 blocks), every weight N(0, 0.02); its capture), for
+    the capture and pass tests. The passes rewrite copies (`new_variant`); a test that records
+    other shapes on the graph records the capture's again before it ends."""
+    import graphcache
+    from graphcache.models.dit import DiT, dit_config, init_random_
+
+    model = init_random_(DiT(dit_config("DiT-S/2", input_size=16)))
+    return model, graphcache.capture(model)
+
+
+@pytest.fixture(scope="session")
 def eoc_model():
     """builtin:dit-tiny-random: depth 2, 16 tokens, every weight N(0, 0.02)."""
     from graphcache.models.builtin import resolve_model

@@ -19,7 +19,6 @@ import graphcache
 from graphcache import ir
 from graphcache.capture import export_graph, propagate_shapes
 from graphcache.errors import GraphcacheError
-from graphcache.models.dit import DiT, dit_config, init_random_
 
 B, N, C, HEADS = 2, 8, 32, 4  # generic models: (batch, tokens, channels)
 
@@ -27,12 +26,6 @@ B, N, C, HEADS = 2, 8, 32, 4  # generic models: (batch, tokens, channels)
 # --------------------------------------------------------------------------------------------
 # DiT-S/2
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dit_captured():
-    model = init_random_(DiT(dit_config("DiT-S/2", input_size=16)))
-    return model, graphcache.capture(model)
 
 
 def _unsqueezed_chunk(node: torch.fx.Node) -> tuple[str, int]:
@@ -47,8 +40,8 @@ def _unsqueezed_chunk(node: torch.fx.Node) -> tuple[str, int]:
     return ir.layer_path(chunk.args[0]), item.args[1]
 
 
-def test_dit_structure(dit_captured):
-    model, gm = dit_captured
+def test_dit_structure(dit_s2_captured):
+    model, gm = dit_s2_captured
     s = ir.structure_of(gm)
     nodes = ir.nodes_by_name(gm.graph)
     assert s.depth == 12
@@ -100,8 +93,8 @@ def test_dit_structure(dit_captured):
     assert not any(ir.is_sdpa(nodes[n]) for n in s.blocks[3].branches[1].work)
 
 
-def test_dit_node_tags(dit_captured):
-    _, gm = dit_captured
+def test_dit_node_tags(dit_s2_captured):
+    _, gm = dit_s2_captured
     s = ir.structure_of(gm)
     nodes = ir.nodes_by_name(gm.graph)
 
@@ -124,8 +117,8 @@ def test_dit_node_tags(dit_captured):
     assert all(n.meta[ir.META_KEY] for n in tagged)
 
 
-def test_capture_shares_parameters_and_runs(dit_captured):
-    model, gm = dit_captured
+def test_capture_shares_parameters_and_runs(dit_s2_captured):
+    model, gm = dit_s2_captured
     params = dict(model.named_parameters())
     for name, p in gm.named_parameters():
         assert p is params[name]
@@ -136,11 +129,10 @@ def test_capture_shares_parameters_and_runs(dit_captured):
         assert torch.equal(gm(x, t, y), model(x, t, y))
 
 
-def test_shapes_propagate_again_only_for_new_shapes(dit_captured, monkeypatch):
+def test_shapes_propagate_again_only_for_new_shapes(dit_s2_captured, monkeypatch):
     from torch.fx.passes.shape_prop import ShapeProp
 
-    model = dit_captured[0]
-    gm = graphcache.capture(model)  # its own graph: this test rewrites the recorded shapes
+    gm = dit_s2_captured[1]  # its recorded shapes are the capture's again at the end
     runs = []
     real = ShapeProp.propagate
     monkeypatch.setattr(ShapeProp, "propagate", lambda self, *args: runs.append(args) or real(self, *args))
@@ -157,6 +149,8 @@ def test_shapes_propagate_again_only_for_new_shapes(dit_captured, monkeypatch):
     assert len(runs) == 1
     propagate_shapes(gm, inputs(3, torch.int32))
     assert len(runs) == 2
+    propagate_shapes(gm, inputs(2))
+    assert len(runs) == 3 and tuple(out.meta["tensor_meta"].shape) == (2, 8, 16, 16)
 
 
 # --------------------------------------------------------------------------------------------

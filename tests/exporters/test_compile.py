@@ -57,6 +57,12 @@ def tiny():
     return resolve_model("builtin:dit-tiny-random")
 
 
+@pytest.fixture(scope="module")
+def eager_fora(tiny):
+    """Eager FORA, 4 steps: the reference of the compiled FORA runs (each run starts afresh)."""
+    return graphcache.optimize(tiny, "fora", 4)
+
+
 def fresh_dynamo():
     torch._dynamo.reset()
     counters.clear()
@@ -109,7 +115,7 @@ def test_per_step_inputs_never_recompile(tiny):
     assert is_token_input("gc_tokens_b3") and not is_token_input(coefficient_input(2))
 
 
-def test_new_input_signature_compiles_each_variant_once_more(tiny):
+def test_new_input_signature_compiles_each_variant_once_more(tiny, eager_fora):
     fresh_dynamo()
     counter = CompileCounterWithBackend("aot_eager")
     cached = graphcache.optimize(tiny, "fora", 4, backend="compile", compile_options={"backend": counter})
@@ -117,7 +123,7 @@ def test_new_input_signature_compiles_each_variant_once_more(tiny):
     assert counter.frame_count == len(cached.variants) == 2
     one = run(cached, labels=[3], steps=4)[0]  # batch 2 instead of 4: new buffers, new shapes
     assert counter.frame_count == 2 * len(cached.variants)
-    assert torch.equal(one, run(graphcache.optimize(tiny, "fora", 4), labels=[3], steps=4)[0])
+    assert torch.equal(one, run(eager_fora, labels=[3], steps=4)[0])
 
 
 def test_inductor_end_to_end_matches_eager(tiny):
@@ -171,12 +177,12 @@ def test_compile_options():
         compile_kwargs(compile_options({"mode": "fastest"}))
 
 
-def test_backend_argument(tiny):
+def test_backend_argument(tiny, eager_fora):
     with pytest.raises(GraphcacheError, match="unknown backend"):
         graphcache.optimize(tiny, "fora", 4, backend="tvm")
     with pytest.raises(GraphcacheError, match="compile_options"):
         graphcache.optimize(tiny, "fora", 4, compile_options={"mode": "reduce-overhead"})
-    eager = graphcache.optimize(tiny, "fora", 4)
+    eager = eager_fora
     assert eager.backend == "eager" and set(eager.runners) == set(eager.variants) and eager.compile_options is None
 
 
@@ -185,7 +191,7 @@ def test_backend_argument(tiny):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_artifact_records_and_recreates_the_backend(tiny, tmp_path):
+def test_artifact_records_and_recreates_the_backend(tiny, eager_fora, tmp_path):
     from graphcache.artifact import load_artifact, read_manifest, save_artifact
 
     cached = graphcache.optimize(tiny, "fora", 4, backend="compile", compile_options={"backend": "aot_eager"})
@@ -198,7 +204,7 @@ def test_artifact_records_and_recreates_the_backend(tiny, tmp_path):
     assert loaded.backend == "compile" and loaded.compile_options == m["compile_options"]
     got = run(loaded, steps=4)
     assert counters["stats"]["unique_graphs"] == len(loaded.variants)
-    want = run(graphcache.optimize(tiny, "fora", 4), steps=4)
+    want = run(eager_fora, steps=4)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     eager = load_artifact(out, backend="eager")  # the backend can be overridden
     assert eager.backend == "eager" and eager.compile_options is None

@@ -81,18 +81,27 @@ def test_manifest(saved, onnx_toca):
 def test_loaded_artifact_runs_without_the_model(saved, onnx_toca, tiny):
     loaded = graphcache.load(saved)
     assert isinstance(loaded, ExportedModel) and not hasattr(loaded, "model")
+    eager_toca = graphcache.optimize(tiny, "toca", STEPS, score="random")
     for labels in ([1, 2], [3], [4, 5, 6]):  # batch 4 (the export's example), 2 and 6
         got = run(loaded, labels=labels, steps=STEPS)
         want = run(onnx_toca, labels=labels, steps=STEPS)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
-        eager = run(graphcache.optimize(tiny, "toca", STEPS, score="random"), labels=labels, steps=STEPS)
+        eager = run(eager_toca, labels=labels, steps=STEPS)
         assert max_rel(got[1], eager[1]) < 1e-4
 
 
-def test_cli_optimize_and_sample(tmp_path):
-    out = tmp_path / "fora"
+@pytest.fixture(scope="module")
+def aoti_fora(tmp_path_factory):
+    """`graphcache optimize --backend aoti` of FORA, 4 steps (2 variants): one AOTInductor build
+    for the CLI test and the weights test."""
+    out = tmp_path_factory.mktemp("aoti") / "fora"
     assert main(["optimize", "builtin:dit-tiny-random", "--method", "fora", "--steps", "4", "--backend", "aoti",
                  "-o", str(out)]) == 0
+    return out
+
+
+def test_cli_optimize_and_sample(aoti_fora, tmp_path):
+    out = aoti_fora
     assert {p.name for p in out.iterdir()} == {MANIFEST, "v0.pt2", "v1.pt2", WEIGHTS_FILE}
     assert main(["sample", str(out), "--labels", "1,2", "--seed", "3", "--quiet", "-o", str(tmp_path / "a.pt")]) == 0
     assert main(["sample", "builtin:dit-tiny-random", "--method", "fora", "--steps", "4", "--labels", "1,2",
@@ -101,16 +110,16 @@ def test_cli_optimize_and_sample(tmp_path):
     assert max_rel(a, b) < 1e-4
 
 
-def test_aoti_weights_stored_once_and_used_in_place(tmp_path, tiny):
+def test_aoti_weights_stored_once_and_used_in_place(aoti_fora, tmp_path, tiny):
     from safetensors.torch import load_file
 
-    cached = graphcache.optimize(tiny, "fora", 4, backend="aoti")
-    assert len(cached.runners) == 2
-    out = save_artifact(cached, tmp_path / "fora", model_spec="builtin:dit-tiny-random")
+    out = tmp_path / "fora"
+    shutil.copytree(aoti_fora, out)  # its weights file is removed below
     weights, state = load_file(out / WEIGHTS_FILE), tiny.state_dict()
     assert weights and set(weights) <= set(state)  # the model's own names, each stored once
     assert all(torch.equal(w, state[name]) for name, w in weights.items())
     loaded = graphcache.load(out)
+    assert len(loaded.runners_by_variant) == 2
     _, before, _ = run(loaded, labels=[1, 2], steps=4)
     loaded.weights["final_layer.linear.bias"].add_(1.0)  # one tensor: both packages read it
     _, after, _ = run(loaded, labels=[1, 2], steps=4)

@@ -227,12 +227,12 @@ def tiny_dit(seed=0):
     return init_random_(DiT(cfg), std=0.1, seed=seed).eval()
 
 
-def random_xl(input_size=8, seed=1):
+def random_xl(input_size=8, num_classes=10, seed=1):
     """A DiT-XL/2-shaped model, every weight random with std 0.02 like `init_random_`, but drawn
     uniformly (U(-0.02·√3, 0.02·√3)) and in place: 675M normal draws would be most of this test's
-    time. The fixed sin-cos positional embedding is kept."""
+    time (and of test_toca.py's DiT-XL/2 test). The fixed sin-cos positional embedding is kept."""
     with torch.device("meta"):
-        dit = DiT(dit_config("DiT-XL/2", input_size=input_size, num_classes=10))
+        dit = DiT(dit_config("DiT-XL/2", input_size=input_size, num_classes=num_classes))
     dit = dit.to_empty(device="cpu").eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

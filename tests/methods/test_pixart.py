@@ -104,8 +104,16 @@ def test_plans_match_reference(N, S, duca):
         assert set(kinds_string(schedule.steps)) <= set("FTA")
 
 
-def test_profile_follows_the_captured_structure():
-    pixart = ir.structure_of(graphcache.capture(pixart_transformer(), kwargs=pixart_inputs()))
+@pytest.fixture(scope="module")
+def pixart_captured():
+    """(transformer, its capture on `pixart_inputs()`, the call spec): the tests rewrite copies of
+    the graph (`new_variant`)."""
+    transformer = pixart_transformer()
+    return (transformer, *capture_call(transformer, (), pixart_inputs()))
+
+
+def test_profile_follows_the_captured_structure(pixart_captured):
+    pixart = ir.structure_of(pixart_captured[1])
     dit = ir.structure_of(graphcache.capture(dit_transformer(), kwargs=dit_inputs()))
     for method, ratio in (("toca", 0.30), ("duca", 0.75)):
         options = get_method(method).schedule(4, DEPTH, {}, 16, pixart).options
@@ -202,10 +210,9 @@ def _record_scatter(full, idx, fresh):
     return full.scatter(1, idx[..., None].expand(-1, -1, full.shape[-1]), fresh)
 
 
-def test_cross_attention_on_selected_tokens_equals_full_rows():
-    transformer = pixart_transformer()
+def test_cross_attention_on_selected_tokens_equals_full_rows(pixart_captured):
+    transformer, captured, spec = pixart_captured
     inputs = pixart_inputs()
-    captured, spec = capture_call(transformer, (), inputs)
     gm = new_variant(captured, CacheState())
     select = InsertTokenSelectPass([0], FixedSelector(), RecordFresh(), kind=ir.CROSS_ATTENTION)
     assert select(gm).modified and not select.declined
@@ -239,8 +246,7 @@ def test_cross_attention_entropy_score_matches_explicit_maps():
 
 
 # ---------------------------------------------------------------- declines
-def _captured_cross_attention():
-    captured, _ = capture_call(pixart_transformer(), (), pixart_inputs())
+def _cross_attention_variant(captured):
     gm = new_variant(captured, CacheState())
     branch = ir.structure_of(gm).branch(0, ir.CROSS_ATTENTION)
     nodes = ir.nodes_by_name(gm.graph)
@@ -248,8 +254,8 @@ def _captured_cross_attention():
     return gm, branch, nodes, sdpa
 
 
-def test_cross_attention_with_image_keys_is_declined():
-    gm, branch, _, sdpa = _captured_cross_attention()
+def test_cross_attention_with_image_keys_is_declined(pixart_captured):
+    gm, branch, _, sdpa = _cross_attention_variant(pixart_captured[1])
     assert token_locality_problem(gm, branch) is None  # control: the text keys keep it local
     q = sdpa.args[0]
     sdpa.args = (q, q, *sdpa.args[2:])  # keys from the image stream: self-attention in disguise
@@ -259,14 +265,12 @@ def test_cross_attention_with_image_keys_is_declined():
     assert not select(gm).modified and [d.target for d in select.declined] == [branch.name]
 
 
-def test_baked_token_count_becomes_the_selected_count():
+def test_baked_token_count_becomes_the_selected_count(pixart_captured):
     """A static capture bakes the token count into a view: the copy on the selected tokens takes
     their count instead, and still computes the full rows."""
-    transformer, inputs = pixart_transformer(), pixart_inputs()
-    captured, spec = capture_call(transformer, (), inputs)
-    gm = new_variant(captured, CacheState())
-    branch = ir.structure_of(gm).branch(0, ir.CROSS_ATTENTION)
-    nodes = ir.nodes_by_name(gm.graph)
+    transformer, captured, spec = pixart_captured
+    inputs = pixart_inputs()
+    gm, branch, nodes, _ = _cross_attention_variant(captured)
     view = next(nodes[n] for n in branch.work if nodes[n].target == torch.ops.aten.view.default)
     batch, _, heads, width = view.args[1]
     view.args = (view.args[0], [batch, 16, heads, width])  # what a static-shape capture would hold

@@ -15,7 +15,9 @@ Models: the real DiT-S/2 shape (hidden 384, depth 12, 6 heads, 32x32 latent -> 2
 16x16 grid, so the ToCa-ddim50 token counts and the 2x2 bonus cells are the real ones), the same
 geometry at width 96 ("narrow", for the option sweep: identical token counts and grid, ~15x
 cheaper), and one short DiT-XL/2 run (hidden 1152, depth 28, 16 heads) at a 16x16 latent (64
-tokens), DDIM-10: at a 32x32 latent an XL forward is too slow for a CPU test run.
+tokens), DDIM-10: at a 32x32 latent an XL forward is too slow for a CPU test run. Its weights are
+drawn uniformly with the same std (test_clusca.random_xl): 675M normal draws were a large part of
+its time.
 
 Threads: the module runs torch single-threaded (restored afterwards). On the shared 2-core
 machine intra-op threads oversubscribe, and for ops this small the hand-off between threads costs
@@ -29,19 +31,19 @@ import re
 import sys
 
 import pytest
-import torch
 
 import graphcache
 from graphcache import ir
 from graphcache.cache import CacheState
 from graphcache.methods import get_method
-from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_, sincos_pos_embed_2d
+from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
 from graphcache.passes.token_score import ScatterIntoCacheMerger, ToCaSelector
 from graphcache.passes.token_select import InsertTokenSelectPass, token_locality_problem
 from graphcache.runtime import new_variant
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_clusca import random_xl  # noqa: E402
 from toca_reference import (  # noqa: E402
     OUT_TOL,
     ReferenceToCa,
@@ -103,13 +105,7 @@ def test_dit_xl_shape_short_run():
     """DiT-XL/2 shape (depth 28: the official layer factor divides by 27 literally). Deliberately
     not marked slow: it runs in CI (DDIM-10 at a 16x16 latent keeps it short, see the module
     docstring)."""
-    cfg = dit_config("DiT-XL/2", input_size=16)
-    with torch.device("meta"):  # skip the constructor's default init: slow at this size, and overwritten
-        dit = DiT(cfg)
-    dit = dit.to_empty(device="cpu")
-    grid = cfg.input_size // cfg.patch_size
-    dit.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(cfg.hidden_size, grid)).float().unsqueeze(0))
-    init_random_(dit, seed=0).eval()
+    dit = random_xl(input_size=16, num_classes=1000, seed=0)
     cached, metrics = compare_with_reference(dit, "toca", 10, "ddim", {**DDIM50, "score": "attention"},
                                              layer_divisor=27)
     assert set(metrics["kinds"]) >= {"F", "T", "M"}

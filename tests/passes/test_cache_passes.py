@@ -14,7 +14,7 @@ import torch.fx as fx
 import graphcache
 from graphcache import ir
 from graphcache.cache import CACHE_ATTR, CacheSlot, CacheState, declare_slot, read_slot, update_slot, write_slot
-from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
+from graphcache.models.dit import DiT, DiTConfig, init_random_
 from graphcache.ops import CACHE_SCATTER, CACHE_WRITE, gather_tokens, is_cache_write, scatter_tokens
 from graphcache.passes.base import Pass, PassResult
 from graphcache.passes.cache_passes import (
@@ -97,9 +97,8 @@ def test_insert_cache_write_counts(captured):
     assert not cache_reads(gm)
 
 
-def test_insert_cache_write_dit_s2():
-    m = init_random_(DiT(dit_config("DiT-S/2", input_size=16)))
-    gm, records = build(graphcache.capture(m), [InsertCacheWritePass()])
+def test_insert_cache_write_dit_s2(dit_s2_captured):
+    gm, records = build(dit_s2_captured[1], [InsertCacheWritePass()])
     assert records[0].counters["cache_write"] == 24 and len(cache_writes(gm)) == 24
 
 

@@ -37,7 +37,7 @@ from graphcache.passes.taylor import evaluate_taylor
 from graphcache.schedule import is_token_input
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "exporters"))
-from run_helpers import CASES, case_id, run, variants_of  # noqa: E402
+from run_helpers import CASES, case_id, run  # noqa: E402
 
 STEPS = 10
 
@@ -49,6 +49,21 @@ def optimize(model, method, steps, **options):
 @pytest.fixture(scope="module")
 def tiny():
     return resolve_model("builtin:dit-tiny-random")
+
+
+@pytest.fixture(scope="module")
+def built(tiny):
+    """`built(method, **options)`: `optimize(tiny, method, STEPS, **options)`, made once for the
+    structural tests (they functionalize copies of its variants and never run it)."""
+    models = {}
+
+    def get(method, **options):
+        key = (method, tuple(sorted(options.items())))
+        if key not in models:
+            models[key] = optimize(tiny, method, STEPS, **options)
+        return models[key]
+
+    return get
 
 
 def variant(cached, kinds):
@@ -67,8 +82,8 @@ def calls(gm, targets):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
 
 
-def test_fora_full_and_reuse_variants(tiny):
-    cached = optimize(tiny, "fora", STEPS)
+def test_fora_full_and_reuse_variants(built):
+    cached = built("fora")
     slots = ["b0_attention", "b0_mlp", "b1_attention", "b1_mlp"]
     full, sig = functionalize(variant(cached, ("full", "full")))
     assert sig.inputs == ["x", "t", "y"]  # a full step reads nothing
@@ -81,8 +96,8 @@ def test_fora_full_and_reuse_variants(tiny):
         assert all(n.op != "get_attr" or not n.target.startswith("graphcache_cache") for n in gm.graph.nodes)
 
 
-def test_counters(tiny):
-    cached = optimize(tiny, "toca", STEPS, score="random")
+def test_counters(built):
+    cached = built("toca", score="random")
     copy = graph_copy(variant(cached, ("partial", "partial")))
     functional = FunctionalizeCachePass()
     hoist = HoistRandomPass()
@@ -96,8 +111,8 @@ def test_counters(tiny):
     assert sig.prologue_inputs == ["cache__b0_staleness", "cache__b1_staleness"]  # shapes come from them
 
 
-def test_token_counts_become_shapes(tiny):
-    cached = optimize(tiny, "toca", STEPS)
+def test_token_counts_become_shapes(built):
+    cached = built("toca")
     gm, sig = functionalize(variant(cached, ("partial", "partial")))
     tokens = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target.startswith("gc_tokens")]
     assert [n.target for n in tokens] == ["gc_tokens_b0", "gc_tokens_b1"]
@@ -106,8 +121,8 @@ def test_token_counts_become_shapes(tiny):
         assert user.target is torch.ops.aten.sym_size.int and user.args == (node, 0)
 
 
-def test_kmeans_moves_to_the_epilogue(tiny):
-    cached = optimize(tiny, "clusca", STEPS)
+def test_kmeans_moves_to_the_epilogue(built):
+    cached = built("clusca")
     first = cached.variants[cached.schedule[0].variant]  # the first full step: random K-means start
     gm, sig = functionalize(first)
     assert not calls(gm, {KMEANS}) and len(calls(sig.epilogue, {KMEANS})) == 1
@@ -117,10 +132,10 @@ def test_kmeans_moves_to_the_epilogue(tiny):
     assert sig.prologue_outputs == ["random__0"]  # the randint of the K-means start
 
 
-def test_draws_take_their_shape_from_the_cache_not_the_step(tiny):
+def test_draws_take_their_shape_from_the_cache_not_the_step(built):
     """The prologue only draws: its inputs are the labels slot whose shape it reads, and it calls
     nothing but the draws (sizes of the stream would drag the step's computation into it)."""
-    cached = optimize(tiny, "clusca", STEPS)
+    cached = built("clusca")
     for index in (0, 2):  # the first full step (K-means start), a ClusCa step (one draw per block)
         gm, sig = functionalize(cached.variants[cached.schedule[index].variant])
         assert sig.prologue_inputs == ["cache__cluster_labels"]
@@ -142,8 +157,8 @@ def test_host_op_feeding_the_output_is_declined():
     assert not result.modified and split.declined and "model's output" in split.declined[0].reason
 
 
-def test_passes_run_in_order(tiny):
-    cached = optimize(tiny, "fora", STEPS)
+def test_passes_run_in_order(built):
+    cached = built("fora")
     with pytest.raises(PassPipelineError, match="FunctionalizeCachePass first"):
         PassManager([HoistRandomPass()])(graph_copy(variant(cached, ("full", "full"))))
 
@@ -162,14 +177,16 @@ def with_scalar_tensors(cached):
 
 @pytest.mark.parametrize("name,options", CASES, ids=[case_id(c) for c in CASES])
 def test_functional_graphs_run_bitwise_like_the_variants(tiny, name, options):
-    reference = with_scalar_tensors(variants_of(tiny, name, STEPS, hoist_conditioning=False, **options))
-    want = run(reference, steps=STEPS)
+    # one model for both runs: the functional graphs first, on the fresh model; then its variants
+    # as they are (`run_helpers.variants_of`), from the cache the first run left (reset by the run)
     cached = optimize(tiny, name, STEPS, **options)
     cached.runners = {}
     for key, gm in cached.variants.items():
         main, sig = functionalize(gm)
         cached.runners[key] = FunctionalRunner(sig, main, cached.cache, cached.structure.input_names)
     got = run(cached, steps=STEPS)
+    cached.runners = {}
+    want = run(with_scalar_tensors(cached), steps=STEPS)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 
@@ -178,11 +195,11 @@ def test_functional_graphs_run_bitwise_like_the_variants(tiny, name, options):
     ("toca", CACHE_SCATTER, scatter_tokens, "mlp", {torch.ops.aten.mul.Tensor}),  # the gated residual
     ("clusca", CACHE_PROPAGATE, propagate_to_clusters, "mlp_taylor0", {evaluate_taylor}),  # the forecast
 ])
-def test_slots_follow_graph_order(tiny, method, update, functional, slot, consumer):
+def test_slots_follow_graph_order(built, method, update, functional, slot, consumer):
     """A partial step updates each MLP slot in place (ToCa: scatters the fresh tokens; ClusCa:
     scatters and propagates them into the order-0 factor) and then reads the slot: functional, the
     update is out of place and that read is its result (not the input)."""
-    cached = optimize(tiny, method, STEPS)
+    cached = built(method)
     eager = next(gm for gm in cached.variants.values() if len(calls(gm, {update})) == 2)  # both blocks
     assert not calls(eager, {functional})
     gm, sig = functionalize(eager)

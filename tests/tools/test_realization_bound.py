@@ -17,14 +17,14 @@ def test_bounds_count_full_steps_whole_and_cached_blocks_by_their_work(tmp_path,
     rows = {r["method"]: r for r in report["results"]}
     assert rows["none"]["seconds"] == STEPS * full and rows["none"]["realization_bound"] == 1.0
     model = resolve_model("builtin:dit-tiny-random")
-    for name in ("fora", "duca"):
-        schedule = graphcache.optimize(model, name, STEPS).schedule
+    schedules = {name: graphcache.optimize(model, name, STEPS).schedule for name in ("fora", "duca")}
+    for name, schedule in schedules.items():
         full_steps = sum(all(k == "full" for k in p.kinds) for p in schedule.steps)
         assert 0 < full_steps < STEPS
         r = rows[name]
         assert full_steps * full - 1e-12 <= r["seconds"] < STEPS * full
         assert r["realization_bound"] == r["speedup"] / r["flops_speedup"]
-    fora = graphcache.optimize(model, "fora", STEPS).schedule
+    fora = schedules["fora"]
     assert all(set(p.kinds) in ({"full"}, {"reuse"}) for p in fora.steps)
     # a reused block's only unavoidable work, its gates, is precomputed with the run's modulation
     assert abs(rows["fora"]["seconds"] - full_steps_of(fora) * full) < 1e-9
