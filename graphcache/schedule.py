@@ -93,20 +93,25 @@ class Schedule:
 CROSS_SUFFIX = "_cross_attention"
 TEXT_SUFFIX = "_text"
 PARALLEL_SUFFIX = "_parallel"
-_SUFFIXES = {("mlp", "image"): "", ("mlp", "joint"): "", ("cross_attention", "image"): CROSS_SUFFIX,
-             ("mlp", "text"): TEXT_SUFFIX, ("parallel", "joint"): PARALLEL_SUFFIX}
+# the suffixes of counts whose branch computes an attention on the selected tokens' queries
+_ATTENTION_SUFFIXES = ("_attention", PARALLEL_SUFFIX)
 
 
 def tokens_input(block: int, cross_attention: bool = False, kind: str = "mlp", stream: str = "image") -> str:
-    """Name of the graph input that carries a partial block's fresh-token count: of its MLP, of
-    its cross-attention, of a two-stream block's text MLP, or of a single-stream block's parallel
-    attention-and-MLP branch (kind and stream as in graphcache.ir)."""
+    """Name of the graph input that carries a partial block's fresh-token count for one branch:
+    gc_tokens_b3 (its MLP), gc_tokens_b3_cross_attention, gc_tokens_b3_text (a two-stream block's
+    text MLP), gc_tokens_b3_parallel (a single-stream block's attention-and-MLP branch), … (kind
+    and stream as in graphcache.ir)."""
     if cross_attention:
         kind = "cross_attention"
-    try:
-        return f"gc_tokens_b{block}" + _SUFFIXES[kind, stream]
-    except KeyError:
-        raise ValueError(f"no token count for the {stream} stream's {kind} branch") from None
+    return (f"gc_tokens_b{block}" + (TEXT_SUFFIX if stream == "text" else "")
+            + ("" if kind == "mlp" else f"_{kind}"))
+
+
+def token_input_stream(name: str) -> str:
+    """The stream a token-count input selects from: "text", "joint" or "image"."""
+    rest = name.removeprefix("gc_tokens_b").lstrip("0123456789")
+    return "text" if rest.startswith(TEXT_SUFFIX) else "joint" if rest == PARALLEL_SUFFIX else "image"
 
 
 # torch.compile and torch.export cannot decide attention's shape rules for a query count that may
@@ -118,7 +123,7 @@ MIN_ATTENTION_TOKENS = 2
 
 def compiled_token_count(name: str, k: int) -> int:
     """The token count a compiled or exported variant takes for the per-step token input `name`."""
-    return max(k, MIN_ATTENTION_TOKENS) if name.endswith((CROSS_SUFFIX, PARALLEL_SUFFIX)) else k
+    return max(k, MIN_ATTENTION_TOKENS) if name.endswith(_ATTENTION_SUFFIXES) else k
 
 
 def correction_input(branch: str) -> str:
@@ -134,10 +139,9 @@ def is_correction_input(name: str) -> bool:
 
 def is_token_input(name: str) -> bool:
     """Whether the per-step input `name` is a partial block's fresh-token count."""
-    rest = name.removeprefix(tokens_input(0).removesuffix("0"))
-    for suffix in (CROSS_SUFFIX, TEXT_SUFFIX, PARALLEL_SUFFIX):
-        rest = rest.removesuffix(suffix)
-    return rest != name and rest.isdigit()
+    rest = name.removeprefix("gc_tokens_b")
+    digits = rest.lstrip("0123456789")
+    return rest != name and digits != rest and (digits == "" or digits.startswith("_"))
 
 
 def step_inputs(plan: StepPlan) -> dict:

@@ -34,12 +34,10 @@ import torch
 import torch.fx.experimental._config  # noqa: F401 (backed_size_oblivious)
 from torch.export import Dim
 
-from .. import ir
 from ..capture import propagate_shapes, with_batch
 from ..errors import GraphcacheError
 from ..passes.functionalize import CACHE_PREFIX, Signature, functionalize
-from ..schedule import (PARALLEL_SUFFIX, TEXT_SUFFIX, compiled_token_count, is_correction_input, is_token_input,
-                        step_inputs)
+from ..schedule import compiled_token_count, is_correction_input, is_token_input, step_inputs, token_input_stream
 from .base import Runners
 from .functional import FunctionalRunner, ScalarTensors, step_tensor
 
@@ -83,15 +81,13 @@ class ExportedVariant:
 
 
 def token_limits(structure) -> dict[str, int]:
-    """The token count of the stream each kind of token-count input selects from, by the input
-    name's suffix: a text MLP's from the text stream, a single-stream block's from the joint one."""
-    tokens = {st.name: st.num_tokens for st in structure.streams}
-    return {TEXT_SUFFIX: tokens.get(ir.TEXT, 0), PARALLEL_SUFFIX: tokens.get(ir.JOINT, 0),
-            "": structure.num_tokens}
+    """The token count of each stream, which bounds the counts of the token-count inputs that
+    select from it (`schedule.token_input_stream`)."""
+    return {st.name: st.num_tokens for st in structure.streams}
 
 
 def _limit(limits: dict[str, int], name: str) -> int:
-    return next(n for suffix, n in limits.items() if name.endswith(suffix))
+    return limits[token_input_stream(name)]
 
 
 def _dynamic_shapes(names, values, limits: dict[str, int], unbatched: set[str]) -> dict:

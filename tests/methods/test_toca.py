@@ -27,19 +27,13 @@ more than the second thread saves.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import pytest
 
 import graphcache
-from graphcache import ir
-from graphcache.cache import CacheState
 from graphcache.methods import get_method
 from graphcache.models.dit import DiT, DiTConfig, dit_config, init_random_
-from graphcache.passes.token_score import ScatterIntoCacheMerger, ToCaSelector
-from graphcache.passes.token_select import InsertTokenSelectPass, token_locality_problem
-from graphcache.runtime import new_variant
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -146,26 +140,6 @@ def test_structure(narrow, score):
         cached = graphcache.optimize(narrow, "toca", num_steps=50, **{**DDIM50, "score": score})
     seen = check_token_wise_structure(cached, score)
     assert {"F", "T", "M"} <= seen
-
-
-def test_token_select_declines_attention_branch():
-    dit = init_random_(DiT(DiTConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=10))).eval()
-    captured = graphcache.capture(dit)
-    gm = new_variant(captured, CacheState())
-    structure = ir.structure_of(gm)
-    assert token_locality_problem(gm, structure.branch(0, ir.MLP)) is None  # control: the MLP is token-local
-    before = str(gm.graph)
-    select = InsertTokenSelectPass([0, 1], ToCaSelector("attention", 3, 0.25, 0.6), ScatterIntoCacheMerger(),
-                                   kind=ir.ATTENTION)
-    result = select(gm)
-    assert not result.modified and select.counters["token_select"] == 0
-    assert str(gm.graph) == before
-    nodes = ir.nodes_by_name(gm.graph)
-    assert [d.target for d in select.declined] == [structure.branch(b, ir.ATTENTION).name for b in (0, 1)]
-    for b, declined in enumerate(select.declined):
-        named = re.match(r"node (\S+) ", declined.reason)
-        assert named and named.group(1) in nodes, declined.reason
-        assert named.group(1) in structure.branch(b, ir.ATTENTION).work
 
 
 # --------------------------------------------------------------------------------------------

@@ -354,6 +354,21 @@ class FullMerger(TokenMerger):
         return ctx.gm.graph.call_function(merge_into_full, (ctx.branch_out, idx, fresh))
 
 
+def test_attention_on_selected_queries_is_exact(model, captured):
+    """DiT's self-attention (one fused qkv projection) on selected queries: the projection runs on
+    all tokens for the keys and values and on the selected ones for the queries, and the rows it
+    computes are the full attention's."""
+    gm = new_variant(captured, CacheState())
+    select = InsertTokenSelectPass(range(DEPTH), SpreadSelector(), FullMerger(), kind=ir.ATTENTION)
+    select(gm)
+    assert select.counters == {"token_select": DEPTH} and not select.declined
+    assert len(layer_calls(gm, "blocks.0.attn.qkv")) == 2  # all tokens (keys, values) and the selected
+    gm.recompile()
+    x, t, y = inputs(4)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, t, y, gc_tokens_b0_attention=5, gc_tokens_b1_attention=3), model(x, t, y), rtol=1e-5, atol=1e-6)
+
+
 def test_selection_on_two_streams_is_exact_and_stays_in_its_stream():
     import diffusers_models as dm
 
