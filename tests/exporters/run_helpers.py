@@ -80,3 +80,16 @@ def run(cached, labels=LABELS, steps=10):
 
 def max_rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def run_saved_without_prior(cached, directory, prior, steps):
+    """Save `cached` as an artifact in `directory`, then load and run it with the EOC prior file
+    moved away: the artifact carries the per-step factors. Returns `run`'s result."""
+    from graphcache.artifact import load_artifact, save_artifact
+
+    save_artifact(cached, directory / "art", model_spec="dit-s")
+    prior.rename(directory / "elsewhere")
+    try:
+        return run(load_artifact(directory / "art"), steps=steps)
+    finally:
+        (directory / "elsewhere").rename(prior)

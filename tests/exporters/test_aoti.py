@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import graphcache
-from graphcache.artifact import load_artifact, save_artifact
 from graphcache.methods import METHODS
 from graphcache.schedule import is_correction_input
-from run_helpers import eoc_options, max_rel, run, tolerance
+from run_helpers import eoc_options, max_rel, run, run_saved_without_prior, tolerance
 
 STEPS = 4
 
@@ -39,11 +38,5 @@ def test_aoti_matches_eager(dit_s, dit_s_prior, eager_run, name, tmp_path):
     assert rel < tol, f"per-step outputs differ by {rel:.2e} of their scale"
     assert max_rel(got_latents, latents) < tol
     if options:  # the artifact carries the factors: it runs without the prior
-        save_artifact(cached, tmp_path / "art", model_spec="dit-s")
-        prior = dit_s_prior(STEPS)
-        prior.rename(tmp_path / "elsewhere")
-        try:
-            loaded = run(load_artifact(tmp_path / "art"), steps=STEPS)
-        finally:
-            (tmp_path / "elsewhere").rename(prior)
+        loaded = run_saved_without_prior(cached, tmp_path, dit_s_prior(STEPS), STEPS)
         assert max(max_rel(g, w) for g, w in zip(loaded[1], outputs)) < tol

@@ -25,9 +25,8 @@ import pytest
 import torch
 
 import graphcache
-from graphcache.artifact import load_artifact, save_artifact
 from graphcache.schedule import is_correction_input
-from run_helpers import CASES, TOL, case_id, eoc_options, max_rel, run, tolerance
+from run_helpers import CASES, TOL, case_id, eoc_options, max_rel, run, run_saved_without_prior, tolerance
 
 STEPS = 5
 
@@ -88,12 +87,6 @@ def test_onnx_artifact_carries_eoc_factors(eager_run, onnx_cached, dit_s_prior, 
     """The artifact stores the per-step factors (step_inputs.safetensors) and runs without the prior."""
     eoc = eoc_options("fora", dit_s_prior, STEPS)
     cached = onnx_cached("fora", {}, eoc)
-    save_artifact(cached, tmp_path / "art", model_spec="dit-s")
-    prior = dit_s_prior(STEPS)
-    prior.rename(tmp_path / "elsewhere")
-    try:
-        got = run(load_artifact(tmp_path / "art"), steps=STEPS)
-    finally:
-        (tmp_path / "elsewhere").rename(prior)
+    got = run_saved_without_prior(cached, tmp_path, dit_s_prior(STEPS), STEPS)
     _, outputs, _ = eager_run("fora", STEPS, eoc)
     assert max(max_rel(g, w) for g, w in zip(got[1], outputs)) < TOL
