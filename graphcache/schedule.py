@@ -123,7 +123,7 @@ MIN_ATTENTION_TOKENS = 2
 
 def compiled_token_count(name: str, k: int) -> int:
     """The token count a compiled or exported variant takes for the per-step token input `name`."""
-    return max(k, MIN_ATTENTION_TOKENS) if name.endswith(_ATTENTION_SUFFIXES) else k
+    return max(k, MIN_ATTENTION_TOKENS) if is_token_input(name) and name.endswith(_ATTENTION_SUFFIXES) else k
 
 
 def correction_input(branch: str) -> str:

@@ -43,7 +43,7 @@ from torch._dynamo.utils import counters
 import graphcache
 from graphcache.errors import GraphcacheError
 from graphcache.exporters.compile import compile_kwargs, compile_options
-from graphcache.schedule import FORECAST, is_token_input
+from graphcache.schedule import FORECAST, compiled_token_count, correction_input, is_token_input, tokens_input
 from graphcache.methods import METHODS
 from graphcache.models.builtin import resolve_model
 from graphcache.passes.taylor import coefficient_input
@@ -113,6 +113,9 @@ def test_per_step_inputs_never_recompile(tiny):
     coefficients = {p.inputs[coefficient_input(2)] for p in taylor.schedule.steps if p.kinds[0] == FORECAST}
     assert len(coefficients) >= 3 and 0 in coefficients
     assert is_token_input("gc_tokens_b3") and not is_token_input(coefficient_input(2))
+    # only token counts of attention queries are raised to 2: not an EOC factor of an attention branch
+    assert compiled_token_count(tokens_input(3, kind="attention"), 0) == 2
+    assert compiled_token_count(correction_input("b3_attention"), 0) == 0
 
 
 def test_new_input_signature_compiles_each_variant_once_more(tiny, eager_fora):
