@@ -232,6 +232,11 @@ PASS_ON_TARGETS = {aten.clone.default, aten.contiguous.default, aten.alias.defau
                    aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
 
 
+def slice_args(node: fx.Node) -> tuple:
+    """(source, dim, start, end, step) of an aten.slice node, None where the call left a default."""
+    return (*node.args, *(None,) * (5 - len(node.args)))
+
+
 def passes_on(node) -> bool:
     """Whether `node` is its first argument passed on unchanged: a PASS_ON_TARGETS op, or a slice
     over a dimension's whole extent."""
@@ -239,7 +244,7 @@ def passes_on(node) -> bool:
         return True
     if not is_call(node, SLICE_TARGETS):
         return False
-    source, dim, start, end, step = (*node.args, *(None,) * (5 - len(node.args)))
+    source, dim, start, end, step = slice_args(node)
     shape = tensor_shape(source)
     return (shape is not None and not start and step in (None, 1)
             and (end is None or (isinstance(end, int) and end >= shape[(dim or 0) % len(shape)])))

@@ -36,7 +36,7 @@ from ..passes.token_select import InsertTokenSelectPass
 from . import taylorseer
 from ..schedule import FORECAST, FULL, PARTIAL
 from .base import EOC_OPTIONS, Method, Option
-from .rules import FLUX_DEV, FLUX_FIRST_FULL, StreamLayout
+from .rules import FLUX_FIRST_FULL, stream_layout
 
 
 def detect_profile(structure) -> str:
@@ -49,7 +49,7 @@ def plan(num_steps, depth, num_tokens, options, structure=None):
     if options["profile"] != "flux":
         return taylorseer.taylor_plans(num_steps, depth, options["interval"], options["order"],
                                        partial_tokens=fresh, clustering=k > 0)
-    layout = StreamLayout.of(structure) if structure is not None else FLUX_DEV
+    layout = stream_layout(structure)
     plans = taylorseer.taylor_plans(num_steps, len(layout.blocks), options["interval"], options["order"],
                                     partial_tokens=fresh, clustering=k > 0, first_enhance=FLUX_FIRST_FULL)
     if not k:

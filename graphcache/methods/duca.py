@@ -18,7 +18,7 @@ from ..passes.cache_passes import EliminateDeadBranchesPass
 from ..passes.skip_blocks import InsertFinalStreamWritePass, SkipBlocksPass
 from ..schedule import SKIP
 from .base import Method
-from .rules import DUCA_DIT, DUCA_PIXART, FLUX_DEV, StreamLayout, flux_toca_plans, toca_plans
+from .rules import DUCA_DIT, DUCA_PIXART, flux_toca_plans, stream_layout, toca_plans
 from .toca import FLUX_DEFAULTS, PIXART_DEFAULTS, detect_profile, options, token_wise_passes
 
 RULES = {"dit": DUCA_DIT, "pixart": DUCA_PIXART}
@@ -26,8 +26,7 @@ RULES = {"dit": DUCA_DIT, "pixart": DUCA_PIXART}
 
 def plan(num_steps, depth, num_tokens, options, structure=None):
     if options["profile"] == "flux":
-        layout = StreamLayout.of(structure) if structure is not None else FLUX_DEV
-        return flux_toca_plans(num_steps, layout, options, alternate=True)
+        return flux_toca_plans(num_steps, stream_layout(structure), options, alternate=True)
     return toca_plans(num_steps, depth, num_tokens, options, RULES[options["profile"]])
 
 

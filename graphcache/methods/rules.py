@@ -251,6 +251,11 @@ class StreamLayout:
 FLUX_DEV = StreamLayout((("double", True),) * 19 + (("single", False),) * 38, image=4096, text=512)
 
 
+def stream_layout(structure) -> StreamLayout:
+    """The captured model's layout, or FLUX.1-dev's when planning without a model."""
+    return StreamLayout.of(structure) if structure is not None else FLUX_DEV
+
+
 def flux_full(index: int, interval: int) -> bool:
     """Whether sampling step `index` (counting up from 0) is full under ToCa's FLUX schedule."""
     return index < FLUX_FIRST_FULL or (index - (FLUX_FIRST_FULL - 1)) % interval == 0

@@ -34,7 +34,7 @@ from ..passes.token_score import SCORES, RecordTokenScorePass, ScatterIntoCacheM
 from ..passes.token_select import InsertTokenSelectPass
 from ..schedule import FULL, PARTIAL
 from .base import EOC_OPTIONS, Method, Option
-from .rules import DIT, FLUX_DEV, PIXART, StreamLayout, flux_toca_plans, toca_plans
+from .rules import DIT, PIXART, flux_toca_plans, stream_layout, toca_plans
 
 RULES = {"dit": DIT, "pixart": PIXART}
 PIXART_DEFAULTS = dict(ratio_scheduler="ToCa", score="cross-attention", spatial_bonus=0.4, spatial_grid=4)
@@ -76,7 +76,7 @@ def partial_kinds(options) -> tuple[str, ...]:
 
 def plan(num_steps, depth, num_tokens, options, structure=None):
     if options["profile"] == "flux":
-        return flux_toca_plans(num_steps, StreamLayout.of(structure) if structure is not None else FLUX_DEV, options)
+        return flux_toca_plans(num_steps, stream_layout(structure), options)
     return toca_plans(num_steps, depth, num_tokens, options, RULES[options["profile"]])
 
 

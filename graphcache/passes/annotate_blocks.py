@@ -170,7 +170,7 @@ def _rejoined(cat: fx.Node) -> fx.Node | None:
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     position = 0
     for part in parts:
-        source, axis, start, end, step = (*part.args, *(None,) * (5 - len(part.args)))  # slice's defaults: None
+        source, axis, start, end, step = ir.slice_args(part)
         axis, start = (axis or 0) % rank, start or 0
         end = shape[axis] if end is None else min(end, shape[axis])
         if _strip_identity(source) is not whole or axis != dim % rank or step not in (None, 1) or start != position:

@@ -206,7 +206,7 @@ def _token_span(gm: fx.GraphModule, branches, stream: str, sdpa: fx.Node) -> tup
         if node not in after:
             continue
         if ir.is_call(node, ir.SLICE_TARGETS) and not ir.passes_on(node):  # x[:, a:b]
-            source, dim, start, end = (*node.args, None, None, None)[:4]
+            source, dim, start, end, _ = ir.slice_args(node)
             if ir.tensor_shape(source)[dim] == total:
                 return start or 0, min(end, total) if end is not None else total
         if node.target is operator.getitem and ir.is_call(node.args[0], _SPLITS):  # x.split([a, b], dim)[i]
