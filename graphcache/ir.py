@@ -304,8 +304,66 @@ def has_side_effects(node: fx.Node) -> bool:
 
 
 def eliminate_dead_code(graph: fx.Graph) -> bool:
-    """Remove what nothing reads (see `has_side_effects`); whether anything was removed."""
-    return graph.eliminate_dead_code(is_impure_node=has_side_effects)
+    """Remove what nothing reads (see `has_side_effects`), and scratch tensors the graph allocates
+    and only writes into once their readers are gone (see `_unread_scratch`); whether anything was
+    removed."""
+    removed = graph.eliminate_dead_code(is_impure_node=has_side_effects)
+    while dead := _unread_scratch(graph):
+        for node in reversed(dead):
+            graph.erase_node(node)
+        graph.eliminate_dead_code(is_impure_node=has_side_effects)
+        removed = True
+    return removed
+
+
+# operators that allocate a new tensor, which no one else can hold a reference to
+ALLOCATION_TARGETS = {aten.empty_like.default, aten.empty.memory_format, aten.zeros_like.default,
+                      aten.zeros.default, aten.new_empty.default, aten.new_zeros.default,
+                      aten.full_like.default, aten.full.default}
+
+
+def _use_of(user: fx.Node, node: fx.Node) -> str:
+    """How `user` uses `node`: "write" (mutates it in place, and mutates nothing else, and its
+    result is unread), "view" (returns an alias of it without writing) or "read"."""
+    if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
+        return "read"
+    schema = user.target._schema
+    arguments = [(a, user.args[i] if i < len(user.args) else user.kwargs.get(a.name))
+                 for i, a in enumerate(schema.arguments)]
+    aliases = [a.alias_info for a, value in arguments if value is node]
+    if len(aliases) != 1 or aliases[0] is None:
+        return "read"
+    if aliases[0].is_write:
+        writes_elsewhere = any(a.alias_info is not None and a.alias_info.is_write and value is not node
+                               for a, value in arguments)
+        return "read" if writes_elsewhere or user.users else "write"
+    returns = schema.returns
+    return "view" if len(returns) == 1 and returns[0].alias_info is not None else "read"
+
+
+def _unread_scratch(graph: fx.Graph) -> list[fx.Node]:
+    """The nodes of the first tensor the graph allocates whose every use is a view of it or an
+    in-place write into it: nothing reads what was written (Wan's rotary fills `empty_like` slices
+    with `copy_`, which outlives the attention a cache read replaced). Graph order; [] if none."""
+    for alloc in graph.nodes:
+        if is_call(alloc, ALLOCATION_TARGETS) and (scratch := _written_only(alloc)):
+            return [n for n in graph.nodes if n in scratch]
+    return []
+
+
+def _written_only(alloc: fx.Node) -> set[fx.Node] | None:
+    """`alloc` with its views and the writes into them, or None if any of them is read."""
+    scratch, frontier = {alloc}, [alloc]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            use = _use_of(user, node)
+            if use == "read":
+                return None
+            if use == "view" and user not in scratch:
+                frontier.append(user)
+            scratch.add(user)
+    return scratch
 
 
 def graph_input(graph: fx.Graph, name: str, type_expr=None) -> fx.Node:

@@ -83,8 +83,10 @@ def cross_attention_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     m = attn.mean(dim=1)
     halves = m.shape[0] % 2 == 0
     if halves:
-        cond, uncond = m.chunk(2)
-        m = 0.5 * cond + 0.5 * uncond
+        # slices, not chunk: ONNX exports a chunk of the dynamic batch as a SplitToSequence that
+        # onnxscript's optimizer fails on
+        half = m.shape[0] // 2
+        m = 0.5 * m[:half] + 0.5 * m[half:]
     entropy = -(m * torch.log(m + 1e-7)).sum(dim=-1)
     score = F.normalize(1 + entropy, p=2, dim=1)
     return attn @ v, score.repeat(2, 1) if halves else score
