@@ -44,6 +44,19 @@ def _equal(a, b) -> bool:
     return torch.equal(out_a, out_b) and len(pred_a) == len(pred_b) and all(map(torch.equal, pred_a, pred_b))
 
 
+def assert_cached_run(first, second, reference, method):
+    """Two runs of a cached pipeline against the plain one's predictions: they are equal, step 0
+    computes everything and gives the plain prediction (to float rounding where ToCa's attention
+    score writes the attention out instead of calling SDPA), and some later step differs."""
+    assert _equal(first, second)
+    predictions = first[1]
+    assert len(predictions) == len(reference)
+    scale = max(float(p.abs().max()) for p in reference)
+    exact = method not in ("toca", "duca")
+    torch.testing.assert_close(predictions[0], reference[0], rtol=0, atol=0 if exact else 1e-6 * scale)
+    assert max(float((p - r).abs().max()) for p, r in zip(predictions, reference)) > 1e-6 * scale
+
+
 def test_none_is_the_pipeline_bit_for_bit(pipeline):
     pipe, reference = pipeline
     assert _equal(_cached_run(pipe, "none"), reference)
@@ -63,15 +76,7 @@ def test_every_method_changes_the_predictions_and_is_reproducible(pipeline, meth
         assert sorted(pipe.transformer.by_steps) == [str(STEPS)]  # one build, reused by the second call
     finally:
         graphcache.disable(pipe)
-    assert _equal(first, second)
-    predictions = first[1]
-    assert len(predictions) == STEPS
-    # step 0 computes everything: the plain prediction (to float rounding where ToCa's attention
-    # score writes the attention out instead of calling SDPA)
-    scale = max(float(p.abs().max()) for p in reference)
-    exact = method not in ("toca", "duca")
-    torch.testing.assert_close(predictions[0], reference[0], rtol=0, atol=0 if exact else 1e-6 * scale)
-    assert max(float((p - r).abs().max()) for p, r in zip(predictions, reference)) > 1e-6 * scale
+    assert_cached_run(first, second, reference, method)
 
 
 def test_each_step_count_is_built_once(pipeline):
@@ -174,15 +179,7 @@ def test_flow_matching_every_method_changes_the_predictions_and_is_reproducible(
     pipe = enabled_pipelines(name, method)
     first, second = run_pipeline(pipe, FLOW_STEPS), run_pipeline(pipe, FLOW_STEPS)
     assert sorted(pipe.transformer.by_steps) == [str(FLOW_STEPS)] and len(pipe.transformer.run_models) == 1
-    assert _equal(first, second)
-    predictions = first[1]
-    assert len(predictions) == FLOW_STEPS
-    # step 0 is full: the plain prediction (to float rounding where ToCa's attention score writes
-    # the attention out instead of calling SDPA)
-    scale = max(float(p.abs().max()) for p in reference)
-    exact = method not in ("toca", "duca")
-    torch.testing.assert_close(predictions[0], reference[0], rtol=0, atol=0 if exact else 1e-6 * scale)
-    assert max(float((p - r).abs().max()) for p, r in zip(predictions, reference)) > 1e-6 * scale
+    assert_cached_run(first, second, reference, method)
 
 
 def test_flux_true_cfg_keeps_a_cache_per_call_of_a_step(enabled_pipelines):
