@@ -342,13 +342,14 @@ def _use_of(user: fx.Node, node: fx.Node) -> str:
 
 
 def _unread_scratch(graph: fx.Graph) -> list[fx.Node]:
-    """The nodes of the first tensor the graph allocates whose every use is a view of it or an
+    """The nodes of every tensor the graph allocates whose every use is a view of it or an
     in-place write into it: nothing reads what was written (Wan's rotary fills `empty_like` slices
     with `copy_`, which outlives the attention a cache read replaced). Graph order; [] if none."""
+    scratch = set()
     for alloc in graph.nodes:
-        if is_call(alloc, ALLOCATION_TARGETS) and (scratch := _written_only(alloc)):
-            return [n for n in graph.nodes if n in scratch]
-    return []
+        if is_call(alloc, ALLOCATION_TARGETS):
+            scratch |= _written_only(alloc) or set()
+    return [n for n in graph.nodes if n in scratch]
 
 
 def _written_only(alloc: fx.Node) -> set[fx.Node] | None:
